@@ -1,0 +1,178 @@
+//! Maps a key path (`pools.portal.backends[2].address`) to its line and column in the file.
+//!
+//! serde reports where *syntax* errors are, but validation problems are found after
+//! deserialisation, when positions are gone. This scanner walks block-style YAML by
+//! indentation and records where each key and sequence item starts; a path written in flow
+//! style (`{ cert: a, key: b }`) resolves to its nearest block-style ancestor.
+
+use std::collections::HashMap;
+
+/// Line and column (both 1-based) of every block-style key path in a YAML document.
+#[derive(Debug, Default)]
+pub struct Locator {
+    positions: HashMap<String, (usize, usize)>,
+}
+
+enum Frame {
+    Key { indent: usize, name: String },
+    Item { indent: usize, index: usize },
+}
+
+impl Frame {
+    fn indent(&self) -> usize {
+        match self {
+            Frame::Key { indent, .. } | Frame::Item { indent, .. } => *indent,
+        }
+    }
+}
+
+impl Locator {
+    /// Scans `text`; never fails (unparseable lines are skipped).
+    pub fn new(text: &str) -> Self {
+        let mut positions = HashMap::new();
+        let mut stack: Vec<Frame> = Vec::new();
+        for (line_index, line) in text.lines().enumerate() {
+            let trimmed = line.trim_start_matches(' ');
+            if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with("---") {
+                continue;
+            }
+            let mut column = line.len() - trimmed.len();
+            let mut rest = trimmed;
+            while let Some(after_dash) = rest
+                .strip_prefix('-')
+                .filter(|r| r.is_empty() || r.starts_with(' '))
+            {
+                let mut previous_index = None;
+                while let Some(top) = stack.last() {
+                    match top {
+                        Frame::Item { indent, index } if *indent == column => {
+                            previous_index = Some(*index);
+                            stack.pop();
+                            break;
+                        }
+                        _ if top.indent() > column => {
+                            stack.pop();
+                        }
+                        _ => break,
+                    }
+                }
+                let index = previous_index.map_or(0, |i| i + 1);
+                stack.push(Frame::Item {
+                    indent: column,
+                    index,
+                });
+                positions.insert(path_of(&stack), (line_index + 1, column + 1));
+                let content = after_dash.trim_start_matches(' ');
+                column += 1 + (after_dash.len() - content.len());
+                rest = content;
+            }
+            let Some(key) = key_of(rest) else { continue };
+            while stack.last().is_some_and(|top| top.indent() >= column) {
+                stack.pop();
+            }
+            stack.push(Frame::Key {
+                indent: column,
+                name: key,
+            });
+            positions.insert(path_of(&stack), (line_index + 1, column + 1));
+        }
+        Locator { positions }
+    }
+
+    /// The position of `path`, or of its nearest recorded ancestor.
+    pub fn find(&self, path: &str) -> Option<(usize, usize)> {
+        let mut candidate = path;
+        loop {
+            if let Some(position) = self.positions.get(candidate) {
+                return Some(*position);
+            }
+            let cut = candidate.rfind(['.', '['])?;
+            candidate = &candidate[..cut];
+        }
+    }
+}
+
+fn path_of(stack: &[Frame]) -> String {
+    let mut path = String::new();
+    for frame in stack {
+        match frame {
+            Frame::Key { name, .. } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(name);
+            }
+            Frame::Item { index, .. } => {
+                path.push('[');
+                path.push_str(&index.to_string());
+                path.push(']');
+            }
+        }
+    }
+    path
+}
+
+/// The mapping key at the start of `text`, if the line is `key:` or `key: value`.
+fn key_of(text: &str) -> Option<String> {
+    let (key, after) = if let Some(quoted) = text.strip_prefix('"') {
+        let end = quoted.find('"')?;
+        (&quoted[..end], &quoted[end + 1..])
+    } else if let Some(quoted) = text.strip_prefix('\'') {
+        let end = quoted.find('\'')?;
+        (&quoted[..end], &quoted[end + 1..])
+    } else {
+        if text.starts_with(['{', '[', '|', '>', '&', '*', '!']) {
+            return None;
+        }
+        let colon = text.find(':')?;
+        (text[..colon].trim_end(), &text[colon..])
+    };
+    let after = after.trim_start();
+    let value = after.strip_prefix(':')?;
+    if value.is_empty() || value.starts_with([' ', '\t']) {
+        Some(key.to_string())
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = "\
+listeners:
+  web:
+    listen: \"0.0.0.0:8080\"
+    routes:
+      - { host: a, pool: p }
+      - host: b
+        pool: q
+pools:
+  portal:
+    backends:
+    - name: vm-1
+      address: 1.2.3.4:1
+    - name: vm-2
+      address: \"bad\"
+";
+
+    #[test]
+    fn finds_block_keys_and_items() {
+        let locator = Locator::new(DOC);
+        assert_eq!(locator.find("listeners.web.listen"), Some((3, 5)));
+        assert_eq!(locator.find("listeners.web.routes[1].pool"), Some((7, 9)));
+        assert_eq!(
+            locator.find("pools.portal.backends[1].address"),
+            Some((14, 7))
+        );
+        assert_eq!(locator.find("pools.portal.backends[0]"), Some((11, 5)));
+    }
+
+    #[test]
+    fn flow_style_falls_back_to_ancestor() {
+        let locator = Locator::new(DOC);
+        assert_eq!(locator.find("listeners.web.routes[0].pool"), Some((5, 7)));
+        assert_eq!(locator.find("nothing.here"), None);
+    }
+}

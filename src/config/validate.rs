@@ -1,0 +1,781 @@
+//! Raw structs → typed [`Config`], collecting every problem with its key path.
+
+use super::locate::Locator;
+use super::raw::*;
+use super::units::{parse_duration, parse_status_range};
+use super::*;
+use std::collections::HashSet;
+
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+const MAX_WEIGHT: u32 = 1000;
+
+/// Every problem found so far, with a locator to place them in the file.
+struct Problems {
+    locator: Locator,
+    found: Vec<Problem>,
+}
+
+impl Problems {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        let position = self.locator.find(&path);
+        self.found.push(Problem {
+            line: position.map(|(line, _)| line),
+            column: position.map(|(_, column)| column),
+            path,
+            message: message.into(),
+        });
+    }
+
+    /// Runs a parser; on failure records its message at `path` and returns `None`.
+    fn check<T>(&mut self, path: &str, result: Result<T, String>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(message) => {
+                self.push(path, message);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
+        match text {
+            None => default,
+            Some(text) => self.check(path, parse_duration(text)).unwrap_or(default),
+        }
+    }
+}
+
+pub(super) fn parse_and_validate(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
+    let raw: RawConfig = serde_yaml::from_str(text).map_err(|error| vec![yaml_problem(&error)])?;
+    let base = file.parent().unwrap_or(Path::new("")).to_path_buf();
+    let mut problems = Problems {
+        locator: Locator::new(text),
+        found: Vec::new(),
+    };
+    let config = build(raw, text, file, &base, &mut problems);
+    if problems.found.is_empty() {
+        Ok(config)
+    } else {
+        problems
+            .found
+            .sort_by_key(|problem| (problem.line.unwrap_or(usize::MAX), problem.column));
+        Err(problems.found)
+    }
+}
+
+/// Turns a serde_yaml error ("path: message at line L column C") into a [`Problem`].
+fn yaml_problem(error: &serde_yaml::Error) -> Problem {
+    let location = error.location();
+    let mut message = error.to_string();
+    if let Some(cut) = message.find(" at line ") {
+        message.truncate(cut);
+    }
+    let (path, message) = match message.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') && !path.is_empty() => {
+            (path.to_string(), rest.to_string())
+        }
+        _ => (String::new(), message),
+    };
+    Problem {
+        path,
+        line: location.as_ref().map(|l| l.line()),
+        column: location.as_ref().map(|l| l.column()),
+        message,
+    }
+}
+
+fn build(raw: RawConfig, text: &str, file: &Path, base: &Path, p: &mut Problems) -> Config {
+    let resolve = |relative: &str| -> PathBuf { base.join(relative) };
+
+    let admin_listen = raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+    let admin_listen = p
+        .check("admin.listen", parse_socket_addr(admin_listen))
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)));
+    let token = raw.admin.token_file.as_deref().and_then(|token_file| {
+        let read = std::fs::read_to_string(resolve(token_file))
+            .map_err(|error| format!("cannot read token file \"{token_file}\": {error}"))
+            .and_then(|content| {
+                let token = content.trim().to_string();
+                if token.is_empty() {
+                    Err(format!("token file \"{token_file}\" is empty"))
+                } else {
+                    Ok(token)
+                }
+            });
+        p.check("admin.token_file", read)
+    });
+
+    let shutdown_timeout = p.duration(
+        "shutdown_timeout",
+        raw.shutdown_timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+    let access_log = access_log(raw.access_log.as_ref(), &resolve, p);
+    let audit_log = match raw.audit_log.as_deref() {
+        None | Some("off") => None,
+        Some(path) => Some(resolve(path)),
+    };
+    let last_good = match raw.last_good.as_deref() {
+        Some(path) => resolve(path),
+        None => {
+            let mut name = file.file_name().unwrap_or_default().to_os_string();
+            name.push(".last-good");
+            file.with_file_name(name)
+        }
+    };
+
+    let pool_names: HashSet<&str> = raw.pools.0.iter().map(|(name, _)| name.as_str()).collect();
+    let mut listeners = Vec::new();
+    let mut addresses: Vec<(SocketAddr, String)> = vec![(admin_listen, "admin.listen".into())];
+    for (name, listener) in &raw.listeners.0 {
+        let path = format!("listeners.{name}");
+        check_name(&path, name, p);
+        if let Some(config) = listener_config(name, listener, &pool_names, &resolve, p) {
+            if let Some((_, other)) = addresses.iter().find(|(a, _)| same_port(*a, config.listen)) {
+                p.push(
+                    format!("{path}.listen"),
+                    format!("address {} is already used by {other}", config.listen),
+                );
+            }
+            addresses.push((config.listen, format!("{path}.listen")));
+            listeners.push(config);
+        }
+    }
+    if raw.listeners.0.is_empty() {
+        p.push("listeners", "at least one listener is required");
+    }
+
+    let mut pools = Vec::new();
+    for (name, pool) in &raw.pools.0 {
+        check_name(&format!("pools.{name}"), name, p);
+        pools.push(pool_config(name, pool, &resolve, p));
+    }
+
+    Config {
+        path: file.to_path_buf(),
+        hash: fnv1a_hex(text),
+        admin: AdminConfig {
+            listen: admin_listen,
+            token,
+        },
+        worker_threads: raw.runtime.worker_threads.unwrap_or(0),
+        shutdown_timeout,
+        access_log,
+        audit_log,
+        last_good,
+        listeners,
+        pools,
+    }
+}
+
+/// Two sockets clash when their ports are equal and either is a wildcard or both are equal.
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Names appear in metric labels, URLs and logs: keep them to a safe alphabet.
+fn check_name(path: &str, name: &str, p: &mut Problems) {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !valid {
+        p.push(
+            path,
+            format!("invalid name \"{name}\" (use 1-64 letters, digits, '-', '_' or '.')"),
+        );
+    }
+}
+
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("invalid socket address \"{text}\""))
+}
+
+fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("invalid CIDR \"{text}\" (expected e.g. 10.0.0.0/8)"))
+}
+
+fn access_log(
+    raw: Option<&RawAccessLog>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    p: &mut Problems,
+) -> AccessLogConfig {
+    let target = match raw.and_then(|r| r.target.as_deref()) {
+        None | Some("stdout") => AccessLogTarget::Stdout,
+        Some("off") => AccessLogTarget::Off,
+        Some("") => {
+            p.push(
+                "access_log.target",
+                "target must be stdout, off or a file path",
+            );
+            AccessLogTarget::Off
+        }
+        Some(path) => AccessLogTarget::File(resolve(path)),
+    };
+    let format = match raw.and_then(|r| r.format.as_deref()) {
+        None | Some("json") => AccessLogFormat::Json,
+        Some("text") => AccessLogFormat::Text,
+        Some(other) => {
+            p.push(
+                "access_log.format",
+                format!("unknown format \"{other}\" (expected json or text)"),
+            );
+            AccessLogFormat::Json
+        }
+    };
+    AccessLogConfig { target, format }
+}
+
+fn cidrs(path: &str, texts: &[String], p: &mut Problems) -> Vec<IpNet> {
+    texts
+        .iter()
+        .enumerate()
+        .filter_map(|(index, text)| p.check(&format!("{path}[{index}]"), parse_cidr(text)))
+        .collect()
+}
+
+fn listener_config(
+    name: &str,
+    raw: &RawListener,
+    pool_names: &HashSet<&str>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    p: &mut Problems,
+) -> Option<ListenerConfig> {
+    let path = format!("listeners.{name}");
+    let listen = p.check(&format!("{path}.listen"), parse_socket_addr(&raw.listen));
+    let protocol = match raw.protocol.as_deref() {
+        None | Some("http") => Protocol::Http,
+        Some("https") => Protocol::Https,
+        Some("tcp") => Protocol::Tcp,
+        Some("tls") => Protocol::Tls,
+        Some(other) => {
+            p.push(
+                format!("{path}.protocol"),
+                format!("unknown protocol \"{other}\" (expected http, https, tcp or tls)"),
+            );
+            Protocol::Http
+        }
+    };
+
+    let tls = match (&raw.tls, protocol.is_tls()) {
+        (Some(tls), true) => listener_tls(&format!("{path}.tls"), tls, resolve, p),
+        (None, true) => {
+            p.push(
+                format!("{path}.tls"),
+                format!("protocol {} requires a tls block", protocol.as_str()),
+            );
+            None
+        }
+        (Some(_), false) => {
+            p.push(
+                format!("{path}.tls"),
+                format!(
+                    "tls is only used by https and tls listeners (this one is {})",
+                    protocol.as_str()
+                ),
+            );
+            None
+        }
+        (None, false) => None,
+    };
+
+    let rate_limit = raw.rate_limit.as_ref().and_then(|limit| {
+        let rps = limit.requests_per_second;
+        if !(rps.is_finite() && rps > 0.0) {
+            p.push(
+                format!("{path}.rate_limit.requests_per_second"),
+                "must be a positive number",
+            );
+            return None;
+        }
+        let burst = limit.burst.unwrap_or_else(|| rps.ceil().max(1.0) as u32);
+        if burst == 0 {
+            p.push(format!("{path}.rate_limit.burst"), "must be at least 1");
+            return None;
+        }
+        Some(RateLimit {
+            requests_per_second: rps,
+            burst,
+        })
+    });
+
+    let max_header_bytes = raw.limits.max_header_bytes.unwrap_or(65536);
+    if !(1024..=1 << 20).contains(&max_header_bytes) {
+        p.push(
+            format!("{path}.limits.max_header_bytes"),
+            "must be between 1024 and 1048576",
+        );
+    }
+    let limits = Limits {
+        max_header_bytes,
+        header_timeout: p.duration(
+            &format!("{path}.limits.header_timeout"),
+            raw.limits.header_timeout.as_deref(),
+            Duration::from_secs(10),
+        ),
+        max_connections: raw.limits.max_connections.unwrap_or(10_000),
+    };
+    if limits.header_timeout.is_zero() {
+        p.push(
+            format!("{path}.limits.header_timeout"),
+            "must be above zero",
+        );
+    }
+    if limits.max_connections == 0 {
+        p.push(
+            format!("{path}.limits.max_connections"),
+            "must be at least 1",
+        );
+    }
+
+    let mut routes = Vec::new();
+    if !raw.routes.is_empty() && !protocol.is_http() {
+        p.push(
+            format!("{path}.routes"),
+            "routes apply to http and https listeners only",
+        );
+    }
+    for (index, route) in raw.routes.iter().enumerate() {
+        let route_path = format!("{path}.routes[{index}]");
+        if !pool_names.contains(route.pool.as_str()) {
+            p.push(
+                format!("{route_path}.pool"),
+                format!("unknown pool \"{}\"", route.pool),
+            );
+        }
+        let host = route
+            .host
+            .as_deref()
+            .and_then(|host| p.check(&format!("{route_path}.host"), parse_host_match(host)));
+        if let Some(prefix) = &route.path_prefix {
+            if !prefix.starts_with('/') {
+                p.push(
+                    format!("{route_path}.path_prefix"),
+                    format!("path_prefix \"{prefix}\" must start with '/'"),
+                );
+            }
+        }
+        let name = route
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("route{index}"));
+        check_name(&format!("{route_path}.name"), &name, p);
+        routes.push(RouteConfig {
+            name,
+            host,
+            path_prefix: route.path_prefix.clone(),
+            pool: route.pool.clone(),
+        });
+    }
+    match &raw.pool {
+        Some(pool) if !pool_names.contains(pool.as_str()) => {
+            p.push(format!("{path}.pool"), format!("unknown pool \"{pool}\""));
+        }
+        None if !protocol.is_http() => {
+            p.push(
+                format!("{path}.pool"),
+                format!("a {} listener needs a pool", protocol.as_str()),
+            );
+        }
+        None if raw.routes.is_empty() => {
+            p.push(
+                format!("{path}.pool"),
+                "an http listener needs a default pool or at least one route",
+            );
+        }
+        _ => {}
+    }
+
+    Some(ListenerConfig {
+        name: name.to_string(),
+        listen: listen?,
+        protocol,
+        tls,
+        proxy_protocol: raw.proxy_protocol,
+        reuse_port: raw.reuse_port,
+        trusted_proxies: cidrs(&format!("{path}.trusted_proxies"), &raw.trusted_proxies, p),
+        allow: cidrs(&format!("{path}.allow"), &raw.allow, p),
+        deny: cidrs(&format!("{path}.deny"), &raw.deny, p),
+        rate_limit,
+        limits,
+        routes,
+        pool: raw.pool.clone(),
+    })
+}
+
+fn parse_host_match(host: &str) -> Result<HostMatch, String> {
+    let host = host.trim().to_ascii_lowercase();
+    let valid_name = |name: &str| {
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    };
+    if let Some(suffix) = host.strip_prefix("*.") {
+        if valid_name(suffix) {
+            return Ok(HostMatch::Suffix(format!(".{suffix}")));
+        }
+    } else if valid_name(&host) {
+        return Ok(HostMatch::Exact(host));
+    }
+    Err(format!(
+        "invalid host \"{host}\" (expected a name like tax.example.gov or *.example.gov, without port)"
+    ))
+}
+
+fn listener_tls(
+    path: &str,
+    raw: &RawListenerTls,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    p: &mut Problems,
+) -> Option<ListenerTls> {
+    if raw.certificates.is_empty() {
+        p.push(
+            format!("{path}.certificates"),
+            "at least one certificate is required",
+        );
+    }
+    let mut certificates = Vec::new();
+    for (index, pair) in raw.certificates.iter().enumerate() {
+        let loaded = crate::tls::LoadedCertificate::load(&resolve(&pair.cert), &resolve(&pair.key));
+        if let Some(loaded) = p.check(&format!("{path}.certificates[{index}]"), loaded) {
+            certificates.push(Arc::new(loaded));
+        }
+    }
+    let min_version = match raw.min_version.as_deref() {
+        None | Some("1.2") => TlsVersion::Tls12,
+        Some("1.3") => TlsVersion::Tls13,
+        Some(other) => {
+            p.push(
+                format!("{path}.min_version"),
+                format!("unsupported TLS version \"{other}\" (expected \"1.2\" or \"1.3\")"),
+            );
+            TlsVersion::Tls12
+        }
+    };
+    let client_ca = raw.client_ca.as_deref().map(resolve);
+    if let Some(ca) = &client_ca {
+        p.check(&format!("{path}.client_ca"), crate::tls::load_roots(ca));
+    }
+    Some(ListenerTls {
+        certificates,
+        min_version,
+        client_ca,
+        session_resumption: raw.session_resumption.unwrap_or(true),
+    })
+}
+
+fn pool_config(
+    name: &str,
+    raw: &RawPool,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    p: &mut Problems,
+) -> PoolConfig {
+    let path = format!("pools.{name}");
+    let algorithm = match raw.algorithm.as_deref() {
+        None => Algorithm::RoundRobin,
+        Some(text) => Algorithm::ALL
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, algorithm)| *algorithm)
+            .unwrap_or_else(|| {
+                let known: Vec<&str> = Algorithm::ALL.iter().map(|(name, _)| *name).collect();
+                p.push(
+                    format!("{path}.algorithm"),
+                    format!(
+                        "unknown algorithm \"{text}\" (expected one of {})",
+                        known.join(", ")
+                    ),
+                );
+                Algorithm::RoundRobin
+            }),
+    };
+    let hash_key = match raw.hash_key.as_deref() {
+        None | Some("source_ip") => HashKey::SourceIp,
+        Some(text) => p
+            .check(&format!("{path}.hash_key"), parse_hash_key(text))
+            .unwrap_or(HashKey::SourceIp),
+    };
+    if raw.hash_key.is_some() && algorithm != Algorithm::ConsistentHash {
+        p.push(
+            format!("{path}.hash_key"),
+            "hash_key is only used by the consistent_hash algorithm",
+        );
+    }
+
+    let mut backends = Vec::new();
+    let mut names = HashSet::new();
+    for (index, backend) in raw.backends.iter().enumerate() {
+        let backend_path = format!("{path}.backends[{index}]");
+        check_name(&format!("{backend_path}.name"), &backend.name, p);
+        if !names.insert(backend.name.as_str()) {
+            p.push(
+                format!("{backend_path}.name"),
+                format!("duplicate backend name \"{}\" in pool {name}", backend.name),
+            );
+        }
+        if let Some(config) = backend_config(&backend_path, backend, p) {
+            backends.push(config);
+        }
+    }
+
+    let health_check = health_check(
+        &format!("{path}.health_check"),
+        raw.health_check.as_ref(),
+        p,
+    );
+    let passive = PassiveConfig {
+        consecutive_failures: raw
+            .passive
+            .as_ref()
+            .and_then(|passive| passive.consecutive_failures)
+            .unwrap_or(5),
+        ejection: p.duration(
+            &format!("{path}.passive.ejection"),
+            raw.passive
+                .as_ref()
+                .and_then(|passive| passive.ejection.as_deref()),
+            Duration::from_secs(30),
+        ),
+    };
+    let send_proxy_protocol = match raw.send_proxy_protocol.as_deref() {
+        None | Some("null") => None,
+        Some("v1") => Some(ProxyProtocolVersion::V1),
+        Some("v2") => Some(ProxyProtocolVersion::V2),
+        Some(other) => {
+            p.push(
+                format!("{path}.send_proxy_protocol"),
+                format!("unknown PROXY protocol version \"{other}\" (expected v1 or v2)"),
+            );
+            None
+        }
+    };
+    let timeouts_raw = raw.timeouts.as_ref();
+    let timeouts = Timeouts {
+        connect: p.duration(
+            &format!("{path}.timeouts.connect"),
+            timeouts_raw.and_then(|t| t.connect.as_deref()),
+            Duration::from_secs(2),
+        ),
+        request: p.duration(
+            &format!("{path}.timeouts.request"),
+            timeouts_raw.and_then(|t| t.request.as_deref()),
+            Duration::from_secs(60),
+        ),
+        idle: p.duration(
+            &format!("{path}.timeouts.idle"),
+            timeouts_raw.and_then(|t| t.idle.as_deref()),
+            Duration::from_secs(90),
+        ),
+    };
+    for (key, value) in [("connect", timeouts.connect), ("request", timeouts.request)] {
+        if value.is_zero() {
+            p.push(format!("{path}.timeouts.{key}"), "must be above zero");
+        }
+    }
+    let retry_attempts = raw.retries.as_ref().and_then(|r| r.attempts).unwrap_or(2);
+    if !(1..=10).contains(&retry_attempts) {
+        p.push(
+            format!("{path}.retries.attempts"),
+            "must be between 1 (no retry) and 10",
+        );
+    }
+    let tls = raw.tls.as_ref().map(|tls| {
+        let ca = tls.ca.as_deref().map(resolve);
+        if let Some(ca) = &ca {
+            p.check(&format!("{path}.tls.ca"), crate::tls::load_roots(ca));
+        }
+        UpstreamTls {
+            sni: tls.sni.clone(),
+            ca,
+        }
+    });
+
+    PoolConfig {
+        name: name.to_string(),
+        algorithm,
+        hash_key,
+        backends,
+        health_check,
+        passive,
+        slow_start: p.duration(
+            &format!("{path}.slow_start"),
+            raw.slow_start.as_deref(),
+            Duration::ZERO,
+        ),
+        fail_open: raw.fail_open,
+        send_proxy_protocol,
+        timeouts,
+        retry_attempts,
+        max_connections_per_backend: raw.max_connections_per_backend.unwrap_or(0),
+        tls,
+    }
+}
+
+fn parse_hash_key(text: &str) -> Result<HashKey, String> {
+    if let Some(header) = text.strip_prefix("header:") {
+        return http::HeaderName::from_bytes(header.trim().as_bytes())
+            .map(HashKey::Header)
+            .map_err(|_| format!("invalid header name in hash_key \"{text}\""));
+    }
+    if let Some(cookie) = text.strip_prefix("cookie:") {
+        let cookie = cookie.trim();
+        if !cookie.is_empty() && !cookie.contains([';', '=', ' ']) {
+            return Ok(HashKey::Cookie(cookie.to_string()));
+        }
+        return Err(format!("invalid cookie name in hash_key \"{text}\""));
+    }
+    Err(format!(
+        "unknown hash_key \"{text}\" (expected source_ip, header:<name> or cookie:<name>)"
+    ))
+}
+
+/// Derives a weight from a VM's size: ten per usable core, where a core is usable only
+/// with 2 GiB of memory behind it (so a 4-CPU, 4-GiB VM weighs like a 2-CPU one).
+pub(crate) fn weight_from_capacity(capacity: &Capacity) -> u32 {
+    let usable_cores = match capacity.memory_gib {
+        Some(memory) => capacity.cpu.min(memory / 2.0),
+        None => capacity.cpu,
+    };
+    ((usable_cores * 10.0).round() as u32).clamp(1, MAX_WEIGHT)
+}
+
+fn backend_config(path: &str, raw: &RawBackend, p: &mut Problems) -> Option<BackendConfig> {
+    let address = p.check(&format!("{path}.address"), parse_socket_addr(&raw.address));
+    let capacity = raw.capacity.as_ref().and_then(|capacity| {
+        let valid_memory = capacity.memory_gib.is_none_or(|m| m.is_finite() && m > 0.0);
+        if capacity.cpu.is_finite() && capacity.cpu > 0.0 && valid_memory {
+            Some(Capacity {
+                cpu: capacity.cpu,
+                memory_gib: capacity.memory_gib,
+            })
+        } else {
+            p.push(
+                format!("{path}.capacity"),
+                "cpu and memory_gib must be positive numbers",
+            );
+            None
+        }
+    });
+    let weight = match (raw.weight, &capacity) {
+        (Some(weight), _) => {
+            if !(1..=MAX_WEIGHT).contains(&weight) {
+                p.push(
+                    format!("{path}.weight"),
+                    format!("weight {weight} is out of range (1..={MAX_WEIGHT})"),
+                );
+            }
+            weight.clamp(1, MAX_WEIGHT)
+        }
+        (None, Some(capacity)) => weight_from_capacity(capacity),
+        (None, None) => 1,
+    };
+    let state = match raw.state.as_deref() {
+        None => AdminState::Active,
+        Some(text) => AdminState::parse(text).unwrap_or_else(|| {
+            p.push(
+                format!("{path}.state"),
+                format!("unknown state \"{text}\" (expected active, draining or disabled)"),
+            );
+            AdminState::Active
+        }),
+    };
+    Some(BackendConfig {
+        name: raw.name.clone(),
+        address: address?,
+        weight,
+        capacity,
+        state,
+    })
+}
+
+fn health_check(path: &str, raw: Option<&RawHealthCheck>, p: &mut Problems) -> HealthCheckConfig {
+    let kind = match raw.map(|r| r.kind.as_deref()) {
+        None => HealthCheckKind::Tcp,
+        Some(None | Some("http")) => {
+            let raw = raw.map(|r| {
+                (
+                    r.path.as_deref(),
+                    r.host.clone(),
+                    r.expect_status.as_deref(),
+                )
+            });
+            let (check_path, host, expect) = raw.unwrap_or((None, None, None));
+            let check_path = check_path.unwrap_or("/healthz").to_string();
+            if !check_path.starts_with('/') {
+                p.push(format!("{path}.path"), "path must start with '/'");
+            }
+            let expect_status = p
+                .check(
+                    &format!("{path}.expect_status"),
+                    parse_status_range(expect.unwrap_or("200-399")),
+                )
+                .unwrap_or(StatusRange {
+                    low: 200,
+                    high: 399,
+                });
+            HealthCheckKind::Http {
+                path: check_path,
+                host,
+                expect_status,
+            }
+        }
+        Some(Some("tcp")) => HealthCheckKind::Tcp,
+        Some(Some("none")) => HealthCheckKind::None,
+        Some(Some(other)) => {
+            p.push(
+                format!("{path}.type"),
+                format!("unknown health check type \"{other}\" (expected http, tcp or none)"),
+            );
+            HealthCheckKind::None
+        }
+    };
+    let interval = p.duration(
+        &format!("{path}.interval"),
+        raw.and_then(|r| r.interval.as_deref()),
+        Duration::from_secs(2),
+    );
+    let timeout = p.duration(
+        &format!("{path}.timeout"),
+        raw.and_then(|r| r.timeout.as_deref()),
+        Duration::from_secs(1),
+    );
+    if interval.is_zero() {
+        p.push(format!("{path}.interval"), "must be above zero");
+    }
+    if timeout.is_zero() {
+        p.push(format!("{path}.timeout"), "must be above zero");
+    }
+    let healthy_threshold = raw.and_then(|r| r.healthy_threshold).unwrap_or(2);
+    let unhealthy_threshold = raw.and_then(|r| r.unhealthy_threshold).unwrap_or(3);
+    for (key, value) in [
+        ("healthy_threshold", healthy_threshold),
+        ("unhealthy_threshold", unhealthy_threshold),
+    ] {
+        if value == 0 {
+            p.push(format!("{path}.{key}"), "must be at least 1");
+        }
+    }
+    HealthCheckConfig {
+        kind,
+        interval,
+        timeout,
+        healthy_threshold,
+        unhealthy_threshold,
+    }
+}
+
+/// FNV-1a, 64 bits: a stable, dependency-free fingerprint of the file for status and logs.
+fn fnv1a_hex(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}

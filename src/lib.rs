@@ -1,0 +1,30 @@
+//! gatehouse — a layer-4/7 reverse-proxy load balancer for citizen-service web applications.
+//!
+//! ```text
+//! client ─► listener (accept, limits) ─► tls (acceptor from the table) ─┬─ l4: copy both ways
+//!                                                                        └─ l7: hyper server
+//!        ─► table.load(): route → pool → balancer.pick() → backend ─► pooled upstream client
+//! health checker ──┐
+//! config reloader ─┼─► publisher (the one writer) ── build new Table ──► ArcSwap<Table>.store()
+//! admin API ───────┘                          admin / metrics / dashboard read table.load()
+//! ```
+//!
+//! The request path reads one immutable [`upstream::table::Table`] through `ArcSwap` and
+//! takes no lock; every change (health, reload, admin) goes through
+//! [`upstream::publisher`], which builds the next table and stores it. Configuration is
+//! parsed and validated in [`config`], the same code for `check`, start-up and reload.
+
+pub mod admin;
+pub mod balancer;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod io;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+pub mod watch;

@@ -1,0 +1,168 @@
+//! Listening sockets and the accept loop: bind with the right socket options, refuse what is
+//! over the connection limit, terminate TLS, and hand each connection to the proxy.
+//!
+//! A listener reads its settings (limits, TLS acceptor, routes) from the published table at
+//! every accept, so a reload changes them for new connections without rebinding the socket.
+
+use crate::io::CountedIo;
+use crate::metrics::Rejection;
+use crate::proxy::l7::{self, Negotiated};
+use crate::tls::ALPN_H2;
+use crate::upstream::publisher::SharedTable;
+use crate::upstream::table::ListenerTable;
+use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, TcpKeepalive, Type};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Pending connections the kernel may queue for us.
+const BACKLOG: i32 = 4096;
+/// TCP keepalive probe delay on client connections (detects vanished clients).
+const KEEPALIVE: Duration = Duration::from_secs(60);
+/// Pause after an accept error such as EMFILE, so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Binds `address` with SO_REUSEADDR (and SO_REUSEPORT when asked).
+pub fn bind(address: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(SocketProtocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// A bound listener's accept loop and what it needs.
+pub struct Listener {
+    pub name: Arc<str>,
+    pub socket: TcpListener,
+    pub table: SharedTable,
+    /// Cancelled to stop accepting and ask open connections to finish.
+    pub shutdown: CancellationToken,
+    /// Tracks every connection and tunnel, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl Listener {
+    /// Accepts until `shutdown` is cancelled.
+    pub async fn run(self) {
+        let open = Arc::new(AtomicUsize::new(0));
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.socket.accept() => accepted,
+                () = self.shutdown.cancelled() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(listener = %self.name, %error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
+            let table = self.table.load_full();
+            let Some(listener) = table.listener(&self.name).cloned() else {
+                continue;
+            };
+            listener.metrics.connections_total.inc();
+            if open.load(Ordering::Relaxed) >= listener.config.limits.max_connections {
+                listener.metrics.reject(Rejection::MaxConnections);
+                drop(stream);
+                continue;
+            }
+            let guard = OpenConnection::new(open.clone(), &listener);
+            let connection = Arc::new(l7::Connection {
+                listener: self.name.clone(),
+                client: peer,
+                table: self.table.clone(),
+                tunnels: self.tasks.clone(),
+            });
+            let shutdown = self.shutdown.clone();
+            self.tasks.spawn(async move {
+                let _guard = guard;
+                serve_connection(stream, connection, listener, shutdown).await;
+            });
+        }
+        tracing::info!(listener = %self.name, "stopped accepting");
+    }
+}
+
+/// Keeps the listener's open-connection count and gauge right, however the task ends.
+struct OpenConnection {
+    open: Arc<AtomicUsize>,
+    gauge: prometheus::IntGauge,
+}
+
+impl OpenConnection {
+    fn new(open: Arc<AtomicUsize>, listener: &ListenerTable) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        listener.metrics.connections_active.inc();
+        OpenConnection {
+            open,
+            gauge: listener.metrics.connections_active.clone(),
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    connection: Arc<l7::Connection>,
+    listener: Arc<ListenerTable>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let _ = SockRef::from(&stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE));
+    let metrics = &listener.metrics;
+    let stream = CountedIo::new(
+        stream,
+        metrics.bytes_received.clone(),
+        metrics.bytes_sent.clone(),
+    );
+    match &listener.tls {
+        None => l7::serve(stream, connection, &listener, Negotiated::Detect, shutdown).await,
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(
+                listener.config.limits.header_timeout,
+                acceptor.accept(stream),
+            );
+            let tls = match handshake.await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(client = %connection.client, %error, "TLS handshake failed");
+                    metrics.tls_handshake_errors.inc();
+                    metrics.reject(Rejection::Tls);
+                    return;
+                }
+                Err(_elapsed) => {
+                    metrics.tls_handshake_errors.inc();
+                    metrics.reject(Rejection::Tls);
+                    return;
+                }
+            };
+            let negotiated = match tls.get_ref().1.alpn_protocol() {
+                Some(ALPN_H2) => Negotiated::Http2,
+                _ => Negotiated::Http1,
+            };
+            l7::serve(tls, connection, &listener, negotiated, shutdown).await;
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Every way a request can fail, and the one place that maps a failure to a status.
+
+use super::body::ProxyBody;
+use crate::metrics::Rejection;
+use http::{header, HeaderValue, Response, StatusCode};
+
+/// A request gatehouse answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    /// Malformed or ambiguous request (never forwarded).
+    BadRequest(&'static str),
+    /// The request head is larger than `limits.max_header_bytes`.
+    HeaderTooLarge,
+    /// No route matched and the listener has no default pool.
+    NoRoute,
+    /// The pool has no backend that may take traffic.
+    NoBackend,
+    /// The backend refused the connection, reset it, or answered garbage.
+    BackendFailed,
+    /// The backend did not answer within `timeouts.request` (or connect).
+    Timeout,
+}
+
+impl ProxyError {
+    /// The status sent to the client.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BackendFailed => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `gatehouse_rejected_total` reason, for refusals (not for backend failures).
+    pub fn rejection(self) -> Option<Rejection> {
+        match self {
+            ProxyError::BadRequest(_) => Some(Rejection::BadRequest),
+            ProxyError::HeaderTooLarge => Some(Rejection::HeaderTooLarge),
+            ProxyError::NoBackend => Some(Rejection::NoBackend),
+            ProxyError::NoRoute | ProxyError::BackendFailed | ProxyError::Timeout => None,
+        }
+    }
+
+    fn detail(self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(detail) => detail,
+            ProxyError::HeaderTooLarge => "request header block too large",
+            ProxyError::NoRoute => "no route for this host and path",
+            ProxyError::NoBackend => "no backend available",
+            ProxyError::BackendFailed => "backend failed",
+            ProxyError::Timeout => "backend timed out",
+        }
+    }
+
+    /// A short plain-text answer; malformed requests also close the connection.
+    pub fn response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        let body = format!(
+            "{} {}: {}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.detail()
+        );
+        let mut response = Response::new(ProxyBody::local(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if matches!(self, ProxyError::BadRequest(_) | ProxyError::HeaderTooLarge) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}

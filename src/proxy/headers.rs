@@ -1,0 +1,268 @@
+//! Header rewriting between client and backend: hop-by-hop removal, X-Forwarded-*, request id.
+//!
+//! Kept free of I/O so it can be unit- and property-tested at this trust boundary.
+
+use super::error::ProxyError;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Version};
+use std::net::IpAddr;
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// `X-Forwarded-For`.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Request-Id`.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Headers a client's `Connection:` list may not remove: gatehouse sets or relies on them,
+/// and letting a client strip them is a known way to smuggle past a backend's checks.
+const PROTECTED: [HeaderName; 8] = [
+    header::HOST,
+    header::AUTHORIZATION,
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_REQUEST_ID,
+];
+
+/// True when `headers` ask to switch protocols (`Connection: upgrade` plus `Upgrade`).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers and every header named in `Connection` (except protected
+/// ones). With `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive for a tunnel.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',') {
+            let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) else {
+                continue;
+            };
+            if !PROTECTED.contains(&name) && !HOP_BY_HOP.contains(&name) && name != header::UPGRADE
+            {
+                named.push(name);
+            }
+        }
+    }
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// The request's host as sent (the URI authority for HTTP/2 and absolute-form requests,
+/// else the single `Host` header). Several differing hosts are ambiguous and refused.
+pub fn request_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, ProxyError> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if let Some(authority) = request.uri().authority() {
+        return HeaderValue::from_str(authority.as_str())
+            .map(Some)
+            .map_err(|_| ProxyError::BadRequest("invalid authority"));
+    }
+    match host_header {
+        Some(host) => Ok(Some(host.clone())),
+        None if request.version() == Version::HTTP_11 => {
+            Err(ProxyError::BadRequest("missing Host header"))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The host for route matching: lower-case, without port or IPv6 brackets' port.
+pub fn routing_host(host: &HeaderValue) -> Option<std::borrow::Cow<'_, str>> {
+    let host = host.to_str().ok()?;
+    let name = if let Some(bracketed) = host.strip_prefix('[') {
+        bracketed
+            .split_once(']')
+            .map_or(bracketed, |(inside, _)| inside)
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _)| name)
+    };
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(std::borrow::Cow::Owned(name.to_ascii_lowercase()))
+    } else {
+        Some(std::borrow::Cow::Borrowed(name))
+    }
+}
+
+/// Sets `X-Forwarded-For` (extended only when the peer is a trusted proxy, else replaced),
+/// `X-Forwarded-Proto`, `X-Forwarded-Host` and `X-Request-Id` (kept if sane, else new).
+/// Returns the request id.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    extend_forwarded_for: bool,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) -> HeaderValue {
+    let client = client_ip.to_string();
+    let forwarded_for = if extend_forwarded_for {
+        let previous: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .collect();
+        if previous.is_empty() {
+            client
+        } else {
+            format!("{}, {client}", previous.join(", "))
+        }
+    } else {
+        client
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match host {
+        Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+    let id = match headers.get(&X_REQUEST_ID) {
+        Some(id) if is_sane_request_id(id) => id.clone(),
+        _ => new_request_id(),
+    };
+    headers.insert(X_REQUEST_ID, id.clone());
+    id
+}
+
+/// Request ids are echoed into logs: accept only short, visible ASCII.
+fn is_sane_request_id(id: &HeaderValue) -> bool {
+    let bytes = id.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// 128 random bits as 32 lower-case hex digits.
+pub fn new_request_id() -> HeaderValue {
+    let mut text = [0u8; 32];
+    let bits = fastrand::u128(..);
+    for (index, byte) in text.iter_mut().enumerate() {
+        let nibble = ((bits >> (index * 4)) & 0xf) as u8;
+        *byte = if nibble < 10 {
+            b'0' + nibble
+        } else {
+            b'a' + nibble - 10
+        };
+    }
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Size of the request head as it arrived: request line plus header lines.
+pub fn head_size<B>(request: &Request<B>) -> usize {
+    let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
+    request.headers().iter().fold(line, |total, (name, value)| {
+        total + name.as_str().len() + value.len() + 4
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, x-secret, x-forwarded-for, host"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("host", "a"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut headers, false);
+        for gone in ["connection", "keep-alive", "x-secret", "te", "upgrade"] {
+            assert!(!headers.contains_key(gone), "{gone} should be gone");
+        }
+        for kept in ["host", "x-forwarded-for", "x-kept"] {
+            assert!(headers.contains_key(kept), "{kept} should stay");
+        }
+    }
+
+    #[test]
+    fn keeps_upgrade_for_tunnels() {
+        let mut headers = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(wants_upgrade(&headers));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers["connection"], "upgrade");
+        assert_eq!(headers["upgrade"], "websocket");
+    }
+
+    #[test]
+    fn forwarded_for_is_replaced_unless_trusted() {
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let mut untrusted = map(&[("x-forwarded-for", "6.6.6.6")]);
+        set_forwarded(&mut untrusted, ip, false, "http", None);
+        assert_eq!(untrusted["x-forwarded-for"], "10.1.2.3");
+        let mut trusted = map(&[("x-forwarded-for", "6.6.6.6")]);
+        set_forwarded(&mut trusted, ip, true, "https", None);
+        assert_eq!(trusted["x-forwarded-for"], "6.6.6.6, 10.1.2.3");
+        assert_eq!(trusted["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn request_id_kept_or_generated() {
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let mut with_id = map(&[("x-request-id", "abc-123")]);
+        assert_eq!(
+            set_forwarded(&mut with_id, ip, false, "http", None),
+            "abc-123"
+        );
+        let mut without = HeaderMap::new();
+        let id = set_forwarded(&mut without, ip, false, "http", None);
+        assert_eq!(id.len(), 32);
+        assert_ne!(id, new_request_id());
+    }
+
+    #[test]
+    fn routing_host_ignores_port_and_case() {
+        let host = HeaderValue::from_static("Tax.Example.GOV:8443");
+        assert_eq!(routing_host(&host).unwrap(), "tax.example.gov");
+        let v6 = HeaderValue::from_static("[::1]:80");
+        assert_eq!(routing_host(&v6).unwrap(), "::1");
+    }
+}

@@ -1,0 +1,306 @@
+//! The HTTP proxy: serve a client connection with hyper (HTTP/1.1 and HTTP/2) and forward
+//! each request to a backend over the pool's keep-alive HTTP/1.1 client.
+//!
+//! Per request: one `ArcSwap` load of the table, a route match, an O(1) pick, header
+//! rewriting in place, then the request streams to the backend and the response streams
+//! back. No lock is taken and the configuration is never cloned.
+
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use super::headers;
+use crate::balancer::PickContext;
+use crate::metrics::Rejection;
+use crate::upstream::publisher::SharedTable;
+use crate::upstream::table::{ListenerTable, Target};
+use http::{header, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// hyper refuses a read buffer below this.
+const MIN_BUF_SIZE: usize = 8192;
+/// Concurrent HTTP/2 streams per client connection.
+const MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// What every request on one client connection shares.
+#[derive(Debug)]
+pub struct Connection {
+    pub listener: Arc<str>,
+    /// The client's address (after PROXY protocol, when enabled).
+    pub client: SocketAddr,
+    pub table: SharedTable,
+    /// Tracks upgraded tunnels so shutdown can wait for them.
+    pub tunnels: TaskTracker,
+}
+
+/// Which HTTP version a TLS client chose by ALPN (`None`: detect from the preface).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Negotiated {
+    Http1,
+    Http2,
+    Detect,
+}
+
+/// Serves HTTP on `io` until the client leaves or `shutdown` asks the connection to finish
+/// its in-flight requests and close.
+pub async fn serve<I>(
+    io: I,
+    connection: Arc<Connection>,
+    listener: &ListenerTable,
+    negotiated: Negotiated,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = listener.config.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(MIN_BUF_SIZE))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = match negotiated {
+        Negotiated::Http1 => builder.http1_only(),
+        Negotiated::Http2 => builder.http2_only(),
+        Negotiated::Detect => builder,
+    };
+    let service_connection = connection.clone();
+    let service = service_fn(move |request| {
+        let connection = service_connection.clone();
+        async move { Ok::<_, Infallible>(handle(request, &connection).await) }
+    });
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        result = served.as_mut() => result,
+        () = shutdown.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(error) = result {
+        record_connection_error(listener, &*error);
+    }
+}
+
+/// Counts what hyper answered on its own (oversized or timed-out heads, garbage).
+fn record_connection_error(listener: &ListenerTable, error: &(dyn std::error::Error + 'static)) {
+    let Some(error) = error.downcast_ref::<hyper::Error>() else {
+        tracing::debug!(%error, "client connection ended with an error");
+        return;
+    };
+    if error.is_parse_too_large() {
+        listener.metrics.reject(Rejection::HeaderTooLarge);
+        listener.unrouted_counters.count(431);
+    } else if error.is_parse() {
+        listener.metrics.reject(Rejection::BadRequest);
+        listener.unrouted_counters.count(400);
+    } else if error.is_timeout() {
+        listener.metrics.reject(Rejection::HeaderTimeout);
+    }
+    tracing::debug!(%error, "client connection ended with an error");
+}
+
+/// Handles one request; never fails (every failure becomes a response).
+async fn handle(request: Request<Incoming>, connection: &Connection) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let table = connection.table.load_full();
+    let Some(listener) = table.listener(&connection.listener) else {
+        return ProxyError::NoBackend.response();
+    };
+    let (target, request) = match route(request, listener) {
+        Ok(routed) => routed,
+        Err(error) => {
+            if let Some(reason) = error.rejection() {
+                listener.metrics.reject(reason);
+            }
+            listener.unrouted_counters.count(error.status().as_u16());
+            listener
+                .unrouted_duration
+                .observe(started.elapsed().as_secs_f64());
+            return error.response();
+        }
+    };
+    let (response, backend) = match forward(request, connection, listener, target).await {
+        Ok(forwarded) => forwarded,
+        Err((error, backend)) => {
+            if let Some(reason) = error.rejection() {
+                listener.metrics.reject(reason);
+            }
+            (error.response(), backend)
+        }
+    };
+    let code = response.status().as_u16();
+    match backend {
+        Some(index) => {
+            if let Some(counters) = target.counters.get(index) {
+                counters.count(code);
+            }
+            if let Some(backend) = target.pool.backends.get(index) {
+                backend.stats.record_response(code);
+            }
+        }
+        None => target.local_counters.count(code),
+    }
+    target.duration.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Checks the request head and finds its target.
+fn route(
+    request: Request<Incoming>,
+    listener: &ListenerTable,
+) -> Result<(&Arc<Target>, Request<Incoming>), ProxyError> {
+    if headers::head_size(&request) > listener.config.limits.max_header_bytes {
+        return Err(ProxyError::HeaderTooLarge);
+    }
+    if request.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not supported"));
+    }
+    if request.uri().path_and_query().is_none() && request.method() != Method::OPTIONS {
+        return Err(ProxyError::BadRequest("request target must be a path"));
+    }
+    let host = headers::request_host(&request)?;
+    let routing_host = match &host {
+        Some(host) => {
+            Some(headers::routing_host(host).ok_or(ProxyError::BadRequest("invalid Host"))?)
+        }
+        None => None,
+    };
+    let target = listener
+        .route(routing_host.as_deref(), request.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
+    Ok((target, request))
+}
+
+type Forwarded = (Response<ProxyBody>, Option<usize>);
+
+/// Sends the request to a backend of `target` and returns its response and the backend used.
+async fn forward(
+    mut request: Request<Incoming>,
+    connection: &Connection,
+    listener: &ListenerTable,
+    target: &Target,
+) -> Result<Forwarded, (ProxyError, Option<usize>)> {
+    let pool = &target.pool;
+    let context = PickContext {
+        client_ip: connection.client.ip(),
+    };
+    let index = pool
+        .select(&context, &[])
+        .ok_or((ProxyError::NoBackend, None))?;
+    let backend = &pool.backends[index];
+
+    let host = headers::request_host(&request).map_err(|error| (error, None))?;
+    let upgrade =
+        request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers());
+    let request_headers = request.headers_mut();
+    headers::strip_hop_by_hop(request_headers, upgrade);
+    headers::set_forwarded(
+        request_headers,
+        connection.client.ip(),
+        listener.is_trusted_proxy(connection.client.ip()),
+        listener.config.protocol.as_str(),
+        host.as_ref(),
+    );
+    if let Some(host) = &host {
+        request_headers.insert(header::HOST, host.clone());
+    }
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *request.uri_mut() = Uri::builder()
+        .scheme("http")
+        .authority(backend.authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|_| (ProxyError::BadRequest("invalid request target"), None))?;
+    *request.version_mut() = Version::HTTP_11;
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+
+    let in_flight = backend.stats.start();
+    let sent = tokio::time::timeout(pool.config.timeouts.request, pool.client.request(request));
+    let mut response = match sent.await {
+        Err(_elapsed) => return Err((ProxyError::Timeout, Some(index))),
+        Ok(Err(error)) => {
+            tracing::debug!(backend = %backend.name, error = %error_chain(&error), "backend failed");
+            let kind = if is_timeout(&error) {
+                ProxyError::Timeout
+            } else {
+                ProxyError::BackendFailed
+            };
+            return Err((kind, Some(index)));
+        }
+        Ok(Ok(response)) => response,
+    };
+
+    if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
+        (client_upgrade, response.status())
+    {
+        let backend_upgrade = hyper::upgrade::on(&mut response);
+        connection.tunnels.spawn(async move {
+            let _in_flight = in_flight;
+            let (Ok(client), Ok(backend)) = tokio::join!(client_upgrade, backend_upgrade) else {
+                return;
+            };
+            let mut client = TokioIo::new(client);
+            let mut backend = TokioIo::new(backend);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+        });
+        headers::strip_hop_by_hop(response.headers_mut(), true);
+        return Ok((response.map(|_| ProxyBody::empty()), Some(index)));
+    }
+
+    headers::strip_hop_by_hop(response.headers_mut(), false);
+    let response = response.map(|body| ProxyBody::Upstream {
+        body,
+        in_flight: Some(in_flight),
+    });
+    Ok((response, Some(index)))
+}
+
+/// True when the failure was a (connect) timeout rather than a refusal or reset.
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        if error.to_string().contains("timed out") || error.to_string().contains("timeout") {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// The whole `source()` chain, for logs.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(error) = source {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        source = error.source();
+    }
+    text
+}

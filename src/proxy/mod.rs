@@ -1,0 +1,10 @@
+//! Moving traffic: the HTTP (layer 7) proxy and the pieces it is made of.
+//!
+//! `l7` serves a client connection with hyper and forwards each request to a backend chosen
+//! from the published table; `headers` owns header rewriting; `body` the response body type;
+//! `error` the mapping from failures to statuses. None of these take a lock.
+
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod l7;

@@ -1,0 +1,10 @@
+//! The upstream side: backends, pools, the published balancing table and its one writer.
+//!
+//! [`table::Table`] is the immutable snapshot the request path reads through `ArcSwap`;
+//! [`publisher::Publisher`] is the only task that builds and stores new tables; per-backend
+//! live counters ([`backend::BackendStats`]) and upstream connection pools outlive tables.
+
+pub mod backend;
+pub mod client;
+pub mod publisher;
+pub mod table;
