@@ -71,12 +71,27 @@ fn yaml_problem(error: &serde_yaml::Error) -> Problem {
     if let Some(cut) = message.find(" at line ") {
         message.truncate(cut);
     }
-    let (path, message) = match message.split_once(": ") {
+    let (mut path, mut message) = match message.split_once(": ") {
         Some((path, rest)) if !path.contains(' ') && !path.is_empty() => {
             (path.to_string(), rest.to_string())
         }
         _ => (String::new(), message),
     };
+    if let Some(field) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(field, _)| field.to_string())
+    {
+        path = if path.is_empty() {
+            field
+        } else {
+            format!("{path}.{field}")
+        };
+    }
+    if let Some(cut) = message.find("expected struct Raw") {
+        message.truncate(cut);
+        message.push_str("expected a mapping");
+    }
     Problem {
         path,
         line: location.as_ref().map(|l| l.line()),
@@ -387,7 +402,10 @@ fn listener_config(
         None if raw.routes.is_empty() => {
             p.push(
                 format!("{path}.pool"),
-                "an http listener needs a default pool or at least one route",
+                format!(
+                    "an {} listener needs a default pool or at least one route",
+                    protocol.as_str()
+                ),
             );
         }
         _ => {}

@@ -1,0 +1,342 @@
+//! The real `gatehouse` binary: `check`, graceful shutdown on SIGTERM with a request in
+//! flight, SIGHUP reload, and `demo` answering from its three backends.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::zombie_processes)]
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+fn check(path: &std::path::Path) -> (bool, String, String) {
+    let output = Command::new(BINARY)
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_configuration() {
+    let (ok, stdout, _) = check(&repo_file("config/gatehouse.yaml"));
+    assert!(ok);
+    assert_eq!(stdout.lines().count(), 1, "one-line summary: {stdout}");
+    assert!(
+        stdout.contains("ok: 2 listener(s), 1 pool(s), 3 backend(s)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_reports_every_problem_with_its_key_path_and_line() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let (cert, _) = ca.leaf(&dir, "a", &["a.example.gov"]);
+    let (_, other_key) = ca.leaf(&dir, "b", &["b.example.gov"]);
+    let path = dir.write(
+        "broken.yaml",
+        &format!(
+            "listeners:
+  web:
+    listen: \"0.0.0.0:8080\"
+    pool: nowhere
+  secure:
+    listen: \"0.0.0.0:8443\"
+    protocol: https
+    pool: portal
+  mismatched:
+    listen: \"0.0.0.0:9443\"
+    protocol: https
+    tls:
+      certificates:
+        - {{ cert: {}, key: {} }}
+    routes:
+      - {{ host: \"*.example.gov\", pool: ghost }}
+pools:
+  portal:
+    algorithm: fastest
+    timeouts: {{ connect: 2 parsecs }}
+    backends:
+      - {{ name: vm-1, address: \"10.0.0.1:9001\" }}
+      - {{ name: vm-1, address: \"10.0.0.2:9001\" }}
+      - name: vm-3
+        address: \"10.0.0.1:99999\"
+",
+            cert.display(),
+            other_key.display()
+        ),
+    );
+    let (ok, stdout, stderr) = check(&path);
+    assert!(!ok);
+    assert!(stdout.is_empty(), "problems go to stderr: {stdout}");
+    let expected = [
+        ":4:5: listeners.web.pool: unknown pool \"nowhere\"",
+        "listeners.secure.tls: protocol https requires a tls block",
+        "listeners.mismatched.tls.certificates[0]: private key",
+        "does not match certificate",
+        "listeners.mismatched.routes[0].pool: unknown pool \"ghost\"",
+        ":19:5: pools.portal.algorithm: unknown algorithm \"fastest\"",
+        "pools.portal.timeouts.connect: invalid duration",
+        "pools.portal.backends[1].name: duplicate backend name \"vm-1\"",
+        ":25:9: pools.portal.backends[2].address: invalid socket address \"10.0.0.1:99999\"",
+        "8 problem(s) found",
+    ];
+    for needle in expected {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    assert!(stderr
+        .lines()
+        .all(|line| line.starts_with(&path.display().to_string())));
+}
+
+#[test]
+fn check_refuses_unknown_keys_and_bad_yaml() {
+    let dir = TestDir::new();
+    let unknown = dir.write(
+        "unknown.yaml",
+        "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\n    timeout: 5s\npools:\n  p: { backends: [] }\n",
+    );
+    let (ok, _, stderr) = check(&unknown);
+    assert!(!ok);
+    assert!(
+        stderr.contains(":5:5: listeners.web.timeout: unknown field `timeout`"),
+        "{stderr}"
+    );
+
+    let syntax = dir.write("syntax.yaml", "listeners:\n  web: {listen: \"x\"\n");
+    let (ok, _, stderr) = check(&syntax);
+    assert!(!ok);
+    assert!(stderr.contains("syntax.yaml:"), "{stderr}");
+
+    let (ok, _, stderr) = check(&dir.path("missing.yaml"));
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot read the configuration file"),
+        "{stderr}"
+    );
+}
+
+/// A gatehouse child process; killed on drop.
+struct Running {
+    child: Child,
+    admin: SocketAddr,
+    listeners: Vec<(String, SocketAddr)>,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(BINARY)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (lines, log) = std::sync::mpsc::channel();
+        let stdout_lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = stdout_lines.send(line);
+            }
+        });
+        let start = Instant::now();
+        loop {
+            let remaining = DEADLINE.saturating_sub(start.elapsed());
+            let line = log
+                .recv_timeout(remaining)
+                .expect("gatehouse did not report ready");
+            if line.contains("gatehouse ready") {
+                let field = |name: &str| {
+                    line.split_whitespace()
+                        .find_map(|part| part.strip_prefix(&format!("{name}=")))
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let admin = field("admin").parse().unwrap();
+                let listeners = field("listeners")
+                    .split(',')
+                    .filter_map(|pair| {
+                        let (name, address) = pair.split_once('=')?;
+                        Some((name.to_string(), address.parse().ok()?))
+                    })
+                    .collect();
+                return Running {
+                    child,
+                    admin,
+                    listeners,
+                    log,
+                };
+            }
+        }
+    }
+
+    fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_for_log(&self, needle: &str) {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            if let Ok(line) = self.log.recv_timeout(Duration::from_millis(100)) {
+                if line.contains(needle) {
+                    return;
+                }
+            }
+        }
+        panic!("log line containing {needle:?} never came");
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("gatehouse did not exit");
+    }
+}
+
+fn simple_config(dir: &TestDir, backend: SocketAddr, shutdown_timeout: &str) -> std::path::PathBuf {
+    dir.write(
+        "gatehouse.yaml",
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}
+shutdown_timeout: {shutdown_timeout}
+listeners:
+  web: {{ listen: \"127.0.0.1:0\", pool: p }}
+pools:
+{}",
+            pool_yaml("p", &[("b", backend)], "")
+        ),
+    )
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let config = simple_config(&dir, backend.address, "10s");
+    let mut running = Running::start(&["run", "--config", config.to_str().unwrap()]);
+    let web = running.listener("web");
+
+    let in_flight = tokio::spawn(async move { get(web, "x", "/slow?ms=1500").await });
+    eventually("the slow request reached the backend", async || {
+        !backend.requests().is_empty()
+    })
+    .await;
+    running.signal("TERM");
+    running.wait_for_log("shutting down");
+    eventually("the listener stopped accepting", async || {
+        tokio::net::TcpStream::connect(web).await.is_err()
+    })
+    .await;
+    let answer = in_flight.await.unwrap();
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "the in-flight request finished"
+    );
+    assert_eq!(answer.text(), "backend=b");
+    let status = tokio::task::spawn_blocking(move || running.wait_exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_configuration() {
+    let first = TestBackend::start("first").await;
+    let second = TestBackend::start("second").await;
+    let dir = TestDir::new();
+    let config = simple_config(&dir, first.address, "1s");
+    let running = Running::start(&["run", "--config", config.to_str().unwrap()]);
+    let web = running.listener("web");
+    assert_eq!(get(web, "x", "/").await.backend().as_deref(), Some("first"));
+
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&first.address.to_string(), &second.address.to_string());
+    std::fs::write(&config, text).unwrap();
+    running.signal("HUP");
+    eventually("the reload took effect", async || {
+        get(web, "x", "/").await.backend().as_deref() == Some("second")
+    })
+    .await;
+    let metrics = get(running.admin, "admin", "/metrics").await.text();
+    assert!(
+        metric(
+            &metrics,
+            "gatehouse_config_reloads_total",
+            &[("result", "success")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn demo_answers_from_all_three_backends() {
+    let dir = TestDir::new();
+    let yaml = std::fs::read_to_string(repo_file("config/gatehouse.yaml"))
+        .unwrap()
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:8443", "127.0.0.1:0")
+        .replace("127.0.0.1:9901", "127.0.0.1:0")
+        .replace("../certs/", &format!("{}/", repo_file("certs").display()));
+    let config = dir.write("gatehouse.yaml", &yaml);
+    let running = Running::start(&["demo", "--config", config.to_str().unwrap()]);
+    let web = running.listener("web");
+    let mut seen = std::collections::BTreeSet::new();
+    eventually("all three demo backends answered", async || {
+        let answer = get(web, "localhost", "/").await;
+        if answer.status == StatusCode::OK {
+            seen.insert(answer.text());
+        }
+        seen.len() == 3
+    })
+    .await;
+    let names: Vec<String> = seen.into_iter().collect();
+    assert!(names[0].contains("vm-1") && names[1].contains("vm-2") && names[2].contains("vm-3"));
+    let status = get(running.admin, "admin", "/api/v1/status").await;
+    let status: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
+    assert_eq!(status["pools"][0]["backends"].as_array().unwrap().len(), 3);
+}

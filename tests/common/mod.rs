@@ -1,0 +1,459 @@
+//! Shared test harness: in-process backends that say who they are and record what they
+//! receive, gatehouse started in-process on port 0, certificates made with rcgen, and real
+//! HTTP clients (hyper, rustls). Everything binds 127.0.0.1 and every wait has a deadline.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use gatehouse::config;
+use gatehouse::metrics::Metrics;
+use gatehouse::server::Gatehouse;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The longest any test waits for anything.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// What a test backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub version: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+}
+
+impl Seen {
+    /// Every value of header `name`.
+    pub fn header_values(&self, name: &str) -> Vec<String> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// The single value of header `name`.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.header_values(name).into_iter().next()
+    }
+}
+
+/// An in-process HTTP/1.1 backend on 127.0.0.1:0.
+///
+/// Paths: `/echo` streams the request body back; `/bytes?n=N` sends N bytes; `/slow?ms=N`
+/// waits first; `/status/N` answers with status N; `/ws` accepts an Upgrade and echoes raw
+/// bytes; anything else answers `backend=<name>`. Every response carries `x-backend`.
+pub struct TestBackend {
+    pub name: String,
+    pub address: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl TestBackend {
+    pub async fn start(name: &str) -> TestBackend {
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = socket.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let backend = TestBackend {
+            name: name.to_string(),
+            address,
+            seen: seen.clone(),
+        };
+        let name = name.to_string();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = socket.accept().await else {
+                    continue;
+                };
+                let name = name.clone();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let name = name.clone();
+                        let seen = seen.clone();
+                        async move { Ok::<_, Infallible>(backend_answer(&name, &seen, request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        backend
+    }
+
+    /// Requests seen so far.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+fn full(bytes: impl Into<Bytes>) -> BoxBody {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+fn query(request: &Request<Incoming>, key: &str) -> Option<u64> {
+    request.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+async fn backend_answer(
+    name: &str,
+    seen: &Mutex<Vec<Seen>>,
+    mut request: Request<Incoming>,
+) -> Response<BoxBody> {
+    let record = |body_len| Seen {
+        method: request.method().to_string(),
+        uri: request.uri().to_string(),
+        version: format!("{:?}", request.version()),
+        headers: request
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body_len,
+    };
+    let path = request.uri().path().to_string();
+    let mut response = if path == "/echo" {
+        seen.lock().unwrap().push(record(0));
+        Response::new(request.into_body().boxed())
+    } else if path == "/ws" {
+        seen.lock().unwrap().push(record(0));
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buffer = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buffer).await {
+                    if n == 0 || io.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut response = Response::new(full(""));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        response
+            .headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        response
+            .headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        response
+    } else {
+        let slow = query(&request, "ms");
+        let bytes = query(&request, "n");
+        let status = path
+            .strip_prefix("/status/")
+            .and_then(|code| code.parse::<u16>().ok());
+        let partial = record(0);
+        let body = request.into_body().collect().await.map(|b| b.to_bytes());
+        let body_len = body.as_ref().map_or(0, |b| b.len());
+        seen.lock().unwrap().push(Seen {
+            body_len,
+            ..partial
+        });
+        if path == "/slow" {
+            tokio::time::sleep(Duration::from_millis(slow.unwrap_or(1000))).await;
+        }
+        let mut response = match (path.as_str(), bytes) {
+            ("/bytes", Some(n)) => Response::new(full(vec![b'z'; n as usize])),
+            _ => Response::new(full(format!("backend={name}"))),
+        };
+        if let Some(status) = status.and_then(|s| StatusCode::from_u16(s).ok()) {
+            *response.status_mut() = status;
+        }
+        response
+    };
+    response
+        .headers_mut()
+        .insert("x-backend", name.parse().unwrap());
+    response
+        .headers_mut()
+        .insert("connection", "keep-alive".parse().unwrap());
+    response
+}
+
+/// A test's configuration directory.
+pub struct TestDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        TestDir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `text` to `name` inside the directory.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// Starts gatehouse in-process from YAML written to `dir/gatehouse.yaml`.
+pub async fn start_gatehouse(dir: &TestDir, yaml: &str) -> Arc<Gatehouse> {
+    gatehouse::tls::install_crypto_provider();
+    let path = dir.write("gatehouse.yaml", yaml);
+    let config =
+        config::load(&path).unwrap_or_else(|error| panic!("invalid test config:\n{error}"));
+    Gatehouse::start(config, Metrics::new().unwrap())
+        .await
+        .unwrap()
+}
+
+/// A development CA and leaf certificates made at test time.
+pub struct TestCa {
+    pub ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "gatehouse test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = params.self_signed(&key).unwrap();
+        TestCa {
+            ca_pem: certificate.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// Writes `<stem>.crt` and `<stem>.key` for `names` into `dir`; returns their paths.
+    pub fn leaf(&self, dir: &TestDir, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = params.signed_by(&key, &self.issuer).unwrap();
+        (
+            dir.write(&format!("{stem}.crt"), &certificate.pem()),
+            dir.write(&format!("{stem}.key"), &key.serialize_pem()),
+        )
+    }
+
+    /// A rustls client trusting this CA, offering `alpn`.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+use rustls::pki_types::pem::PemObject;
+
+/// A simple answer: status, headers, body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn backend(&self) -> Option<String> {
+        self.headers
+            .get("x-backend")
+            .map(|v| v.to_str().unwrap().to_string())
+    }
+}
+
+async fn collect(response: Response<Incoming>) -> Answer {
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .expect("body deadline")
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// A keep-alive HTTP/1.1 client (hyper-util).
+pub fn http_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends `request` over a fresh HTTP/1.1 client and collects the answer.
+pub async fn send(request: Request<Full<Bytes>>) -> Answer {
+    let response = tokio::time::timeout(DEADLINE, http_client().request(request))
+        .await
+        .expect("response deadline")
+        .expect("request failed");
+    collect(response).await
+}
+
+/// GET `http://{address}{path}` with Host `host`.
+pub async fn get(address: SocketAddr, host: &str, path: &str) -> Answer {
+    send(
+        Request::get(format!("http://{address}{path}"))
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Sends `request` over TLS to `address` with SNI `server_name`; returns the negotiated ALPN,
+/// the DNS names of the certificate the server chose, and the answer.
+pub async fn tls_get(
+    ca: &TestCa,
+    address: SocketAddr,
+    server_name: &str,
+    alpn: &[&[u8]],
+    path: &str,
+) -> (Option<Vec<u8>>, Vec<String>, Answer) {
+    let connector = tokio_rustls::TlsConnector::from(ca.client_config(alpn));
+    let tcp = TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    let tls = tokio::time::timeout(DEADLINE, connector.connect(name, tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, session) = tls.get_ref();
+    let negotiated = session.alpn_protocol().map(|p| p.to_vec());
+    let leaf = session.peer_certificates().unwrap()[0].clone();
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+    let names = parsed
+        .subject_alternative_name()
+        .unwrap()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let uri = format!("https://{server_name}{path}");
+    let answer = if negotiated.as_deref() == Some(b"h2") {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+        collect(sender.send_request(request).await.unwrap()).await
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = Request::get(path)
+            .header("host", server_name)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        collect(sender.send_request(request).await.unwrap()).await
+    };
+    (negotiated, names, answer)
+}
+
+/// Polls `condition` every 20 ms until it holds or the deadline passes.
+pub async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < DEADLINE {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Sends raw bytes and reads until the server closes (or the deadline); returns the text.
+pub async fn raw_exchange(address: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut received)).await;
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// Reads one metric sample's value from the text exposition.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(name)
+                && line[name.len()..].starts_with(['{', ' '])
+                && labels
+                    .iter()
+                    .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// The admin `/metrics` text.
+pub async fn metrics_text(gatehouse: &Gatehouse) -> String {
+    get(gatehouse.admin_address(), "admin", "/metrics")
+        .await
+        .text()
+}
+
+/// Pools YAML for `name` with `backends` (name, address), health checks off.
+pub fn pool_yaml(name: &str, backends: &[(&str, SocketAddr)], extra: &str) -> String {
+    let mut yaml = format!("  {name}:\n    health_check: {{ type: none }}\n{extra}    backends:\n");
+    for (backend, address) in backends {
+        yaml.push_str(&format!(
+            "      - {{ name: {backend}, address: \"{address}\" }}\n"
+        ));
+    }
+    yaml
+}
+
+/// The file `path` relative to the crate root.
+pub fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}

@@ -1,0 +1,448 @@
+//! The HTTP proxy over real sockets: routing, header rewriting, streaming, errors, h2c and
+//! WebSocket tunnels, against in-process backends that record what they receive.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn routes_by_host_and_path_prefix_first_match_wins() {
+    let tax_api = TestBackend::start("tax-api").await;
+    let tax = TestBackend::start("tax").await;
+    let wildcard = TestBackend::start("wild").await;
+    let portal = TestBackend::start("portal").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web:
+    listen: \"127.0.0.1:0\"
+    routes:
+      - {{ host: \"tax.example.gov\", path_prefix: \"/api/\", pool: tax-api }}
+      - {{ host: \"tax.example.gov\", pool: tax }}
+      - {{ host: \"*.example.gov\", pool: wild }}
+    pool: portal
+pools:
+{}{}{}{}",
+        pool_yaml("tax-api", &[("a", tax_api.address)], ""),
+        pool_yaml("tax", &[("t", tax.address)], ""),
+        pool_yaml("wild", &[("w", wildcard.address)], ""),
+        pool_yaml("portal", &[("p", portal.address)], ""),
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+
+    let cases = [
+        ("tax.example.gov", "/api/v1/returns", "tax-api"),
+        ("TAX.Example.GOV:8080", "/api/x", "tax-api"),
+        ("tax.example.gov", "/apiary", "tax"),
+        ("tax.example.gov", "/", "tax"),
+        ("permits.example.gov", "/api/", "wild"),
+        ("a.b.example.gov", "/", "wild"),
+        ("example.gov", "/", "portal"),
+        ("other.org", "/api/", "portal"),
+    ];
+    for (host, path, expected) in cases {
+        let answer = get(web, host, path).await;
+        assert_eq!(answer.status, StatusCode::OK, "{host}{path}");
+        assert_eq!(answer.backend().as_deref(), Some(expected), "{host}{path}");
+    }
+    assert_eq!(tax_api.requests()[0].uri, "/api/v1/returns");
+}
+
+#[tokio::test]
+async fn rewrites_headers_for_the_backend() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web: {{ listen: \"127.0.0.1:0\", pool: p }}
+pools:
+{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+
+    let answer = send(
+        Request::get(format!("http://{web}/h?q=1"))
+            .header("host", "portal.example.gov")
+            .header("connection", "keep-alive, x-drop-me, x-forwarded-for, host")
+            .header("keep-alive", "timeout=5")
+            .header("x-drop-me", "secret")
+            .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+            .header("te", "trailers")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-custom", "kept")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let seen = &backend.requests()[0];
+    assert_eq!(seen.uri, "/h?q=1");
+    assert_eq!(seen.version, "HTTP/1.1");
+    assert_eq!(seen.header("host").as_deref(), Some("portal.example.gov"));
+    for removed in ["keep-alive", "x-drop-me", "proxy-authorization", "te"] {
+        assert_eq!(
+            seen.header(removed),
+            None,
+            "{removed} must not be forwarded"
+        );
+    }
+    assert_eq!(seen.header("x-custom").as_deref(), Some("kept"));
+    assert_eq!(
+        seen.header_values("x-forwarded-for"),
+        vec!["127.0.0.1".to_string()],
+        "an untrusted client's X-Forwarded-For is replaced, and Connection cannot remove ours"
+    );
+    assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(
+        seen.header("x-forwarded-host").as_deref(),
+        Some("portal.example.gov")
+    );
+    let generated = seen.header("x-request-id").unwrap();
+    assert_eq!(generated.len(), 32);
+
+    get(web, "portal.example.gov", "/again").await;
+    let second = &backend.requests()[1];
+    assert_ne!(
+        second.header("x-request-id").unwrap(),
+        generated,
+        "ids are unique"
+    );
+
+    send(
+        Request::get(format!("http://{web}/with-id"))
+            .header("host", "x")
+            .header("x-request-id", "client-chosen-42")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        backend.requests()[2].header("x-request-id").as_deref(),
+        Some("client-chosen-42")
+    );
+}
+
+#[tokio::test]
+async fn trusted_proxies_extend_x_forwarded_for() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web: {{ listen: \"127.0.0.1:0\", pool: p, trusted_proxies: [\"127.0.0.0/8\"] }}
+pools:
+{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    send(
+        Request::get(format!("http://{web}/"))
+            .header("host", "x")
+            .header("x-forwarded-for", "203.0.113.7")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        backend.requests()[0].header("x-forwarded-for").as_deref(),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+}
+
+#[tokio::test]
+async fn streams_20_mib_up_and_down_intact() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web: {{ listen: \"127.0.0.1:0\", pool: p }}
+pools:
+{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+
+    let mut payload = vec![0u8; 20 * 1024 * 1024];
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for byte in payload.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state as u8;
+    }
+    let answer = send(
+        Request::post(format!("http://{web}/echo"))
+            .header("host", "x")
+            .body(Full::new(Bytes::from(payload.clone())))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body.len(), payload.len());
+    assert!(answer.body == payload, "echoed body differs");
+
+    let download = get(web, "x", "/bytes?n=20971520").await;
+    assert_eq!(download.body.len(), 20 * 1024 * 1024);
+    assert!(download.body.iter().all(|b| *b == b'z'));
+}
+
+#[tokio::test]
+async fn answers_502_503_504_and_431_with_short_bodies() {
+    let backend = TestBackend::start("b").await;
+    let closed = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web:
+    listen: \"127.0.0.1:0\"
+    routes:
+      - {{ path_prefix: \"/dead/\", pool: dead }}
+      - {{ path_prefix: \"/empty/\", pool: empty }}
+      - {{ path_prefix: \"/slow\", pool: slow }}
+    pool: p
+pools:
+{}{}{}  empty:
+    health_check: {{ type: none }}
+    backends:
+      - {{ name: off, address: \"{}\", state: disabled }}
+",
+        pool_yaml("p", &[("b", backend.address)], ""),
+        pool_yaml(
+            "dead",
+            &[("gone", closed)],
+            "    retries: { attempts: 1 }\n"
+        ),
+        pool_yaml(
+            "slow",
+            &[("b", backend.address)],
+            "    timeouts: { request: 300ms }\n"
+        ),
+        backend.address
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+
+    let dead = get(web, "x", "/dead/").await;
+    assert_eq!(dead.status, StatusCode::BAD_GATEWAY);
+    assert!(dead.text().starts_with("502"), "{}", dead.text());
+
+    let empty = get(web, "x", "/empty/").await;
+    assert_eq!(empty.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(empty.text().contains("no backend available"));
+
+    let slow = get(web, "x", "/slow?ms=3000").await;
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
+
+    let huge = "a".repeat(70 * 1024);
+    let raw = raw_exchange(
+        web,
+        format!("GET / HTTP/1.1\r\nHost: x\r\nX-Huge: {huge}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(
+        raw.starts_with("HTTP/1.1 431"),
+        "{}",
+        &raw[..raw.len().min(200)]
+    );
+
+    let many = (0..40)
+        .map(|i| format!("X-H{i}: {}\r\n", "b".repeat(2000)))
+        .collect::<String>();
+    let raw = raw_exchange(
+        web,
+        format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(
+        raw.starts_with("HTTP/1.1 431"),
+        "{}",
+        &raw[..raw.len().min(200)]
+    );
+    assert!(
+        backend
+            .requests()
+            .iter()
+            .all(|seen| seen.header("x-huge").is_none() && seen.header("x-h0").is_none()),
+        "nothing oversized reached the backend"
+    );
+
+    let text = metrics_text(&gatehouse).await;
+    for (code, pool) in [("502", "dead"), ("503", "empty"), ("504", "slow")] {
+        assert_eq!(
+            metric(
+                &text,
+                "gatehouse_requests_total",
+                &[("code", code), ("pool", pool)]
+            ),
+            Some(1.0),
+            "{code} counted"
+        );
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "gatehouse_rejected_total",
+            &[("reason", "no_backend")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "gatehouse_rejected_total",
+            &[("reason", "header_too_large")]
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_never_reach_a_backend() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web: {{ listen: \"127.0.0.1:0\", pool: p }}
+pools:
+{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let cases: [&[u8]; 4] = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+    ];
+    for case in cases {
+        let raw = raw_exchange(web, case).await;
+        assert!(
+            raw.starts_with("HTTP/1.1 400"),
+            "{:?} -> {raw:?}",
+            String::from_utf8_lossy(case)
+        );
+    }
+    assert!(backend.requests().is_empty());
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_is_proxied_to_http1() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web: {{ listen: \"127.0.0.1:0\", pool: p }}
+pools:
+{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let tcp = TcpStream::connect(web).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for index in 0..3 {
+        let request = Request::get(format!("http://portal.example.gov/h2c/{index}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"backend=b");
+    }
+    let seen = backend.requests();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0].version, "HTTP/1.1");
+    assert_eq!(
+        seen[0].header("host").as_deref(),
+        Some("portal.example.gov")
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled_after_101() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web: {{ listen: \"127.0.0.1:0\", pool: p }}
+pools:
+{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+
+    let mut stream = TcpStream::connect(web).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for message in [&b"hello tunnel"[..], &[0u8, 1, 2, 255][..]] {
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+    let seen = &backend.requests()[0];
+    assert_eq!(seen.header("upgrade").as_deref(), Some("websocket"));
+    assert_eq!(
+        seen.header("sec-websocket-key").as_deref(),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
+
+    let refused = raw_exchange(
+        web,
+        b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(
+        refused.starts_with("HTTP/1.1 200"),
+        "no 101 from the backend, no tunnel: {refused}"
+    );
+}

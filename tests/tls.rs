@@ -1,0 +1,176 @@
+//! TLS termination over real sockets: SNI certificate choice, ALPN (h2 and http/1.1),
+//! minimum version and session resumption, with certificates made by rcgen at test time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+use std::sync::Arc;
+
+async fn tls_gatehouse(
+    dir: &TestDir,
+    ca: &TestCa,
+    tls_extra: &str,
+) -> (Arc<gatehouse::server::Gatehouse>, TestBackend) {
+    let backend = TestBackend::start("b").await;
+    ca.leaf(dir, "portal", &["portal.example.gov", "localhost"]);
+    ca.leaf(dir, "tax", &["tax.example.gov"]);
+    ca.leaf(dir, "wild", &["*.permits.example.gov"]);
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  secure:
+    listen: \"127.0.0.1:0\"
+    protocol: https
+    tls:
+      certificates:
+        - {{ cert: portal.crt, key: portal.key }}
+        - {{ cert: tax.crt, key: tax.key }}
+        - {{ cert: wild.crt, key: wild.key }}
+{tls_extra}    pool: p
+pools:
+{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    (start_gatehouse(dir, &yaml).await, backend)
+}
+
+#[tokio::test]
+async fn sni_chooses_the_certificate_and_falls_back_to_the_first() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let (gatehouse, _backend) = tls_gatehouse(&dir, &ca, "").await;
+    let secure = gatehouse.listener_address("secure").unwrap();
+    let h1: &[&[u8]] = &[b"http/1.1"];
+
+    let (_, names, answer) = tls_get(&ca, secure, "tax.example.gov", h1, "/").await;
+    assert_eq!(names, vec!["tax.example.gov"]);
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.backend().as_deref(), Some("b"));
+
+    let (_, names, _) = tls_get(&ca, secure, "portal.example.gov", h1, "/").await;
+    assert_eq!(names, vec!["portal.example.gov", "localhost"]);
+
+    let (_, names, _) = tls_get(&ca, secure, "apply.permits.example.gov", h1, "/").await;
+    assert_eq!(names, vec!["*.permits.example.gov"]);
+
+    let client = ca.client_config(h1);
+    let tcp = tokio::net::TcpStream::connect(secure).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("unknown.example.org").unwrap();
+    let refused = tokio_rustls::TlsConnector::from(client)
+        .connect(name, tcp)
+        .await;
+    assert!(
+        refused.is_err(),
+        "an unknown name gets the default (first) certificate, which the client rejects"
+    );
+}
+
+#[tokio::test]
+async fn alpn_negotiates_h2_and_http1() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let (gatehouse, backend) = tls_gatehouse(&dir, &ca, "").await;
+    let secure = gatehouse.listener_address("secure").unwrap();
+
+    let (alpn, _, answer) = tls_get(
+        &ca,
+        secure,
+        "portal.example.gov",
+        &[b"h2", b"http/1.1"],
+        "/two",
+    )
+    .await;
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(answer.status, StatusCode::OK);
+
+    let (alpn, _, answer) =
+        tls_get(&ca, secure, "portal.example.gov", &[b"http/1.1"], "/one").await;
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(answer.status, StatusCode::OK);
+
+    let seen = backend.requests();
+    assert_eq!(
+        seen[0].version, "HTTP/1.1",
+        "h2 downstream, HTTP/1.1 upstream"
+    );
+    assert_eq!(
+        seen[0].header("x-forwarded-proto").as_deref(),
+        Some("https")
+    );
+    assert_eq!(
+        seen[0].header("host").as_deref(),
+        Some("portal.example.gov")
+    );
+}
+
+#[tokio::test]
+async fn min_version_1_3_refuses_tls_1_2_clients() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let (gatehouse, _backend) = tls_gatehouse(&dir, &ca, "      min_version: \"1.3\"\n").await;
+    let secure = gatehouse.listener_address("secure").unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls12_only =
+        rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(secure).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("portal.example.gov").unwrap();
+    let result = tokio_rustls::TlsConnector::from(Arc::new(tls12_only))
+        .connect(name, tcp)
+        .await;
+    assert!(result.is_err(), "TLS 1.2 must be refused");
+
+    let (_, _, answer) = tls_get(&ca, secure, "portal.example.gov", &[b"http/1.1"], "/").await;
+    assert_eq!(answer.status, StatusCode::OK, "TLS 1.3 works");
+
+    let text = metrics_text(&gatehouse).await;
+    assert_eq!(
+        metric(
+            &text,
+            "gatehouse_tls_handshake_errors_total",
+            &[("listener", "secure")]
+        ),
+        Some(1.0)
+    );
+}
+
+/// Connects twice with one client config and reports whether the second handshake resumed.
+async fn second_handshake_resumed(ca: &TestCa, address: std::net::SocketAddr) -> bool {
+    let client = ca.client_config(&[b"http/1.1"]);
+    let mut resumed = false;
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("portal.example.gov").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(client.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: portal.example.gov\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut response)).await;
+        resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    }
+    resumed
+}
+
+#[tokio::test]
+async fn session_resumption_can_be_turned_off() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let (on, _b1) = tls_gatehouse(&dir, &ca, "").await;
+    assert!(second_handshake_resumed(&ca, on.listener_address("secure").unwrap()).await);
+
+    let dir = TestDir::new();
+    let (off, _b2) = tls_gatehouse(&dir, &ca, "      session_resumption: false\n").await;
+    assert!(!second_handshake_resumed(&ca, off.listener_address("secure").unwrap()).await);
+}
