@@ -337,6 +337,8 @@ pub struct PoolConfig {
     pub name: String,
     pub algorithm: Algorithm,
     pub hash_key: HashKey,
+    /// `least_latency`'s EWMA time constant.
+    pub latency_decay: Duration,
     pub backends: Vec<BackendConfig>,
     pub health_check: HealthCheckConfig,
     pub passive: PassiveConfig,

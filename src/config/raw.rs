@@ -126,6 +126,7 @@ pub struct RawRoute {
 pub struct RawPool {
     pub algorithm: Option<String>,
     pub hash_key: Option<String>,
+    pub latency_decay: Option<String>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
     pub health_check: Option<RawHealthCheck>,

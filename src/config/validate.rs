@@ -616,10 +616,19 @@ fn pool_config(
         }
     });
 
+    let latency_decay = p.duration(
+        &format!("{path}.latency_decay"),
+        raw.latency_decay.as_deref(),
+        Duration::from_secs(10),
+    );
+    if latency_decay.is_zero() {
+        p.push(format!("{path}.latency_decay"), "must be above zero");
+    }
     PoolConfig {
         name: name.to_string(),
         algorithm,
         hash_key,
+        latency_decay,
         backends,
         health_check,
         passive,

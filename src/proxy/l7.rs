@@ -8,7 +8,6 @@
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers;
-use crate::balancer::PickContext;
 use crate::metrics::Rejection;
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::{ListenerTable, Target};
@@ -198,9 +197,7 @@ async fn forward(
     target: &Target,
 ) -> Result<Forwarded, (ProxyError, Option<usize>)> {
     let pool = &target.pool;
-    let context = PickContext {
-        client_ip: connection.client.ip(),
-    };
+    let context = pool.pick_context(connection.client.ip(), Some(request.headers()));
     let index = pool
         .select(&context, &[])
         .ok_or((ProxyError::NoBackend, None))?;
@@ -236,8 +233,11 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     let in_flight = backend.stats.start();
+    let sent_at = Instant::now();
     let sent = tokio::time::timeout(pool.config.timeouts.request, pool.client.request(request));
-    let mut response = match sent.await {
+    let outcome = sent.await;
+    pool.observe_latency(index, sent_at.elapsed());
+    let mut response = match outcome {
         Err(_elapsed) => return Err((ProxyError::Timeout, Some(index))),
         Ok(Err(error)) => {
             tracing::debug!(backend = %backend.name, error = %error_chain(&error), "backend failed");

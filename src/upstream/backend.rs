@@ -4,7 +4,19 @@ use crate::config::AdminState;
 use prometheus::IntGauge;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A process-wide origin for the lock-free timestamps kept in atomics.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since a process-wide origin: the clock of the lock-free latency estimates.
+pub fn now_nanos() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// Live counters of one backend. Shared by every table that contains the backend (keyed by
 /// pool and backend name), so in-flight counts survive a reload or a health flip.
@@ -13,6 +25,9 @@ pub struct BackendStats {
     in_flight: AtomicUsize,
     responses: AtomicU64,
     server_errors: AtomicU64,
+    /// Peak-EWMA of response times in nanoseconds (f64 bits), and when it was last updated.
+    latency_ewma: AtomicU64,
+    latency_updated: AtomicU64,
     active_gauge: IntGauge,
 }
 
@@ -23,6 +38,8 @@ impl BackendStats {
             in_flight: AtomicUsize::new(0),
             responses: AtomicU64::new(0),
             server_errors: AtomicU64::new(0),
+            latency_ewma: AtomicU64::new(0f64.to_bits()),
+            latency_updated: AtomicU64::new(now_nanos()),
             active_gauge,
         }
     }
@@ -33,6 +50,41 @@ impl BackendStats {
         if status >= 500 {
             self.server_errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Folds one response time into the peak EWMA: a slower response replaces the average at
+    /// once, faster ones pull it down with time constant `decay`. Concurrent updates may
+    /// overwrite each other; the estimate tolerates that, and no lock is taken.
+    pub fn observe_latency(&self, latency: Duration, decay: Duration) {
+        let now = now_nanos();
+        let sample = latency.as_nanos() as f64;
+        let current = self.latency_ewma_at(now, decay);
+        let next = if sample > current {
+            sample
+        } else {
+            let elapsed = now.saturating_sub(self.latency_updated.load(Ordering::Relaxed));
+            let weight = (-(elapsed as f64) / decay.as_nanos().max(1) as f64).exp();
+            current * weight + sample * (1.0 - weight)
+        };
+        self.latency_ewma.store(next.to_bits(), Ordering::Relaxed);
+        self.latency_updated.store(now, Ordering::Relaxed);
+    }
+
+    /// The peak-EWMA response time in nanoseconds at `now`, decayed for the time since the
+    /// last observation (so a backend that stopped getting traffic is tried again). `now` (from [`now_nanos`]), so a pick reads the clock once.
+    pub fn latency_ewma_at(&self, now: u64, decay: Duration) -> f64 {
+        let value = f64::from_bits(self.latency_ewma.load(Ordering::Relaxed));
+        let elapsed = now.saturating_sub(self.latency_updated.load(Ordering::Relaxed));
+        value * (-(elapsed as f64) / decay.as_nanos().max(1) as f64).exp()
+    }
+
+    /// The undecayed peak-EWMA (nanoseconds) and when it was last updated ([`now_nanos`]):
+    /// enough to compare two backends' decayed costs without reading the clock.
+    pub fn latency_snapshot(&self) -> (f64, u64) {
+        (
+            f64::from_bits(self.latency_ewma.load(Ordering::Relaxed)),
+            self.latency_updated.load(Ordering::Relaxed),
+        )
     }
 
     /// Responses counted so far, and how many of them were 5xx.

@@ -6,12 +6,15 @@
 
 use super::backend::{Backend, BackendStats};
 use super::client::UpstreamClient;
-use crate::balancer::{self, Balancer, PickContext};
-use crate::config::{AdminState, Config, HostMatch, ListenerConfig, PoolConfig, Timeouts};
+use crate::balancer::{self, Balancer, Candidate, PickContext, Tuning};
+use crate::config::Algorithm;
+use crate::config::{AdminState, Config, HashKey, HostMatch, ListenerConfig, PoolConfig, Timeouts};
 use crate::metrics::{ListenerMetrics, Metrics, RequestCounters};
+use http::HeaderMap;
 use ipnet::IpNet;
 use prometheus::Histogram;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio_rustls::TlsAcceptor;
@@ -64,9 +67,19 @@ impl Pool {
         let candidates: Vec<usize> = (0..backends.len())
             .filter(|&index| backends[index].is_candidate())
             .collect();
-        let weights: Vec<u32> = candidates.iter().map(|&i| backends[i].weight).collect();
+        let balancer_candidates: Vec<Candidate> = candidates
+            .iter()
+            .map(|&index| Candidate {
+                name: backends[index].name.clone(),
+                weight: backends[index].weight,
+                stats: backends[index].stats.clone(),
+            })
+            .collect();
+        let tuning = Tuning {
+            latency_decay: config.latency_decay,
+        };
         Ok(Pool {
-            balancer: balancer::build(config.algorithm, &weights),
+            balancer: balancer::build(config.algorithm, &balancer_candidates, tuning),
             candidates,
             client: facts.client(&config.name, &config.timeouts),
             backends,
@@ -77,6 +90,35 @@ impl Pool {
     /// The pool's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// What the balancer may look at for a request from `client_ip` with `headers`; the
+    /// consistent-hash key is computed only for `consistent_hash` pools.
+    pub fn pick_context(&self, client_ip: IpAddr, headers: Option<&HeaderMap>) -> PickContext {
+        let hash = if self.config.algorithm == Algorithm::ConsistentHash {
+            let key = match (&self.config.hash_key, headers) {
+                (HashKey::Header(name), Some(headers)) => headers
+                    .get(name)
+                    .map(|value| balancer::key_hash(value.as_bytes())),
+                (HashKey::Cookie(name), Some(headers)) => {
+                    cookie(headers, name).map(|value| balancer::key_hash(value.as_bytes()))
+                }
+                _ => None,
+            };
+            key.unwrap_or_else(|| balancer::ip_hash(client_ip))
+        } else {
+            0
+        };
+        PickContext { client_ip, hash }
+    }
+
+    /// Records how long a backend took, for `least_latency`.
+    pub fn observe_latency(&self, index: usize, latency: std::time::Duration) {
+        if let Some(backend) = self.backends.get(index) {
+            backend
+                .stats
+                .observe_latency(latency, self.config.latency_decay);
+        }
     }
 
     /// Chooses a backend for a new request, skipping the indices in `tried` (earlier attempts
@@ -90,6 +132,19 @@ impl Pool {
             .map(|offset| self.candidates[(start + offset) % self.candidates.len()])
             .find(|index| !tried.contains(index))
     }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            (key == name).then_some(value)
+        })
 }
 
 /// Where a matched request goes, with its metric handles resolved.
