@@ -62,6 +62,11 @@ pub struct TestBackend {
 
 impl TestBackend {
     pub async fn start(name: &str) -> TestBackend {
+        TestBackend::start_delayed(name, Duration::ZERO).await
+    }
+
+    /// A backend that waits `delay` before answering anything: a slow VM.
+    pub async fn start_delayed(name: &str, delay: Duration) -> TestBackend {
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = socket.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -82,7 +87,10 @@ impl TestBackend {
                     let service = service_fn(move |request| {
                         let name = name.clone();
                         let seen = seen.clone();
-                        async move { Ok::<_, Infallible>(backend_answer(&name, &seen, request).await) }
+                        async move {
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, Infallible>(backend_answer(&name, &seen, request).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
