@@ -6,11 +6,10 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use gatehouse::balancer::{self, Candidate, PickContext, Tuning};
-use gatehouse::config::{self, AdminState, Algorithm, Timeouts};
-use gatehouse::metrics::{ListenerMetrics, Metrics};
+use gatehouse::config::{self, Algorithm};
+use gatehouse::metrics::Metrics;
 use gatehouse::upstream::backend::BackendStats;
-use gatehouse::upstream::client::{self, UpstreamClient};
-use gatehouse::upstream::table::{BackendFacts, Table};
+use gatehouse::upstream::table::{StaticFacts, Table};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -85,44 +84,13 @@ fn config_with_backends(count: usize, algorithm: &str) -> String {
     yaml
 }
 
-/// Runtime facts with fresh state, as at start-up.
-struct Facts {
-    metrics: Metrics,
-    client: UpstreamClient,
-}
-
-impl BackendFacts for Facts {
-    fn stats(&mut self, pool: &str, backend: &str) -> Arc<BackendStats> {
-        Arc::new(BackendStats::new(
-            self.metrics
-                .backend_active_connections
-                .with_label_values(&[pool, backend]),
-        ))
-    }
-    fn admin_state(&self, _: &str, _: &str, configured: AdminState) -> AdminState {
-        configured
-    }
-    fn healthy(&self, _: &str, _: &str) -> bool {
-        true
-    }
-    fn client(&mut self, _: &str, _: &Timeouts) -> UpstreamClient {
-        self.client.clone()
-    }
-    fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics {
-        self.metrics.listener(listener)
-    }
-}
-
 fn rebuild(c: &mut Criterion) {
     let path = std::path::Path::new("bench.yaml");
     for algorithm in ["round_robin", "weighted_round_robin", "consistent_hash"] {
         let yaml = config_with_backends(1000, algorithm);
         let config = Arc::new(config::parse(&yaml, path).unwrap_or_else(|error| panic!("{error}")));
         let metrics = Metrics::new().unwrap_or_else(|error| panic!("{error}"));
-        let mut facts = Facts {
-            client: client::build(&config.pools[0].timeouts),
-            metrics: metrics.clone(),
-        };
+        let mut facts = StaticFacts::new(metrics.clone());
         c.bench_function(&format!("table rebuild 1000 backends {algorithm}"), |b| {
             b.iter(|| {
                 Table::build(config.clone(), SystemTime::now(), 1, &mut facts, &metrics)

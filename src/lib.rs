@@ -19,6 +19,7 @@ pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod io;
 pub mod listener;
 pub mod metrics;

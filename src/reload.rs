@@ -75,12 +75,14 @@ async fn transaction(gatehouse: &Gatehouse) -> Result<Vec<String>, ConfigError> 
             )
         })?;
     let file = new.path.clone();
+    let new = Arc::new(new);
     gatehouse
         .publisher
-        .apply_config(Arc::new(new))
+        .apply_config(new.clone())
         .await
         .map_err(|error| problem(&file, String::new(), error))?;
     gatehouse.commit_listeners(prepared);
+    gatehouse.health.reconcile(&new);
     Ok(changes)
 }
 

@@ -2,6 +2,7 @@
 //! of listeners on reload (never rebinding an unchanged address); drains on shutdown.
 
 use crate::config::{Config, ListenerConfig};
+use crate::health::HealthChecker;
 use crate::listener::{self, Listener};
 use crate::metrics::Metrics;
 use crate::upstream::publisher::{self, PublisherHandle};
@@ -62,6 +63,8 @@ impl PreparedListeners {
 pub struct Gatehouse {
     pub metrics: Metrics,
     pub publisher: PublisherHandle,
+    /// Active health checks; reconciled after every reload.
+    pub health: HealthChecker,
     /// The configuration file reloads read.
     pub config_path: PathBuf,
     admin_address: SocketAddr,
@@ -91,14 +94,17 @@ impl Gatehouse {
                 address: config.admin.listen,
                 source,
             })?;
+        let shutdown = CancellationToken::new();
+        let health = HealthChecker::new(publisher.clone(), metrics.clone(), shutdown.child_token());
         let gatehouse = Arc::new(Gatehouse {
+            health,
             metrics,
             publisher,
             config_path: config.path.clone(),
             admin_address,
             listeners: Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
         });
@@ -110,6 +116,7 @@ impl Gatehouse {
                     address,
                     source,
                 })?;
+        gatehouse.health.first_round(&config).await;
         gatehouse.commit_listeners(prepared);
         if config.admin.token.is_none() && !config.admin.listen.ip().is_loopback() {
             tracing::warn!(

@@ -4,13 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use gatehouse::balancer::{self, Balancer, Candidate, Maglev, PickContext, SmoothWeighted, Tuning};
-use gatehouse::config::{self, AdminState, Algorithm, Timeouts};
-use gatehouse::metrics::{ListenerMetrics, Metrics};
+use gatehouse::config::{self, AdminState, Algorithm};
+use gatehouse::metrics::Metrics;
 use gatehouse::upstream::backend::BackendStats;
-use gatehouse::upstream::client::{self, UpstreamClient};
-use gatehouse::upstream::table::{BackendFacts, Table};
+use gatehouse::upstream::table::{StaticFacts, Table};
 use proptest::prelude::*;
-use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -50,30 +48,6 @@ fn context(hash: u64) -> PickContext {
     }
 }
 
-/// Facts where each backend's health comes from a map (default healthy).
-struct Facts {
-    health: HashMap<String, bool>,
-    client: UpstreamClient,
-}
-
-impl BackendFacts for Facts {
-    fn stats(&mut self, _: &str, _: &str) -> Arc<BackendStats> {
-        stats()
-    }
-    fn admin_state(&self, _: &str, _: &str, configured: AdminState) -> AdminState {
-        configured
-    }
-    fn healthy(&self, _: &str, backend: &str) -> bool {
-        self.health.get(backend).copied().unwrap_or(true)
-    }
-    fn client(&mut self, _: &str, _: &Timeouts) -> UpstreamClient {
-        self.client.clone()
-    }
-    fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics {
-        metrics().listener(listener)
-    }
-}
-
 fn algorithm_strategy() -> impl Strategy<Value = (&'static str, Algorithm)> {
     prop::sample::select(Algorithm::ALL.to_vec())
 }
@@ -90,17 +64,18 @@ proptest! {
         let mut yaml = format!(
             "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p }}\npools:\n  p:\n    algorithm: {name}\n    backends:\n"
         );
-        let mut health = HashMap::new();
+        let mut facts = StaticFacts::new(metrics().clone());
         for (index, (state, healthy, weight)) in backends.iter().enumerate() {
             let state = ["active", "draining", "disabled"][usize::from(*state)];
             yaml.push_str(&format!(
                 "      - {{ name: vm-{index}, address: \"127.0.0.1:{}\", weight: {weight}, state: {state} }}\n",
                 10000 + index
             ));
-            health.insert(format!("vm-{index}"), *healthy);
+            if !healthy {
+                facts.unhealthy.insert(format!("vm-{index}"));
+            }
         }
         let config = Arc::new(config::parse(&yaml, std::path::Path::new("p.yaml")).unwrap());
-        let mut facts = Facts { health, client: client::build(&config.pools[0].timeouts) };
         let table = Table::build(config, SystemTime::now(), 1, &mut facts, metrics()).unwrap();
         let pool = table.pool("p").unwrap();
         let available: Vec<usize> = pool

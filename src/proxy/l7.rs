@@ -9,9 +9,11 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers;
 use crate::metrics::Rejection;
+use crate::upstream::client::UpstreamBody;
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::{ListenerTable, Target};
 use http::{header, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -189,7 +191,21 @@ fn route(
 
 type Forwarded = (Response<ProxyBody>, Option<usize>);
 
-/// Sends the request to a backend of `target` and returns its response and the backend used.
+/// Methods that may be replayed once a backend has seen them (when they carry no body).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Sends the request to a backend of `target`, retrying on another backend where that is
+/// safe, and returns the response with the backend that produced it.
+///
+/// A connect failure is retried for any method (nothing was sent; an unpolled body comes
+/// back through [`UpstreamBody`]). After the request reached a backend — a reset, or a
+/// 502/503 before any byte went to the client — only idempotent requests without a body are
+/// retried. Timeouts are not retried. Every retry needs a token from the pool's budget.
 async fn forward(
     mut request: Request<Incoming>,
     connection: &Connection,
@@ -198,11 +214,6 @@ async fn forward(
 ) -> Result<Forwarded, (ProxyError, Option<usize>)> {
     let pool = &target.pool;
     let context = pool.pick_context(connection.client.ip(), Some(request.headers()));
-    let index = pool
-        .select(&context, &[])
-        .ok_or((ProxyError::NoBackend, None))?;
-    let backend = &pool.backends[index];
-
     let host = headers::request_host(&request).map_err(|error| (error, None))?;
     let upgrade =
         request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers());
@@ -218,62 +229,127 @@ async fn forward(
     if let Some(host) = &host {
         request_headers.insert(header::HOST, host.clone());
     }
-    let path = request
-        .uri()
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (parts, body) = request.into_parts();
+    let path = parts
+        .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    *request.uri_mut() = Uri::builder()
-        .scheme("http")
-        .authority(backend.authority.clone())
-        .path_and_query(path)
-        .build()
-        .map_err(|_| (ProxyError::BadRequest("invalid request target"), None))?;
-    *request.version_mut() = Version::HTTP_11;
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let replayable = !upgrade && is_idempotent(&parts.method) && body.is_end_stream();
+    let mut body = (!body.is_end_stream()).then_some(body);
+    let attempts = pool.config.retry_attempts.clamp(1, 10) as usize;
+    let mut tried = [usize::MAX; 10];
+    pool.retry_budget.deposit();
 
-    let in_flight = backend.stats.start();
-    let sent_at = Instant::now();
-    let sent = tokio::time::timeout(pool.config.timeouts.request, pool.client.request(request));
-    let outcome = sent.await;
-    pool.observe_latency(index, sent_at.elapsed());
-    let mut response = match outcome {
-        Err(_elapsed) => return Err((ProxyError::Timeout, Some(index))),
-        Ok(Err(error)) => {
-            tracing::debug!(backend = %backend.name, error = %error_chain(&error), "backend failed");
-            let kind = if is_timeout(&error) {
-                ProxyError::Timeout
-            } else {
-                ProxyError::BackendFailed
-            };
-            return Err((kind, Some(index)));
+    let mut last_error = (ProxyError::NoBackend, None);
+    for attempt in 0..attempts {
+        let Some(index) = pool.select(&context, &tried[..attempt]) else {
+            break;
+        };
+        if attempt > 0 {
+            if !pool.retry_budget.withdraw() {
+                tracing::debug!(pool = pool.name(), "retry budget spent; not retrying");
+                break;
+            }
+            pool.retries.inc();
         }
-        Ok(Ok(response)) => response,
-    };
+        tried[attempt] = index;
+        let backend = &pool.backends[index];
+        let (upstream_body, reclaim) = match body.take() {
+            Some(body) => {
+                let (body, reclaim) = UpstreamBody::reclaimable(body);
+                (body, Some(reclaim))
+            }
+            None => (UpstreamBody::empty(), None),
+        };
+        let mut upstream = Request::new(upstream_body);
+        *upstream.method_mut() = parts.method.clone();
+        *upstream.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(backend.authority.clone())
+            .path_and_query(path.clone())
+            .build()
+            .map_err(|_| (ProxyError::BadRequest("invalid request target"), None))?;
+        *upstream.version_mut() = Version::HTTP_11;
+        *upstream.headers_mut() = parts.headers.clone();
 
-    if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
-        (client_upgrade, response.status())
-    {
-        let backend_upgrade = hyper::upgrade::on(&mut response);
-        connection.tunnels.spawn(async move {
-            let _in_flight = in_flight;
-            let (Ok(client), Ok(backend)) = tokio::join!(client_upgrade, backend_upgrade) else {
-                return;
-            };
-            let mut client = TokioIo::new(client);
-            let mut backend = TokioIo::new(backend);
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+        let in_flight = backend.stats.start();
+        let sent_at = Instant::now();
+        let sent =
+            tokio::time::timeout(pool.config.timeouts.request, pool.client.request(upstream));
+        let outcome = sent.await;
+        pool.observe_latency(index, sent_at.elapsed());
+        let last_attempt = attempt + 1 == attempts;
+        let mut response = match outcome {
+            Err(_elapsed) => {
+                pool.record_outcome(index, false);
+                return Err((ProxyError::Timeout, Some(index)));
+            }
+            Ok(Err(error)) => {
+                pool.record_outcome(index, false);
+                tracing::debug!(backend = %backend.name, error = %error_chain(&error), "backend failed");
+                let kind = if is_timeout(&error) {
+                    ProxyError::Timeout
+                } else {
+                    ProxyError::BackendFailed
+                };
+                last_error = (kind, Some(index));
+                let nothing_sent = error.is_connect();
+                if nothing_sent {
+                    if let Some(mut reclaim) = reclaim {
+                        match reclaim.try_recv() {
+                            Ok(returned) => body = Some(returned),
+                            Err(_) => return Err(last_error),
+                        }
+                    }
+                }
+                if last_attempt || !(nothing_sent || replayable) {
+                    return Err(last_error);
+                }
+                continue;
+            }
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        pool.record_outcome(index, !status.is_server_error());
+        let retry_status = matches!(
+            status,
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+        );
+        if retry_status
+            && replayable
+            && !last_attempt
+            && pool.select(&context, &tried[..=attempt]).is_some()
+        {
+            last_error = (ProxyError::BackendFailed, Some(index));
+            continue;
+        }
+
+        if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, status) {
+            let backend_upgrade = hyper::upgrade::on(&mut response);
+            connection.tunnels.spawn(async move {
+                let _in_flight = in_flight;
+                let (Ok(client), Ok(backend)) = tokio::join!(client_upgrade, backend_upgrade)
+                else {
+                    return;
+                };
+                let mut client = TokioIo::new(client);
+                let mut backend = TokioIo::new(backend);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+            });
+            headers::strip_hop_by_hop(response.headers_mut(), true);
+            return Ok((response.map(|_| ProxyBody::empty()), Some(index)));
+        }
+
+        headers::strip_hop_by_hop(response.headers_mut(), false);
+        let response = response.map(|body| ProxyBody::Upstream {
+            body,
+            in_flight: Some(in_flight),
         });
-        headers::strip_hop_by_hop(response.headers_mut(), true);
-        return Ok((response.map(|_| ProxyBody::empty()), Some(index)));
+        return Ok((response, Some(index)));
     }
-
-    headers::strip_hop_by_hop(response.headers_mut(), false);
-    let response = response.map(|body| ProxyBody::Upstream {
-        body,
-        in_flight: Some(in_flight),
-    });
-    Ok((response, Some(index)))
+    Err(last_error)
 }
 
 /// True when the failure was a (connect) timeout rather than a refusal or reset.

@@ -3,7 +3,7 @@
 use crate::config::AdminState;
 use prometheus::IntGauge;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,10 @@ pub struct BackendStats {
     /// Peak-EWMA of response times in nanoseconds (f64 bits), and when it was last updated.
     latency_ewma: AtomicU64,
     latency_updated: AtomicU64,
+    /// Consecutive failures seen on real traffic (passive health).
+    consecutive_failures: AtomicU32,
+    /// Back from a passive ejection: one failure ejects again.
+    probation: AtomicBool,
     active_gauge: IntGauge,
 }
 
@@ -40,6 +44,8 @@ impl BackendStats {
             server_errors: AtomicU64::new(0),
             latency_ewma: AtomicU64::new(0f64.to_bits()),
             latency_updated: AtomicU64::new(now_nanos()),
+            consecutive_failures: AtomicU32::new(0),
+            probation: AtomicBool::new(false),
             active_gauge,
         }
     }
@@ -87,6 +93,37 @@ impl BackendStats {
         )
     }
 
+    /// Records a request that succeeded: ends the failure streak and any probation.
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.probation.load(Ordering::Relaxed) {
+            self.probation.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failed request (connect failure, reset, timeout or 5xx); true exactly when
+    /// this failure reaches `threshold` (or is the first on probation) and should eject.
+    pub fn record_failure(&self, threshold: u32) -> bool {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.probation.swap(false, Ordering::Relaxed) {
+            return true;
+        }
+        threshold > 0 && failures == threshold
+    }
+
+    /// Forgets the failure streak (an ejection was refused or has started).
+    pub fn reset_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Marks the backend as back from an ejection.
+    pub fn start_probation(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.probation.store(true, Ordering::Relaxed);
+    }
+
     /// Responses counted so far, and how many of them were 5xx.
     pub fn responses(&self) -> (u64, u64) {
         (
@@ -131,6 +168,8 @@ pub struct Backend {
     /// `address` pre-rendered for request URIs.
     pub authority: http::uri::Authority,
     pub weight: u32,
+    /// `weight` as balanced right now (lower while a slow start ramps).
+    pub effective_weight: u32,
     pub admin_state: AdminState,
     /// Passes its health checks and is not ejected.
     pub healthy: bool,

@@ -1,13 +1,18 @@
-//! The pooled upstream HTTP/1.1 client of a pool.
+//! The pooled upstream HTTP/1.1 client of a pool, and the request body it sends.
 
 use crate::config::Timeouts;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::sync::oneshot;
 
 /// A keep-alive HTTP/1.1 client; cheap to clone (its pool is shared).
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
 /// Idle upstream connections kept per backend.
 const MAX_IDLE_PER_BACKEND: usize = 256;
@@ -24,4 +29,72 @@ pub fn build(timeouts: &Timeouts) -> UpstreamClient {
         .pool_idle_timeout(timeouts.idle)
         .pool_max_idle_per_host(MAX_IDLE_PER_BACKEND)
         .build(connector)
+}
+
+/// The body of a request to a backend: the client's streamed body (or none).
+///
+/// If the request is dropped before its body was ever polled — the connect to the backend
+/// failed, so nothing was sent — the untouched client body is handed back through a oneshot
+/// channel, so the request can be retried on another backend without buffering it.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    body: Option<Incoming>,
+    give_back: Option<oneshot::Sender<Incoming>>,
+}
+
+impl UpstreamBody {
+    /// No body.
+    pub fn empty() -> Self {
+        UpstreamBody {
+            body: None,
+            give_back: None,
+        }
+    }
+
+    /// Streams `body`; the receiver gets it back if it is dropped unpolled.
+    pub fn reclaimable(body: Incoming) -> (Self, oneshot::Receiver<Incoming>) {
+        let (give_back, reclaim) = oneshot::channel();
+        (
+            UpstreamBody {
+                body: Some(body),
+                give_back: Some(give_back),
+            },
+            reclaim,
+        )
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        this.give_back = None;
+        match &mut this.body {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let (Some(give_back), Some(body)) = (self.give_back.take(), self.body.take()) {
+            let _ = give_back.send(body);
+        }
+    }
 }

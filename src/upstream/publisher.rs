@@ -1,25 +1,33 @@
 //! The one writer of the balancing table.
 //!
-//! Health flips, reloads and admin state changes arrive as [`Change`]s on one channel; this
-//! task applies them to the runtime state it owns, builds the next [`Table`] and stores it.
-//! Nothing else ever stores a table, so two changes can never race (linkerd2-proxy's
-//! single-owner worker). Pending changes are coalesced into one rebuild.
+//! Health flips, passive ejections, reloads and admin state changes arrive as [`Change`]s on
+//! one channel; this task applies them to the runtime state it owns, builds the next
+//! [`Table`] and stores it. Nothing else ever stores a table, so two changes can never race
+//! (linkerd2-proxy's single-owner worker). Pending changes are coalesced into one rebuild,
+//! and while a backend's slow start ramps the table is rebuilt on a short tick.
 
 use super::backend::BackendStats;
 use super::client::{self, UpstreamClient};
+use super::retry::RetryBudget;
 use super::table::{BackendFacts, Table};
-use crate::config::{AdminState, Config, Timeouts};
+use crate::config::{AdminState, Config, HealthCheckKind, Timeouts};
 use crate::metrics::{ListenerMetrics, Metrics};
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
 /// The published table, as every reader holds it.
 pub type SharedTable = Arc<ArcSwap<Table>>;
 
 type BackendKey = (String, String);
+
+/// Longest passive ejection, however often a backend is ejected.
+const MAX_EJECTION: Duration = Duration::from_secs(600);
+/// How often the table is rebuilt while a slow start ramps.
+const RAMP_TICK: Duration = Duration::from_millis(500);
 
 /// A request to change what the table says.
 #[derive(Debug)]
@@ -29,11 +37,18 @@ pub enum Change {
         config: Arc<Config>,
         reply: oneshot::Sender<Result<u64, String>>,
     },
-    /// A backend passed or failed its health checks.
+    /// Backends passed or failed their health checks (`reply` once published).
     Health {
+        results: Vec<(String, String, bool)>,
+        reply: Option<oneshot::Sender<()>>,
+    },
+    /// Real traffic failed `passive.consecutive_failures` times in a row on a backend.
+    Eject { pool: String, backend: String },
+    /// A passive ejection ran out: the backend returns on probation.
+    Readmit {
         pool: String,
         backend: String,
-        healthy: bool,
+        ejection: u64,
     },
     /// An operator set a backend's admin state.
     AdminState {
@@ -52,14 +67,33 @@ struct Override {
     configured: AdminState,
 }
 
+/// A backend's passive-ejection history.
+#[derive(Debug, Clone, Copy)]
+struct Ejection {
+    /// Consecutive ejections without a quiet period in between (drives the doubling).
+    count: u32,
+    /// Identifies the current ejection, so a stale readmit timer is ignored.
+    serial: u64,
+    active: bool,
+    returned_at: Option<Instant>,
+}
+
 /// What outlives a table.
 struct Carried {
     metrics: Metrics,
     stats: HashMap<BackendKey, Arc<BackendStats>>,
     overrides: HashMap<BackendKey, Override>,
     health: HashMap<BackendKey, bool>,
+    addresses: HashMap<BackendKey, SocketAddr>,
+    ejections: HashMap<BackendKey, Ejection>,
+    next_serial: u64,
+    /// When each backend last became available (for slow start), after start-up.
+    available_since: HashMap<BackendKey, Instant>,
+    previous_candidates: Option<HashSet<BackendKey>>,
     clients: HashMap<String, (Timeouts, UpstreamClient)>,
+    retry_budgets: HashMap<String, Arc<RetryBudget>>,
     listener_metrics: HashMap<String, ListenerMetrics>,
+    changes: mpsc::Sender<Change>,
 }
 
 fn key(pool: &str, backend: &str) -> BackendKey {
@@ -84,11 +118,23 @@ impl BackendFacts for Carried {
         }
     }
 
-    fn healthy(&self, pool: &str, backend: &str) -> bool {
-        self.health
-            .get(&key(pool, backend))
-            .copied()
-            .unwrap_or(true)
+    fn healthy(&self, pool: &str, backend: &str, actively_checked: bool) -> bool {
+        let key = key(pool, backend);
+        let passes = self.health.get(&key).copied().unwrap_or(!actively_checked);
+        let ejected = self.ejections.get(&key).is_some_and(|e| e.active);
+        passes && !ejected
+    }
+
+    fn weight_factor(&self, pool: &str, backend: &str, slow_start: Duration) -> f64 {
+        if slow_start.is_zero() {
+            return 1.0;
+        }
+        match self.available_since.get(&key(pool, backend)) {
+            Some(since) => {
+                (since.elapsed().as_secs_f64() / slow_start.as_secs_f64()).clamp(0.1, 1.0)
+            }
+            None => 1.0,
+        }
     }
 
     fn client(&mut self, pool: &str, timeouts: &Timeouts) -> UpstreamClient {
@@ -109,36 +155,184 @@ impl BackendFacts for Carried {
             .or_insert_with(|| self.metrics.listener(listener))
             .clone()
     }
+
+    fn retry_budget(&mut self, pool: &str) -> Arc<RetryBudget> {
+        self.retry_budgets
+            .entry(pool.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn changes(&self) -> mpsc::Sender<Change> {
+        self.changes.clone()
+    }
 }
 
 impl Carried {
-    /// Forgets state of backends, pools and overrides that `config` no longer has.
+    /// Forgets state of backends, pools and overrides that `config` no longer has, and the
+    /// health of backends whose address changed or whose pool stopped checking.
     fn retain_for(&mut self, config: &Config) {
-        let present = |(pool, backend): &BackendKey| {
-            config
-                .pool(pool)
-                .is_some_and(|p| p.backends.iter().any(|b| b.name == *backend))
+        let backend_of = |(pool, backend): &BackendKey| {
+            config.pool(pool).and_then(|p| {
+                p.backends
+                    .iter()
+                    .find(|b| b.name == *backend)
+                    .map(|b| (p, b))
+            })
         };
-        self.stats.retain(|k, _| present(k));
-        self.health.retain(|k, _| present(k));
-        self.overrides.retain(|k, o| {
-            present(k)
-                && config
-                    .pool(&k.0)
-                    .and_then(|p| p.backends.iter().find(|b| b.name == k.1))
-                    .is_some_and(|b| b.state == o.configured)
+        self.stats.retain(|k, _| backend_of(k).is_some());
+        self.ejections.retain(|k, _| backend_of(k).is_some());
+        self.available_since.retain(|k, _| backend_of(k).is_some());
+        let addresses = &self.addresses;
+        self.health.retain(|k, _| {
+            backend_of(k).is_some_and(|(pool, backend)| {
+                pool.health_check.kind != HealthCheckKind::None
+                    && addresses.get(k).is_none_or(|a| *a == backend.address)
+            })
         });
+        self.addresses = config
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.backends
+                    .iter()
+                    .map(move |b| (key(&p.name, &b.name), b.address))
+            })
+            .collect();
+        self.overrides
+            .retain(|k, o| backend_of(k).is_some_and(|(_, b)| b.state == o.configured));
         self.clients.retain(|pool, _| config.pool(pool).is_some());
+        self.retry_budgets
+            .retain(|pool, _| config.pool(pool).is_some());
     }
 
-    /// Sets `gatehouse_backend_up` for every backend of `table`.
-    fn export_health(&self, table: &Table) {
+    /// After a table is built: exports `gatehouse_backend_up`, starts slow-start ramps for
+    /// backends that just became available, and warns when a pool lost its last backend.
+    fn after_build(&mut self, previous: Option<&Table>, table: &Table) {
+        let mut candidates = HashSet::new();
         for pool in &table.pools {
-            for backend in &pool.backends {
+            for (index, backend) in pool.backends.iter().enumerate() {
                 self.metrics
                     .backend_up
                     .with_label_values(&[pool.name(), &backend.name])
                     .set(i64::from(backend.healthy));
+                if pool.is_candidate(index) {
+                    candidates.insert(key(pool.name(), &backend.name));
+                }
+            }
+            let Some(previous) = previous else { continue };
+            let before = previous.pool(pool.name());
+            let had_candidates = before.is_none_or(|p| p.available() > 0 && !p.fail_open_active());
+            if had_candidates
+                && (pool.available() == 0 || pool.fail_open_active())
+                && !pool.backends.is_empty()
+            {
+                if pool.fail_open_active() {
+                    tracing::error!(pool = pool.name(), "NO healthy backend in pool: fail_open is on, sending to every non-disabled backend");
+                } else {
+                    tracing::error!(
+                        pool = pool.name(),
+                        "NO available backend in pool: answering 503 until one recovers"
+                    );
+                }
+            } else if before.is_some_and(|p| p.available() == 0 || p.fail_open_active())
+                && pool.available() > 0
+                && !pool.fail_open_active()
+            {
+                tracing::info!(
+                    pool = pool.name(),
+                    available = pool.available(),
+                    "pool has available backends again"
+                );
+            }
+        }
+        if let Some(previous) = &self.previous_candidates {
+            let now = Instant::now();
+            for key in candidates.difference(previous) {
+                self.available_since.insert(key.clone(), now);
+            }
+        }
+        self.previous_candidates = Some(candidates);
+    }
+
+    /// Whether some backend is still ramping up (the table must be rebuilt soon).
+    fn ramping(&self, config: &Config) -> bool {
+        self.available_since.iter().any(|((pool, _), since)| {
+            config
+                .pool(pool)
+                .is_some_and(|p| !p.slow_start.is_zero() && since.elapsed() < p.slow_start)
+        })
+    }
+
+    /// Ejects a backend unless that would leave its pool without a candidate.
+    fn eject(&mut self, table: &Table, pool_name: &str, backend_name: &str) {
+        let Some(pool) = table.pool(pool_name) else {
+            return;
+        };
+        let Some(index) = pool.backends.iter().position(|b| b.name == backend_name) else {
+            return;
+        };
+        let key = key(pool_name, backend_name);
+        if self.ejections.get(&key).is_some_and(|e| e.active) {
+            return;
+        }
+        if pool.available() <= 1 && pool.is_candidate(index) {
+            tracing::warn!(
+                pool = pool_name,
+                backend = backend_name,
+                "passive health would eject the last available backend; keeping it"
+            );
+            pool.backends[index].stats.reset_failures();
+            return;
+        }
+        let base = pool.config.passive.ejection;
+        let now = Instant::now();
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        let entry = self.ejections.entry(key).or_insert(Ejection {
+            count: 0,
+            serial,
+            active: false,
+            returned_at: None,
+        });
+        let repeat = entry.returned_at.is_some_and(|returned| {
+            now.duration_since(returned) < base.saturating_mul(2u32.saturating_pow(entry.count))
+        });
+        entry.count = if repeat {
+            entry.count.saturating_add(1)
+        } else {
+            1
+        };
+        entry.serial = serial;
+        entry.active = true;
+        let duration = base
+            .saturating_mul(2u32.saturating_pow(entry.count.saturating_sub(1).min(16)))
+            .min(MAX_EJECTION.max(base));
+        tracing::warn!(pool = pool_name, backend = backend_name, ejection = ?duration, "backend ejected after consecutive failures on real traffic");
+        let changes = self.changes.clone();
+        let (pool, backend) = (pool_name.to_string(), backend_name.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            let _ = changes
+                .send(Change::Readmit {
+                    pool,
+                    backend,
+                    ejection: serial,
+                })
+                .await;
+        });
+    }
+
+    fn readmit(&mut self, pool: &str, backend: &str, serial: u64) {
+        let key = key(pool, backend);
+        if let Some(entry) = self.ejections.get_mut(&key) {
+            if entry.active && entry.serial == serial {
+                entry.active = false;
+                entry.returned_at = Some(Instant::now());
+                if let Some(stats) = self.stats.get(&key) {
+                    stats.start_probation();
+                }
+                tracing::info!(pool, backend, "ejection over: backend returns on probation");
             }
         }
     }
@@ -189,11 +383,26 @@ impl PublisherHandle {
     /// Reports a health transition.
     pub async fn set_health(&self, pool: &str, backend: &str, healthy: bool) -> Result<(), String> {
         self.send(Change::Health {
-            pool: pool.to_string(),
-            backend: backend.to_string(),
-            healthy,
+            results: vec![(pool.to_string(), backend.to_string(), healthy)],
+            reply: None,
         })
         .await
+    }
+
+    /// Reports many results at once and waits until they are published.
+    pub async fn set_health_batch(
+        &self,
+        results: Vec<(String, String, bool)>,
+    ) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Change::Health {
+            results,
+            reply: Some(reply),
+        })
+        .await?;
+        answer
+            .await
+            .map_err(|_| "the publisher stopped".to_string())
     }
 
     async fn send(&self, change: Change) -> Result<(), String> {
@@ -206,30 +415,51 @@ impl PublisherHandle {
 
 /// Builds the first table from `config` and starts the publisher task.
 pub fn start(config: Arc<Config>, metrics: Metrics) -> Result<PublisherHandle, String> {
+    let (changes, receiver) = mpsc::channel(4096);
     let mut carried = Carried {
         metrics: metrics.clone(),
         stats: HashMap::new(),
         overrides: HashMap::new(),
         health: HashMap::new(),
+        addresses: HashMap::new(),
+        ejections: HashMap::new(),
+        next_serial: 0,
+        available_since: HashMap::new(),
+        previous_candidates: None,
         clients: HashMap::new(),
+        retry_budgets: HashMap::new(),
         listener_metrics: HashMap::new(),
+        changes: changes.clone(),
     };
+    carried.retain_for(&config);
     let table = Table::build(config, SystemTime::now(), 1, &mut carried, &metrics)?;
-    carried.export_health(&table);
+    carried.after_build(None, &table);
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(table));
-    let (changes, receiver) = mpsc::channel(1024);
     tokio::spawn(run(receiver, carried, table.clone()));
     Ok(PublisherHandle { table, changes })
 }
 
 async fn run(mut receiver: mpsc::Receiver<Change>, mut carried: Carried, table: SharedTable) {
-    while let Some(first) = receiver.recv().await {
+    loop {
         let current = table.load_full();
+        let first = if carried.ramping(&current.config) {
+            match tokio::time::timeout(RAMP_TICK, receiver.recv()).await {
+                Ok(Some(change)) => Some(change),
+                Ok(None) => return,
+                Err(_tick) => None,
+            }
+        } else {
+            match receiver.recv().await {
+                Some(change) => Some(change),
+                None => return,
+            }
+        };
         let mut config = current.config.clone();
         let mut loaded_at = current.loaded_at;
         let mut replies_config = Vec::new();
+        let mut replies_health = Vec::new();
         let mut replies_admin = Vec::new();
-        let mut change = Some(first);
+        let mut change = first;
         while let Some(next) = change {
             match next {
                 Change::Config { config: new, reply } => {
@@ -237,13 +467,18 @@ async fn run(mut receiver: mpsc::Receiver<Change>, mut carried: Carried, table: 
                     loaded_at = SystemTime::now();
                     replies_config.push(reply);
                 }
-                Change::Health {
+                Change::Health { results, reply } => {
+                    for (pool, backend, healthy) in results {
+                        carried.health.insert((pool, backend), healthy);
+                    }
+                    replies_health.extend(reply);
+                }
+                Change::Eject { pool, backend } => carried.eject(&current, &pool, &backend),
+                Change::Readmit {
                     pool,
                     backend,
-                    healthy,
-                } => {
-                    carried.health.insert((pool, backend), healthy);
-                }
+                    ejection,
+                } => carried.readmit(&pool, &backend, ejection),
                 Change::AdminState {
                     pool,
                     backend,
@@ -270,12 +505,13 @@ async fn run(mut receiver: mpsc::Receiver<Change>, mut carried: Carried, table: 
             }
             change = receiver.try_recv().ok();
         }
+        let previous_config = current.config.clone();
         carried.retain_for(&config);
         let generation = current.generation + 1;
         let metrics = carried.metrics.clone();
         match Table::build(config, loaded_at, generation, &mut carried, &metrics) {
             Ok(next) => {
-                carried.export_health(&next);
+                carried.after_build(Some(&current), &next);
                 table.store(Arc::new(next));
                 for reply in replies_config {
                     let _ = reply.send(Ok(generation));
@@ -286,6 +522,7 @@ async fn run(mut receiver: mpsc::Receiver<Change>, mut carried: Carried, table: 
             }
             Err(error) => {
                 tracing::error!(%error, "cannot build the balancing table; keeping the current one");
+                carried.retain_for(&previous_config);
                 for reply in replies_config {
                     let _ = reply.send(Err(error.clone()));
                 }
@@ -293,6 +530,9 @@ async fn run(mut receiver: mpsc::Receiver<Change>, mut carried: Carried, table: 
                     let _ = reply.send(Err(error.clone()));
                 }
             }
+        }
+        for reply in replies_health {
+            let _ = reply.send(());
         }
     }
 }

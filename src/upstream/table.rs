@@ -7,8 +7,8 @@
 use super::backend::{Backend, BackendStats};
 use super::client::UpstreamClient;
 use crate::balancer::{self, Balancer, Candidate, PickContext, Tuning};
-use crate::config::Algorithm;
 use crate::config::{AdminState, Config, HashKey, HostMatch, ListenerConfig, PoolConfig, Timeouts};
+use crate::config::{Algorithm, HealthCheckKind};
 use crate::metrics::{ListenerMetrics, Metrics, RequestCounters};
 use http::HeaderMap;
 use ipnet::IpNet;
@@ -26,8 +26,15 @@ pub trait BackendFacts {
     fn stats(&mut self, pool: &str, backend: &str) -> Arc<BackendStats>;
     /// The admin state: a runtime override, else the configured one.
     fn admin_state(&self, pool: &str, backend: &str, configured: AdminState) -> AdminState;
-    /// Whether the backend is healthy and not ejected.
-    fn healthy(&self, pool: &str, backend: &str) -> bool;
+    /// Whether the backend passes its health checks (`actively_checked`: the pool probes;
+    /// an unprobed backend of such a pool is not yet known healthy) and is not ejected.
+    fn healthy(&self, pool: &str, backend: &str, actively_checked: bool) -> bool;
+    /// The share (0.1 to 1) of its weight a backend gets while its slow start ramps.
+    fn weight_factor(&self, pool: &str, backend: &str, slow_start: std::time::Duration) -> f64;
+    /// The pool's retry budget (the same `Arc` across tables).
+    fn retry_budget(&mut self, pool: &str) -> Arc<super::retry::RetryBudget>;
+    /// Where the request path reports what the publisher must act on (passive ejections).
+    fn changes(&self) -> tokio::sync::mpsc::Sender<super::publisher::Change>;
     /// The pool's upstream client (reused when the pool's timeouts did not change).
     fn client(&mut self, pool: &str, timeouts: &Timeouts) -> UpstreamClient;
     /// The listener's metric handles.
@@ -41,12 +48,25 @@ pub struct Pool {
     pub backends: Vec<Backend>,
     /// Indices into `backends` of those that may take new traffic.
     candidates: Vec<usize>,
+    /// Active and healthy backends (fewer than `candidates` when failing open).
+    available: usize,
     balancer: Box<dyn Balancer>,
     pub client: UpstreamClient,
+    pub retry_budget: Arc<super::retry::RetryBudget>,
+    /// `gatehouse_upstream_retries_total` of this pool.
+    pub retries: prometheus::IntCounter,
+    changes: tokio::sync::mpsc::Sender<super::publisher::Change>,
 }
 
 impl Pool {
-    fn build(config: &PoolConfig, facts: &mut dyn BackendFacts) -> Result<Self, String> {
+    fn build(
+        config: &PoolConfig,
+        facts: &mut dyn BackendFacts,
+        metrics: &Metrics,
+    ) -> Result<Self, String> {
+        let actively_checked = config.health_check.kind != HealthCheckKind::None;
+        // With slow start, weights are scaled so a ramping backend's share can be fractional.
+        let scale = if config.slow_start.is_zero() { 1 } else { 100 };
         let mut backends = Vec::with_capacity(config.backends.len());
         for backend in &config.backends {
             let authority = backend
@@ -54,34 +74,57 @@ impl Pool {
                 .to_string()
                 .parse()
                 .map_err(|error| format!("backend {}: {error}", backend.name))?;
+            let factor = facts.weight_factor(&config.name, &backend.name, config.slow_start);
+            let effective_weight =
+                ((f64::from(backend.weight * scale) * factor).round() as u32).max(1);
             backends.push(Backend {
                 name: backend.name.clone(),
                 address: backend.address,
                 authority,
                 weight: backend.weight,
+                effective_weight,
                 admin_state: facts.admin_state(&config.name, &backend.name, backend.state),
-                healthy: facts.healthy(&config.name, &backend.name),
+                healthy: facts.healthy(&config.name, &backend.name, actively_checked),
                 stats: facts.stats(&config.name, &backend.name),
             });
         }
-        let candidates: Vec<usize> = (0..backends.len())
+        let mut candidates: Vec<usize> = (0..backends.len())
             .filter(|&index| backends[index].is_candidate())
             .collect();
+        let available = candidates.len();
+        if candidates.is_empty() && config.fail_open {
+            candidates = (0..backends.len())
+                .filter(|&index| backends[index].admin_state != AdminState::Disabled)
+                .collect();
+        }
         let balancer_candidates: Vec<Candidate> = candidates
             .iter()
             .map(|&index| Candidate {
                 name: backends[index].name.clone(),
-                weight: backends[index].weight,
+                weight: backends[index].effective_weight,
                 stats: backends[index].stats.clone(),
             })
             .collect();
         let tuning = Tuning {
             latency_decay: config.latency_decay,
         };
+        let ramping = candidates
+            .iter()
+            .any(|&index| backends[index].effective_weight < backends[index].weight * scale);
+        let algorithm = match config.algorithm {
+            Algorithm::RoundRobin if ramping => Algorithm::WeightedRoundRobin,
+            algorithm => algorithm,
+        };
         Ok(Pool {
-            balancer: balancer::build(config.algorithm, &balancer_candidates, tuning),
+            balancer: balancer::build(algorithm, &balancer_candidates, tuning),
             candidates,
+            available,
             client: facts.client(&config.name, &config.timeouts),
+            retry_budget: facts.retry_budget(&config.name),
+            retries: metrics
+                .upstream_retries_total
+                .with_label_values(&[config.name.as_str()]),
+            changes: facts.changes(),
             backends,
             config: config.clone(),
         })
@@ -90,6 +133,40 @@ impl Pool {
     /// The pool's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// How many backends are active and healthy.
+    pub fn available(&self) -> usize {
+        self.available
+    }
+
+    /// True when no backend is available and `fail_open` sends to every non-disabled one.
+    pub fn fail_open_active(&self) -> bool {
+        self.available == 0 && !self.candidates.is_empty()
+    }
+
+    /// Whether backend `index` may be picked for new traffic.
+    pub fn is_candidate(&self, index: usize) -> bool {
+        self.candidates.contains(&index)
+    }
+
+    /// Reports how a request to backend `index` ended, for passive health: enough
+    /// consecutive failures ask the publisher to eject it.
+    pub fn record_outcome(&self, index: usize, success: bool) {
+        let Some(backend) = self.backends.get(index) else {
+            return;
+        };
+        if success {
+            backend.stats.record_success();
+        } else if backend
+            .stats
+            .record_failure(self.config.passive.consecutive_failures)
+        {
+            let _ = self.changes.try_send(super::publisher::Change::Eject {
+                pool: self.config.name.clone(),
+                backend: backend.name.clone(),
+            });
+        }
     }
 
     /// What the balancer may look at for a request from `client_ip` with `headers`; the
@@ -242,7 +319,7 @@ impl Table {
     ) -> Result<Self, String> {
         let mut pools = Vec::with_capacity(config.pools.len());
         for pool in &config.pools {
-            pools.push(Arc::new(Pool::build(pool, facts)?));
+            pools.push(Arc::new(Pool::build(pool, facts, metrics)?));
         }
         let mut listeners = HashMap::new();
         for listener in &config.listeners {
@@ -323,4 +400,68 @@ fn build_listener(
         metrics: facts.listener_metrics(&listener.name),
         tls,
     })
+}
+
+/// Facts for building a table outside the publisher (benchmarks, property tests): fresh
+/// counters, configured admin states, every backend healthy unless named in `unhealthy`, no
+/// slow start, and a change channel nobody listens to.
+pub struct StaticFacts {
+    metrics: Metrics,
+    /// Backend names to treat as failing their health checks.
+    pub unhealthy: std::collections::HashSet<String>,
+    changes: tokio::sync::mpsc::Sender<super::publisher::Change>,
+    clients: HashMap<String, UpstreamClient>,
+}
+
+impl StaticFacts {
+    /// Facts reporting into `metrics`.
+    pub fn new(metrics: Metrics) -> Self {
+        StaticFacts {
+            metrics,
+            unhealthy: Default::default(),
+            changes: tokio::sync::mpsc::channel(1).0,
+            clients: HashMap::new(),
+        }
+    }
+}
+
+impl BackendFacts for StaticFacts {
+    fn stats(&mut self, pool: &str, backend: &str) -> Arc<BackendStats> {
+        let gauge = self
+            .metrics
+            .backend_active_connections
+            .with_label_values(&[pool, backend]);
+        Arc::new(BackendStats::new(gauge))
+    }
+
+    fn admin_state(&self, _pool: &str, _backend: &str, configured: AdminState) -> AdminState {
+        configured
+    }
+
+    fn healthy(&self, _pool: &str, backend: &str, _actively_checked: bool) -> bool {
+        !self.unhealthy.contains(backend)
+    }
+
+    fn weight_factor(&self, _: &str, _: &str, _: std::time::Duration) -> f64 {
+        1.0
+    }
+
+    fn client(&mut self, pool: &str, timeouts: &Timeouts) -> UpstreamClient {
+        self.clients
+            .entry(pool.to_string())
+            .or_insert_with(|| super::client::build(timeouts))
+            .clone()
+    }
+
+    fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics {
+        self.metrics.listener(listener)
+    }
+
+    fn retry_budget(&mut self, _pool: &str) -> Arc<super::retry::RetryBudget> {
+        Arc::default()
+    }
+
+    fn changes(&self) -> tokio::sync::mpsc::Sender<super::publisher::Change> {
+        self.changes.clone()
+    }
 }
