@@ -198,15 +198,25 @@ impl Pool {
         }
     }
 
-    /// Chooses a backend for a new request, skipping the indices in `tried` (earlier attempts
-    /// of the same request). `None` when no candidate is left.
+    /// Chooses a backend for a request. The first attempt asks the balancer; a retry
+    /// (`tried` non-empty) walks on from the last backend tried without consulting the
+    /// balancer again, so retries neither skew its rotation nor return to a tried backend.
+    /// `None` when no candidate is left.
     pub fn select(&self, context: &PickContext, tried: &[usize]) -> Option<usize> {
-        if self.candidates.is_empty() {
+        let len = self.candidates.len();
+        if len == 0 {
             return None;
         }
-        let start = self.balancer.pick(context) % self.candidates.len();
-        (0..self.candidates.len())
-            .map(|offset| self.candidates[(start + offset) % self.candidates.len()])
+        let start = match tried.last() {
+            None => return Some(self.candidates[self.balancer.pick(context) % len]),
+            Some(last) => self
+                .candidates
+                .iter()
+                .position(|candidate| candidate == last)
+                .map_or(0, |position| position + 1),
+        };
+        (0..len)
+            .map(|offset| self.candidates[(start + offset) % len])
             .find(|index| !tried.contains(index))
     }
 }

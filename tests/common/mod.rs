@@ -15,10 +15,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 /// The longest any test waits for anything.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -58,6 +60,11 @@ pub struct TestBackend {
     pub name: String,
     pub address: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// What `/healthz` answers: 200 when true, 503 when false.
+    pub healthy: Arc<AtomicBool>,
+    /// When true, every request except `/healthz` gets a 500.
+    pub failing: Arc<AtomicBool>,
+    stop: CancellationToken,
 }
 
 impl TestBackend {
@@ -69,42 +76,101 @@ impl TestBackend {
     pub async fn start_delayed(name: &str, delay: Duration) -> TestBackend {
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = socket.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
         let backend = TestBackend {
             name: name.to_string(),
             address,
-            seen: seen.clone(),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            healthy: Arc::new(AtomicBool::new(true)),
+            failing: Arc::new(AtomicBool::new(false)),
+            stop: CancellationToken::new(),
         };
-        let name = name.to_string();
+        let state = BackendState {
+            name: name.to_string(),
+            seen: backend.seen.clone(),
+            healthy: backend.healthy.clone(),
+            failing: backend.failing.clone(),
+            delay,
+        };
+        let stop = backend.stop.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = socket.accept().await else {
-                    continue;
+                let stream = tokio::select! {
+                    accepted = socket.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                    () = stop.cancelled() => return,
                 };
-                let name = name.clone();
-                let seen = seen.clone();
+                let state = state.clone();
+                let stop = stop.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
-                        let name = name.clone();
-                        let seen = seen.clone();
-                        async move {
-                            tokio::time::sleep(delay).await;
-                            Ok::<_, Infallible>(backend_answer(&name, &seen, request).await)
-                        }
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(state.answer(request).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    let connection = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = connection => {}
+                        () = stop.cancelled() => {}
+                    }
                 });
             }
         });
         backend
     }
 
+    /// Kills the backend: its port closes and its open connections drop.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Requests seen with `method`.
+    pub fn count(&self, method: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|s| s.method == method)
+            .count()
+    }
+
     /// Requests seen so far.
     pub fn requests(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+}
+
+/// What a backend's connection tasks share.
+#[derive(Clone)]
+struct BackendState {
+    name: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    healthy: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
+    delay: Duration,
+}
+
+impl BackendState {
+    async fn answer(&self, request: Request<Incoming>) -> Response<BoxBody> {
+        if request.uri().path() == "/healthz" {
+            let ok = self.healthy.load(Ordering::SeqCst);
+            let mut response = Response::new(full(if ok { "ok" } else { "sick" }));
+            if !ok {
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            return response;
+        }
+        tokio::time::sleep(self.delay).await;
+        if self.failing.load(Ordering::SeqCst) {
+            let _ = request.into_body().collect().await;
+            let mut response = Response::new(full("failing"));
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            response
+                .headers_mut()
+                .insert("x-backend", self.name.parse().unwrap());
+            return response;
+        }
+        backend_answer(&self.name, &self.seen, request).await
     }
 }
 
@@ -406,6 +472,43 @@ pub async fn tls_get(
         collect(sender.send_request(request).await.unwrap()).await
     };
     (negotiated, names, answer)
+}
+
+/// A TCP server that reads each request head and then closes the connection without an
+/// answer (a backend that crashes mid-request). Returns its address and the request lines.
+pub async fn resetting_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let seen = lines.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = socket.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head);
+                seen.lock()
+                    .unwrap()
+                    .push(text.lines().next().unwrap_or("").to_string());
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                drop(stream);
+            });
+        }
+    });
+    (address, lines)
+}
+
+/// A loopback port with nothing listening.
+pub fn closed_port() -> SocketAddr {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
 }
 
 /// Polls `condition` every 20 ms until it holds or the deadline passes.
