@@ -102,6 +102,24 @@ fn rebuild(c: &mut Criterion) {
     c.bench_function("config parse+validate 1000 backends", |b| {
         b.iter(|| config::parse(black_box(&yaml), path).map(|config| config.pools.len()))
     });
+
+    let metrics = Metrics::new().unwrap_or_else(|error| panic!("{error}"));
+    let mut facts = StaticFacts::new(metrics.clone());
+    let initial = Arc::new(config::parse(&yaml, path).unwrap_or_else(|error| panic!("{error}")));
+    let shared = arc_swap::ArcSwap::from_pointee(
+        Table::build(initial, SystemTime::now(), 1, &mut facts, &metrics)
+            .unwrap_or_else(|error| panic!("{error}")),
+    );
+    c.bench_function("reload 1000 backends (parse, validate, build, swap)", |b| {
+        b.iter(|| {
+            let config = Arc::new(
+                config::parse(black_box(&yaml), path).unwrap_or_else(|error| panic!("{error}")),
+            );
+            let table = Table::build(config, SystemTime::now(), 2, &mut facts, &metrics)
+                .unwrap_or_else(|error| panic!("{error}"));
+            shared.store(Arc::new(table));
+        })
+    });
 }
 
 criterion_group!(benches, picks, rebuild);

@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 use tokio::net::TcpListener;
@@ -28,7 +29,7 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Serves the admin API until the process exits.
 pub async fn serve(socket: TcpListener, gatehouse: Arc<Gatehouse>) {
     loop {
-        let (stream, _) = match socket.accept().await {
+        let (stream, peer) = match socket.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "admin accept failed");
@@ -40,7 +41,7 @@ pub async fn serve(socket: TcpListener, gatehouse: Arc<Gatehouse>) {
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let gatehouse = gatehouse.clone();
-                async move { Ok::<_, Infallible>(handle(request, &gatehouse).await) }
+                async move { Ok::<_, Infallible>(handle(request, &gatehouse, peer).await) }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -82,9 +83,15 @@ fn error(status: StatusCode, message: impl Into<String>) -> AdminResponse {
     json_response(status, &json!({ "error": message.into() }))
 }
 
-async fn handle(request: Request<Incoming>, gatehouse: &Gatehouse) -> AdminResponse {
+async fn handle(
+    request: Request<Incoming>,
+    gatehouse: &Gatehouse,
+    peer: SocketAddr,
+) -> AdminResponse {
     let path = request.uri().path().to_string();
     let method = request.method().clone();
+    let authenticated = request.headers().contains_key(header::AUTHORIZATION);
+    let actor = format!("{peer}{}", if authenticated { " (token)" } else { "" });
     if method != Method::GET && method != Method::HEAD {
         if let Some(refusal) = refuse_unauthorized(&request, gatehouse) {
             return refusal;
@@ -111,8 +118,19 @@ async fn handle(request: Request<Incoming>, gatehouse: &Gatehouse) -> AdminRespo
         (Method::GET | Method::HEAD, ["api", "v1", "status"]) => {
             json_response(StatusCode::OK, &status(gatehouse))
         }
+        (Method::GET | Method::HEAD, ["api", "v1", "config"]) => {
+            let table = gatehouse.publisher.table().load();
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "path": table.config.path.display().to_string(),
+                    "hash": table.config.hash,
+                    "text": &*table.config.text,
+                }),
+            )
+        }
         (Method::POST, ["api", "v1", "reload"]) => {
-            match reload::reload(gatehouse, Source::Api).await {
+            match reload::reload(gatehouse, Source::Api, &actor).await {
                 Ok(changes) => json_response(
                     StatusCode::OK,
                     &json!({ "result": "success", "changes": changes }),
@@ -125,9 +143,9 @@ async fn handle(request: Request<Incoming>, gatehouse: &Gatehouse) -> AdminRespo
         }
         (Method::PUT, ["api", "v1", "pools", pool, "backends", backend, "state"]) => {
             let (pool, backend) = (pool.to_string(), backend.to_string());
-            set_state(request, gatehouse, &pool, &backend).await
+            set_state(request, gatehouse, &pool, &backend, &actor).await
         }
-        (_, [""] | ["healthz"] | ["readyz"] | ["metrics"] | ["api", "v1", "status"])
+        (_, [""] | ["healthz"] | ["readyz"] | ["metrics"] | ["api", "v1", "status" | "config"])
         | (_, ["api", "v1", "reload"])
         | (_, ["api", "v1", "pools", _, "backends", _, "state"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -177,6 +195,7 @@ async fn set_state(
     gatehouse: &Gatehouse,
     pool: &str,
     backend: &str,
+    actor: &str,
 ) -> AdminResponse {
     let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
         .collect()
@@ -217,11 +236,29 @@ async fn set_state(
             format!("no backend \"{backend}\" in pool \"{pool}\""),
         );
     }
-    match gatehouse
+    let result = gatehouse
         .publisher
         .set_admin_state(pool, backend, state)
-        .await
-    {
+        .await;
+    crate::audit::append(
+        gatehouse
+            .publisher
+            .table()
+            .load()
+            .config
+            .audit_log
+            .as_deref(),
+        json!({
+            "event": "admin_state",
+            "source": "api",
+            "actor": actor,
+            "pool": pool,
+            "backend": backend,
+            "state": state.as_str(),
+            "result": if result.is_ok() { "success" } else { "failure" },
+        }),
+    );
+    match result {
         Ok(()) => {
             tracing::info!(
                 pool,

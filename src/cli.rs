@@ -39,12 +39,24 @@ pub enum Command {
         /// The YAML configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// If the file is invalid, start from the last-known-good copy (`last_good`) instead.
+        #[arg(long)]
+        fallback_last_good: bool,
     },
     /// Validate a configuration without serving; exit 1 listing every problem.
     Check {
         /// The YAML configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Also print what would change against the running instance (its admin API).
+        #[arg(long)]
+        diff: bool,
+        /// Compare against this file instead of the running instance (implies --diff).
+        #[arg(long, value_name = "FILE")]
+        against: Option<PathBuf>,
+        /// The running instance's admin address (default: `admin.listen` of the checked file).
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
     },
     /// Start three demo backends on loopback and serve the default configuration in front.
     Demo {
@@ -60,11 +72,27 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     crate::tls::install_crypto_provider();
     match cli.command {
-        Command::Check { config } => check(&config),
-        Command::Run { config } => match config::load(&config) {
+        Command::Check {
+            config,
+            diff,
+            against,
+            admin,
+        } => check(
+            &config,
+            diff || against.is_some(),
+            against.as_deref(),
+            admin,
+        ),
+        Command::Run {
+            config,
+            fallback_last_good,
+        } => match config::load(&config) {
             Ok(config) => run(config, None),
             Err(error) => {
                 eprintln!("{error}");
+                if fallback_last_good {
+                    return run_last_good(&config);
+                }
                 eprintln!("gatehouse: refusing to start with an invalid configuration");
                 ExitCode::FAILURE
             }
@@ -86,11 +114,84 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
+/// Starts from the last-known-good copy of `path`'s configuration, loudly.
+fn run_last_good(path: &std::path::Path) -> ExitCode {
+    let last_good = last_good_path(path);
+    match config::load_as(&last_good, path) {
+        Ok(config) => {
+            let warning = format!(
+                "{} is INVALID: starting from the last-known-good copy {} (config hash {}); fix the file and reload",
+                path.display(),
+                last_good.display(),
+                config.hash
+            );
+            eprintln!("gatehouse: WARNING: {warning}");
+            tracing::error!("{warning}");
+            run(config, None)
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            eprintln!(
+                "gatehouse: no usable last-known-good configuration either; refusing to start"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where the last-known-good copy of `path` lives: its `last_good` key if the file still
+/// parses as YAML, else `<config>.last-good` beside it.
+fn last_good_path(path: &std::path::Path) -> PathBuf {
+    let configured = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_yaml::from_str::<serde_yaml::Value>(&text).ok())
+        .and_then(|value| value.get("last_good")?.as_str().map(PathBuf::from));
+    match configured {
+        Some(last_good) => path
+            .parent()
+            .unwrap_or(std::path::Path::new(""))
+            .join(last_good),
+        None => {
+            let mut name = path.file_name().unwrap_or_default().to_os_string();
+            name.push(".last-good");
+            path.with_file_name(name)
+        }
+    }
+}
+
+fn check(
+    path: &std::path::Path,
+    diff: bool,
+    against: Option<&std::path::Path>,
+    admin: Option<std::net::SocketAddr>,
+) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
             println!("{}", config::summary(&config));
-            ExitCode::SUCCESS
+            if !diff {
+                return ExitCode::SUCCESS;
+            }
+            let base = match against {
+                Some(file) => config::load(file).map_err(|error| error.to_string()),
+                None => running_config(admin.unwrap_or(config.admin.listen)),
+            };
+            match base {
+                Ok(base) => {
+                    let changes = crate::reload::diff(&base, &config);
+                    if changes.is_empty() {
+                        println!("no changes against {}", base.path.display());
+                    }
+                    for change in changes {
+                        println!("{change}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("{error}");
+                    eprintln!("gatehouse: cannot compare: no base configuration");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(error) => {
             eprintln!("{error}");
@@ -102,6 +203,39 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Fetches the configuration a running gatehouse serves, from its admin API.
+fn running_config(admin: std::net::SocketAddr) -> Result<Config, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| format!("cannot start a runtime: {error}"))?;
+    runtime.block_on(async move {
+        use http_body_util::BodyExt;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let uri: http::Uri = format!("http://{admin}/api/v1/config")
+            .parse()
+            .map_err(|error| format!("invalid admin address: {error}"))?;
+        let response = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))
+            .await
+            .map_err(|_| format!("the admin API at {admin} did not answer"))?
+            .map_err(|error| format!("cannot reach the running gatehouse at {admin}: {error}"))?;
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|error| format!("cannot read the admin API's answer: {error}"))?
+            .to_bytes();
+        let running: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|error| format!("unexpected answer from {admin}: {error}"))?;
+        let (Some(text), Some(path)) = (running["text"].as_str(), running["path"].as_str()) else {
+            return Err(format!("unexpected answer from {admin}: no configuration"));
+        };
+        config::parse(text, std::path::Path::new(path)).map_err(|error| error.to_string())
+    })
 }
 
 /// Runs gatehouse with `config` until SIGTERM/SIGINT, then drains. `before_serving` runs on
@@ -159,7 +293,7 @@ async fn serve_until_signal(gatehouse: Arc<Gatehouse>) -> ExitCode {
                 tracing::info!("SIGHUP: reloading the configuration");
                 let gatehouse = gatehouse.clone();
                 tokio::spawn(async move {
-                    let _ = reload::reload(&gatehouse, Source::Signal).await;
+                    let _ = reload::reload(&gatehouse, Source::Signal, "SIGHUP").await;
                 });
             }
             _ = terminate.recv() => break,

@@ -15,6 +15,7 @@
 //! parsed and validated in [`config`], the same code for `check`, start-up and reload.
 
 pub mod admin;
+pub mod audit;
 pub mod balancer;
 pub mod cli;
 pub mod config;

@@ -25,16 +25,31 @@ impl Source {
     }
 }
 
-/// Reloads the configuration file; returns what changed, or every problem found.
-pub async fn reload(gatehouse: &Gatehouse, source: Source) -> Result<Vec<String>, ConfigError> {
+/// Reloads the configuration file; returns what changed, or every problem found. `actor`
+/// says who asked (for the audit log).
+pub async fn reload(
+    gatehouse: &Gatehouse,
+    source: Source,
+    actor: &str,
+) -> Result<Vec<String>, ConfigError> {
     let _serialised = gatehouse.reload_lock.lock().await;
     let result = transaction(gatehouse).await;
     let reloads = &gatehouse.metrics.config_reloads_total;
+    let table = gatehouse.publisher.table().load_full();
     match &result {
         Ok(changes) => {
             reloads.with_label_values(&["success"]).inc();
             gatehouse.metrics.config_last_reload_success.set(unix_now());
-            tracing::info!(source = source.as_str(), changes = ?changes, "configuration reloaded");
+            if changes.is_empty() {
+                tracing::info!(
+                    source = source.as_str(),
+                    "configuration reloaded: no changes"
+                );
+            }
+            for change in changes {
+                tracing::info!(source = source.as_str(), "configuration reloaded: {change}");
+            }
+            write_last_good(&table.config);
         }
         Err(error) => {
             reloads.with_label_values(&["failure"]).inc();
@@ -46,7 +61,40 @@ pub async fn reload(gatehouse: &Gatehouse, source: Source) -> Result<Vec<String>
             }
         }
     }
+    let mut entry = serde_json::json!({
+        "event": "reload",
+        "source": source.as_str(),
+        "actor": actor,
+        "config": gatehouse.config_path.display().to_string(),
+    });
+    if let Some(fields) = entry.as_object_mut() {
+        match &result {
+            Ok(changes) => {
+                fields.insert("result".into(), "success".into());
+                fields.insert("changes".into(), serde_json::json!(changes));
+            }
+            Err(error) => {
+                fields.insert("result".into(), "failure".into());
+                fields.insert("errors".into(), serde_json::json!(error.problems));
+            }
+        }
+    }
+    crate::audit::append(table.config.audit_log.as_deref(), entry);
     result
+}
+
+/// Keeps a copy of the applied configuration at `last_good`, written atomically (temporary
+/// file, then rename), so `run --fallback-last-good` can start from it if the main file is
+/// later broken.
+pub fn write_last_good(config: &Config) {
+    let path = &config.last_good;
+    let mut temporary = path.clone().into_os_string();
+    temporary.push(".tmp");
+    let written = std::fs::write(&temporary, config.text.as_bytes())
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(error) = written {
+        tracing::warn!(path = %path.display(), %error, "cannot write the last-known-good configuration");
+    }
 }
 
 async fn transaction(gatehouse: &Gatehouse) -> Result<Vec<String>, ConfigError> {

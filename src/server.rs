@@ -125,6 +125,7 @@ impl Gatehouse {
             );
         }
         tokio::spawn(crate::admin::serve(admin_socket, gatehouse.clone()));
+        crate::reload::write_last_good(&config);
         gatehouse.ready.store(true, Ordering::Release);
         tracing::info!(
             admin = %gatehouse.admin_address,

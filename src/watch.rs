@@ -58,7 +58,7 @@ pub fn spawn(gatehouse: Arc<Gatehouse>) {
         let _debouncer = debouncer;
         while changes.recv().await.is_some() {
             while changes.try_recv().is_ok() {}
-            let _ = reload::reload(&gatehouse, Source::File).await;
+            let _ = reload::reload(&gatehouse, Source::File, "file watcher").await;
         }
     });
 }

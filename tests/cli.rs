@@ -132,6 +132,8 @@ struct Running {
     admin: SocketAddr,
     listeners: Vec<(String, SocketAddr)>,
     log: std::sync::mpsc::Receiver<String>,
+    /// Lines read while waiting for readiness.
+    history: Vec<String>,
 }
 
 impl Drop for Running {
@@ -165,11 +167,13 @@ impl Running {
             }
         });
         let start = Instant::now();
+        let mut history = Vec::new();
         loop {
             let remaining = DEADLINE.saturating_sub(start.elapsed());
             let line = log
                 .recv_timeout(remaining)
                 .expect("gatehouse did not report ready");
+            history.push(line.clone());
             if line.contains("gatehouse ready") {
                 let field = |name: &str| {
                     line.split_whitespace()
@@ -190,6 +194,7 @@ impl Running {
                     admin,
                     listeners,
                     log,
+                    history,
                 };
             }
         }
@@ -212,6 +217,9 @@ impl Running {
     }
 
     fn wait_for_log(&self, needle: &str) {
+        if self.history.iter().any(|line| line.contains(needle)) {
+            return;
+        }
         let start = Instant::now();
         while start.elapsed() < DEADLINE {
             if let Ok(line) = self.log.recv_timeout(Duration::from_millis(100)) {
@@ -339,4 +347,106 @@ async fn demo_answers_from_all_three_backends() {
     let status = get(running.admin, "admin", "/api/v1/status").await;
     let status: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
     assert_eq!(status["pools"][0]["backends"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn fallback_last_good_starts_from_the_kept_copy_when_the_file_is_broken() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let config = simple_config(&dir, backend.address, "1s");
+    {
+        let running = Running::start(&["run", "--config", config.to_str().unwrap()]);
+        assert_eq!(
+            get(running.listener("web"), "x", "/").await.status,
+            StatusCode::OK
+        );
+    }
+    assert!(dir.path("gatehouse.yaml.last-good").exists());
+    std::fs::write(&config, "listeners: [broken\n").unwrap();
+
+    let refused = Command::new(BINARY)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "a broken file alone refuses to start"
+    );
+
+    let running = Running::start(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--fallback-last-good",
+    ]);
+    running.wait_for_log("last-known-good");
+    assert_eq!(
+        get(running.listener("web"), "x", "/")
+            .await
+            .backend()
+            .as_deref(),
+        Some("b")
+    );
+}
+
+#[tokio::test]
+async fn check_diff_against_a_file_and_the_running_instance() {
+    let first = TestBackend::start("first").await;
+    let second = TestBackend::start("second").await;
+    let dir = TestDir::new();
+    let config = simple_config(&dir, first.address, "1s");
+    let running = Running::start(&["run", "--config", config.to_str().unwrap()]);
+
+    let changed = dir.write(
+        "next.yaml",
+        &std::fs::read_to_string(&config).unwrap().replace(
+            "{ name: b,",
+            &format!(
+                "{{ name: extra, address: \"{}\" }}\n      - {{ name: b,",
+                second.address
+            ),
+        ),
+    );
+    let against_file = Command::new(BINARY)
+        .args([
+            "check",
+            "--config",
+            changed.to_str().unwrap(),
+            "--against",
+            config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&against_file.stdout);
+    assert!(against_file.status.success(), "{stdout}");
+    assert!(stdout.contains("pool p: backend extra added"), "{stdout}");
+
+    let admin = running.admin.to_string();
+    let against_running = Command::new(BINARY)
+        .args([
+            "check",
+            "--config",
+            changed.to_str().unwrap(),
+            "--diff",
+            "--admin",
+            &admin,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&against_running.stdout);
+    assert!(against_running.status.success(), "{stdout}");
+    assert!(stdout.contains("pool p: backend extra added"), "{stdout}");
+
+    let unchanged = Command::new(BINARY)
+        .args([
+            "check",
+            "--config",
+            config.to_str().unwrap(),
+            "--diff",
+            "--admin",
+            &admin,
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&unchanged.stdout).contains("no changes"));
 }

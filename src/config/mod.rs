@@ -27,6 +27,8 @@ pub struct Config {
     pub path: PathBuf,
     /// A short stable hash of the file's text, shown in status and logs.
     pub hash: String,
+    /// The file's text as validated (kept as the last-known-good copy after it is applied).
+    pub text: Arc<str>,
     pub admin: AdminConfig,
     /// Tokio worker threads; 0 means one per core.
     pub worker_threads: usize,
@@ -402,6 +404,21 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             line: None,
             column: None,
             message: format!("cannot read the configuration file: {error}"),
+        }],
+    })?;
+    parse(&text, path)
+}
+
+/// Reads `text_file` but validates it as if it were `path` (relative paths resolve against
+/// `path`'s directory): how a last-known-good copy stored elsewhere is loaded.
+pub fn load_as(text_file: &Path, path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(text_file).map_err(|error| ConfigError {
+        file: text_file.to_path_buf(),
+        problems: vec![Problem {
+            path: String::new(),
+            line: None,
+            column: None,
+            message: format!("cannot read the file: {error}"),
         }],
     })?;
     parse(&text, path)

@@ -170,6 +170,7 @@ fn build(raw: RawConfig, text: &str, file: &Path, base: &Path, p: &mut Problems)
     Config {
         path: file.to_path_buf(),
         hash: fnv1a_hex(text),
+        text: Arc::from(text),
         admin: AdminConfig {
             listen: admin_listen,
             token,

@@ -176,6 +176,23 @@ impl BackendState {
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
+/// A body fed by a channel, one frame per message, for slow streams.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(http_body::Frame::data(bytes))))
+    }
+}
+
 fn full(bytes: impl Into<Bytes>) -> BoxBody {
     Full::new(bytes.into())
         .map_err(|never: Infallible| match never {})
@@ -211,7 +228,25 @@ async fn backend_answer(
         body_len,
     };
     let path = request.uri().path().to_string();
-    let mut response = if path == "/echo" {
+    let mut response = if path == "/stream" {
+        seen.lock().unwrap().push(record(0));
+        let chunks = query(&request, "chunks").unwrap_or(10);
+        let pause = Duration::from_millis(query(&request, "ms").unwrap_or(100));
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            for index in 0..chunks {
+                tokio::time::sleep(pause).await;
+                if sender
+                    .send(Bytes::from(format!("chunk {index}\n")))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Response::new(ChannelBody(receiver).boxed())
+    } else if path == "/echo" {
         seen.lock().unwrap().push(record(0));
         Response::new(request.into_body().boxed())
     } else if path == "/ws" {
