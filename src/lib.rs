@@ -14,6 +14,7 @@
 //! [`upstream::publisher`], which builds the next table and stores it. Configuration is
 //! parsed and validated in [`config`], the same code for `check`, start-up and reload.
 
+pub mod access_log;
 pub mod admin;
 pub mod audit;
 pub mod balancer;

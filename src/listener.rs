@@ -83,12 +83,14 @@ impl Listener {
                 continue;
             }
             let guard = OpenConnection::new(open.clone(), &listener);
-            let connection = Arc::new(l7::Connection {
+            let connection = l7::Connection {
                 listener: self.name.clone(),
                 client: peer,
+                tls_version: None,
+                sni: None,
                 table: self.table.clone(),
                 tunnels: self.tasks.clone(),
-            });
+            };
             let shutdown = self.shutdown.clone();
             self.tasks.spawn(async move {
                 let _guard = guard;
@@ -125,7 +127,7 @@ impl Drop for OpenConnection {
 
 async fn serve_connection(
     stream: TcpStream,
-    connection: Arc<l7::Connection>,
+    mut connection: l7::Connection,
     listener: Arc<ListenerTable>,
     shutdown: CancellationToken,
 ) {
@@ -138,7 +140,10 @@ async fn serve_connection(
         metrics.bytes_sent.clone(),
     );
     match &listener.tls {
-        None => l7::serve(stream, connection, &listener, Negotiated::Detect, shutdown).await,
+        None => {
+            let connection = Arc::new(connection);
+            l7::serve(stream, connection, &listener, Negotiated::Detect, shutdown).await;
+        }
         Some(acceptor) => {
             let handshake = tokio::time::timeout(
                 listener.config.limits.header_timeout,
@@ -158,11 +163,18 @@ async fn serve_connection(
                     return;
                 }
             };
-            let negotiated = match tls.get_ref().1.alpn_protocol() {
+            let session = tls.get_ref().1;
+            let negotiated = match session.alpn_protocol() {
                 Some(ALPN_H2) => Negotiated::Http2,
                 _ => Negotiated::Http1,
             };
-            l7::serve(tls, connection, &listener, negotiated, shutdown).await;
+            connection.tls_version = session.protocol_version().map(|version| match version {
+                rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+                rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+                _ => "TLS",
+            });
+            connection.sni = session.server_name().map(Arc::from);
+            l7::serve(tls, Arc::new(connection), &listener, negotiated, shutdown).await;
         }
     }
 }

@@ -78,6 +78,10 @@ pub struct Metrics {
     pub upstream_retries_total: IntCounterVec,
     pub config_reloads_total: IntCounterVec,
     pub config_last_reload_success: Gauge,
+    pub route_requests_total: IntCounterVec,
+    pub upstream_connect_duration: HistogramVec,
+    pub tls_certificate_expiry: prometheus::GaugeVec,
+    pub access_log_dropped: IntCounter,
 }
 
 fn counter_vec(
@@ -169,6 +173,30 @@ impl Metrics {
                 "gatehouse_config_last_reload_success_timestamp_seconds",
                 "Unix time of the last successful configuration load.",
             )?,
+            route_requests_total: counter_vec(
+                "gatehouse_route_requests_total",
+                "Requests matched by each route (the listener's default pool is route \"default\").",
+                &["listener", "route"],
+            )?,
+            upstream_connect_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "gatehouse_upstream_connect_duration_seconds",
+                    "Time to open a TCP connection to a backend.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["pool"],
+            )?,
+            tls_certificate_expiry: prometheus::GaugeVec::new(
+                Opts::new(
+                    "gatehouse_tls_certificate_expiry_timestamp_seconds",
+                    "Unix time at which each served certificate expires.",
+                ),
+                &["listener", "certificate"],
+            )?,
+            access_log_dropped: IntCounter::new(
+                "gatehouse_access_log_dropped_total",
+                "Access-log lines dropped because the writer fell behind.",
+            )?,
             registry,
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
@@ -186,6 +214,10 @@ impl Metrics {
             Box::new(metrics.upstream_retries_total.clone()),
             Box::new(metrics.config_reloads_total.clone()),
             Box::new(metrics.config_last_reload_success.clone()),
+            Box::new(metrics.route_requests_total.clone()),
+            Box::new(metrics.upstream_connect_duration.clone()),
+            Box::new(metrics.tls_certificate_expiry.clone()),
+            Box::new(metrics.access_log_dropped.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector)?;
@@ -208,6 +240,38 @@ impl Metrics {
             tracing::error!(%error, "cannot encode metrics");
         }
         buffer
+    }
+
+    /// Removes every series of a backend that left the configuration, so dashboards and
+    /// alerts do not keep showing a VM that no longer exists.
+    pub fn forget_backend(&self, pool: &str, backend: &str) {
+        let _ = self.backend_up.remove_label_values(&[pool, backend]);
+        let _ = self
+            .backend_active_connections
+            .remove_label_values(&[pool, backend]);
+        for result in ["success", "failure"] {
+            let _ = self
+                .health_checks_total
+                .remove_label_values(&[pool, backend, result]);
+        }
+        for family in self.requests_total.collect() {
+            for metric in family.get_metric() {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|pair| pair.name() == name)
+                        .map(|pair| pair.value().to_string())
+                        .unwrap_or_default()
+                };
+                if label("pool") == pool && label("backend") == backend {
+                    let (listener, code) = (label("listener"), label("code"));
+                    let _ = self
+                        .requests_total
+                        .remove_label_values(&[&listener, pool, backend, &code]);
+                }
+            }
+        }
     }
 
     /// Handles for one listener.

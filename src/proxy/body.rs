@@ -1,17 +1,22 @@
-//! The response body handed to hyper: a backend's streamed body or a short local answer.
+//! The response body handed to hyper: a backend's streamed body or a short local answer,
+//! carrying the request's access-log record until the last byte is sent (or the client
+//! leaves), so the logged byte count and duration are exact.
 
+use crate::access_log::{AccessLog, AccessRecord};
 use crate::upstream::backend::InFlight;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
-/// A response body. Upstream bodies stream frame by frame (never buffered whole) and keep the
-/// backend's in-flight count raised until they end or the client goes away.
+/// Where the bytes come from.
 #[derive(Debug)]
-pub enum ProxyBody {
-    /// A backend's body.
+enum Source {
+    /// A backend's body, streamed frame by frame; the in-flight guard keeps the backend's
+    /// count raised until the body ends or the client goes away.
     Upstream {
         body: Incoming,
         in_flight: Option<InFlight>,
@@ -20,15 +25,71 @@ pub enum ProxyBody {
     Local(Option<Bytes>),
 }
 
+/// An access-log record waiting for the body to finish.
+#[derive(Debug)]
+struct Pending {
+    record: AccessRecord,
+    started: Instant,
+    log: Arc<AccessLog>,
+}
+
+/// A response body.
+#[derive(Debug)]
+pub struct ProxyBody {
+    source: Source,
+    access: Option<Box<Pending>>,
+}
+
 impl ProxyBody {
+    /// A backend's body; `in_flight` is released when it ends.
+    pub fn upstream(body: Incoming, in_flight: InFlight) -> Self {
+        ProxyBody {
+            source: Source::Upstream {
+                body,
+                in_flight: Some(in_flight),
+            },
+            access: None,
+        }
+    }
+
     /// A body with exactly these bytes.
     pub fn local(bytes: impl Into<Bytes>) -> Self {
-        ProxyBody::Local(Some(bytes.into()))
+        ProxyBody {
+            source: Source::Local(Some(bytes.into())),
+            access: None,
+        }
     }
 
     /// A body with no bytes.
     pub fn empty() -> Self {
-        ProxyBody::Local(None)
+        ProxyBody {
+            source: Source::Local(None),
+            access: None,
+        }
+    }
+
+    /// Logs `record` to `log` once the body is done (counting the bytes sent).
+    pub fn log_when_done(&mut self, record: AccessRecord, started: Instant, log: Arc<AccessLog>) {
+        self.access = Some(Box::new(Pending {
+            record,
+            started,
+            log,
+        }));
+    }
+
+    fn finish(&mut self) {
+        if let Some(pending) = self.access.take() {
+            let Pending {
+                mut record,
+                started,
+                log,
+            } = *pending;
+            record.duration = started.elapsed();
+            log.log(record);
+        }
+        if let Source::Upstream { in_flight, .. } = &mut self.source {
+            in_flight.take();
+        }
     }
 }
 
@@ -40,31 +101,42 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ProxyBody::Upstream { body, in_flight } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                if let Poll::Ready(None | Some(Err(_))) = polled {
-                    in_flight.take();
+        let this = self.get_mut();
+        let polled = match &mut this.source {
+            Source::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(pending), Some(data)) = (this.access.as_mut(), frame.data_ref()) {
+                    pending.record.bytes_out += data.len() as u64;
                 }
-                polled
             }
-            ProxyBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Poll::Ready(None | Some(Err(_))) => this.finish(),
+            Poll::Pending => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
-            ProxyBody::Local(bytes) => bytes.is_none(),
+        match &self.source {
+            Source::Upstream { body, .. } => body.is_end_stream(),
+            Source::Local(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Upstream { body, .. } => body.size_hint(),
-            ProxyBody::Local(bytes) => {
+        match &self.source {
+            Source::Upstream { body, .. } => body.size_hint(),
+            Source::Local(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
         }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        self.finish();
     }
 }

@@ -8,6 +8,7 @@
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers;
+use crate::access_log::AccessRecord;
 use crate::metrics::Rejection;
 use crate::upstream::client::UpstreamBody;
 use crate::upstream::publisher::SharedTable;
@@ -20,8 +21,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,6 +39,9 @@ pub struct Connection {
     pub listener: Arc<str>,
     /// The client's address (after PROXY protocol, when enabled).
     pub client: SocketAddr,
+    /// The negotiated TLS version and the client's SNI, on TLS listeners.
+    pub tls_version: Option<&'static str>,
+    pub sni: Option<Arc<str>>,
     pub table: SharedTable,
     /// Tracks upgraded tunnels so shutdown can wait for them.
     pub tunnels: TaskTracker,
@@ -124,6 +129,11 @@ async fn handle(request: Request<Incoming>, connection: &Connection) -> Response
     let Some(listener) = table.listener(&connection.listener) else {
         return ProxyError::NoBackend.response();
     };
+    let mut record = listener
+        .access_log
+        .enabled()
+        .then(|| access_record(&request, connection));
+    let bytes_in = record.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
     let (target, request) = match route(request, listener) {
         Ok(routed) => routed,
         Err(error) => {
@@ -134,32 +144,86 @@ async fn handle(request: Request<Incoming>, connection: &Connection) -> Response
             listener
                 .unrouted_duration
                 .observe(started.elapsed().as_secs_f64());
-            return error.response();
-        }
-    };
-    let (response, backend) = match forward(request, connection, listener, target).await {
-        Ok(forwarded) => forwarded,
-        Err((error, backend)) => {
-            if let Some(reason) = error.rejection() {
-                listener.metrics.reject(reason);
+            let mut response = error.response();
+            if let Some(mut record) = record {
+                record.status = response.status().as_u16();
+                response
+                    .body_mut()
+                    .log_when_done(record, started, listener.access_log.clone());
             }
-            (error.response(), backend)
+            return response;
         }
     };
+    target.route_requests.inc();
+    let (mut response, outcome) =
+        match forward(request, connection, listener, target, bytes_in.clone()).await {
+            Ok(forwarded) => forwarded,
+            Err((error, outcome)) => {
+                if let Some(reason) = error.rejection() {
+                    listener.metrics.reject(reason);
+                }
+                (error.response(), outcome)
+            }
+        };
     let code = response.status().as_u16();
-    match backend {
-        Some(index) => {
+    let backend = outcome
+        .backend
+        .and_then(|index| target.pool.backends.get(index));
+    match (outcome.backend, backend) {
+        (Some(index), Some(backend)) => {
             if let Some(counters) = target.counters.get(index) {
                 counters.count(code);
             }
-            if let Some(backend) = target.pool.backends.get(index) {
-                backend.stats.record_response(code);
-            }
+            backend.stats.record_response(code);
         }
-        None => target.local_counters.count(code),
+        _ => target.local_counters.count(code),
     }
     target.duration.observe(started.elapsed().as_secs_f64());
+    if let Some(id) = &outcome.request_id {
+        response
+            .headers_mut()
+            .insert(headers::X_REQUEST_ID, id.clone());
+    }
+    if let Some(record) = record.as_mut() {
+        record.status = code;
+        record.route.clone_from(&target.route);
+        record.backend = backend.map(|b| b.name.clone()).unwrap_or_default();
+        record.upstream_duration = outcome.upstream_duration;
+        record.bytes_in = bytes_in.map_or(0, |counter| counter.load(Ordering::Relaxed));
+        record.request_id = outcome
+            .request_id
+            .as_ref()
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+    }
+    if let Some(record) = record {
+        response
+            .body_mut()
+            .log_when_done(record, started, listener.access_log.clone());
+    }
     response
+}
+
+/// The parts of an access-log line known before the request is forwarded.
+fn access_record(request: &Request<Incoming>, connection: &Connection) -> AccessRecord {
+    let host = headers::request_host(request)
+        .ok()
+        .flatten()
+        .and_then(|host| host.to_str().ok().map(str::to_string))
+        .unwrap_or_default();
+    AccessRecord {
+        time: Some(SystemTime::now()),
+        kind: "http",
+        listener: connection.listener.clone(),
+        client: Some(connection.client),
+        method: request.method().to_string(),
+        host,
+        path: request.uri().path().to_string(),
+        tls_version: connection.tls_version,
+        sni: connection.sni.clone(),
+        ..AccessRecord::default()
+    }
 }
 
 /// Checks the request head and finds its target.
@@ -189,7 +253,16 @@ fn route(
     Ok((target, request))
 }
 
-type Forwarded = (Response<ProxyBody>, Option<usize>);
+/// What `forward` learned, for metrics and the access log.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// The backend that answered (or failed last).
+    backend: Option<usize>,
+    upstream_duration: Option<Duration>,
+    request_id: Option<http::HeaderValue>,
+}
+
+type Forwarded = (Response<ProxyBody>, Outcome);
 
 /// Methods that may be replayed once a backend has seen them (when they carry no body).
 fn is_idempotent(method: &Method) -> bool {
@@ -211,15 +284,16 @@ async fn forward(
     connection: &Connection,
     listener: &ListenerTable,
     target: &Target,
-) -> Result<Forwarded, (ProxyError, Option<usize>)> {
+    bytes_in: Option<Arc<AtomicU64>>,
+) -> Result<Forwarded, (ProxyError, Outcome)> {
     let pool = &target.pool;
     let context = pool.pick_context(connection.client.ip(), Some(request.headers()));
-    let host = headers::request_host(&request).map_err(|error| (error, None))?;
+    let host = headers::request_host(&request).map_err(|error| (error, Outcome::default()))?;
     let upgrade =
         request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers());
     let request_headers = request.headers_mut();
     headers::strip_hop_by_hop(request_headers, upgrade);
-    headers::set_forwarded(
+    let request_id = headers::set_forwarded(
         request_headers,
         connection.client.ip(),
         listener.is_trusted_proxy(connection.client.ip()),
@@ -242,7 +316,12 @@ async fn forward(
     let mut tried = [usize::MAX; 10];
     pool.retry_budget.deposit();
 
-    let mut last_error = (ProxyError::NoBackend, None);
+    let outcome = |backend: Option<usize>, upstream_duration: Option<Duration>| Outcome {
+        backend,
+        upstream_duration,
+        request_id: Some(request_id.clone()),
+    };
+    let mut last_error = (ProxyError::NoBackend, outcome(None, None));
     for attempt in 0..attempts {
         let Some(index) = pool.select(&context, &tried[..attempt]) else {
             break;
@@ -258,7 +337,7 @@ async fn forward(
         let backend = &pool.backends[index];
         let (upstream_body, reclaim) = match body.take() {
             Some(body) => {
-                let (body, reclaim) = UpstreamBody::reclaimable(body);
+                let (body, reclaim) = UpstreamBody::reclaimable(body, bytes_in.clone());
                 (body, Some(reclaim))
             }
             None => (UpstreamBody::empty(), None),
@@ -270,7 +349,12 @@ async fn forward(
             .authority(backend.authority.clone())
             .path_and_query(path.clone())
             .build()
-            .map_err(|_| (ProxyError::BadRequest("invalid request target"), None))?;
+            .map_err(|_| {
+                (
+                    ProxyError::BadRequest("invalid request target"),
+                    outcome(None, None),
+                )
+            })?;
         *upstream.version_mut() = Version::HTTP_11;
         *upstream.headers_mut() = parts.headers.clone();
 
@@ -278,13 +362,17 @@ async fn forward(
         let sent_at = Instant::now();
         let sent =
             tokio::time::timeout(pool.config.timeouts.request, pool.client.request(upstream));
-        let outcome = sent.await;
-        pool.observe_latency(index, sent_at.elapsed());
+        let result = sent.await;
+        let upstream_duration = sent_at.elapsed();
+        pool.observe_latency(index, upstream_duration);
         let last_attempt = attempt + 1 == attempts;
-        let mut response = match outcome {
+        let mut response = match result {
             Err(_elapsed) => {
                 pool.record_outcome(index, false);
-                return Err((ProxyError::Timeout, Some(index)));
+                return Err((
+                    ProxyError::Timeout,
+                    outcome(Some(index), Some(upstream_duration)),
+                ));
             }
             Ok(Err(error)) => {
                 pool.record_outcome(index, false);
@@ -294,7 +382,7 @@ async fn forward(
                 } else {
                     ProxyError::BackendFailed
                 };
-                last_error = (kind, Some(index));
+                last_error = (kind, outcome(Some(index), Some(upstream_duration)));
                 let nothing_sent = error.is_connect();
                 if nothing_sent {
                     if let Some(mut reclaim) = reclaim {
@@ -322,7 +410,10 @@ async fn forward(
             && !last_attempt
             && pool.select(&context, &tried[..=attempt]).is_some()
         {
-            last_error = (ProxyError::BackendFailed, Some(index));
+            last_error = (
+                ProxyError::BackendFailed,
+                outcome(Some(index), Some(upstream_duration)),
+            );
             continue;
         }
 
@@ -339,15 +430,15 @@ async fn forward(
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
             });
             headers::strip_hop_by_hop(response.headers_mut(), true);
-            return Ok((response.map(|_| ProxyBody::empty()), Some(index)));
+            return Ok((
+                response.map(|_| ProxyBody::empty()),
+                outcome(Some(index), Some(upstream_duration)),
+            ));
         }
 
         headers::strip_hop_by_hop(response.headers_mut(), false);
-        let response = response.map(|body| ProxyBody::Upstream {
-            body,
-            in_flight: Some(in_flight),
-        });
-        return Ok((response, Some(index)));
+        let response = response.map(|body| ProxyBody::upstream(body, in_flight));
+        return Ok((response, outcome(Some(index), Some(upstream_duration))));
     }
     Err(last_error)
 }

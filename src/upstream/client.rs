@@ -2,23 +2,68 @@
 
 use crate::config::Timeouts;
 use bytes::Bytes;
+use http::Uri;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::Histogram;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tower_service::Service;
 
 /// A keep-alive HTTP/1.1 client; cheap to clone (its pool is shared).
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+pub type UpstreamClient = Client<TimedConnector, UpstreamBody>;
+
+/// hyper-util's TCP connector, timing each new connection into
+/// `gatehouse_upstream_connect_duration_seconds`. Pooled connections skip it entirely.
+#[derive(Clone)]
+pub struct TimedConnector {
+    inner: HttpConnector,
+    connect_duration: Histogram,
+}
+
+type ConnectFuture = Pin<
+    Box<
+        dyn Future<Output = Result<TokioIo<TcpStream>, Box<dyn std::error::Error + Send + Sync>>>
+            + Send,
+    >,
+>;
+
+impl Service<Uri> for TimedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, destination: Uri) -> Self::Future {
+        let started = Instant::now();
+        let connecting = self.inner.call(destination);
+        let histogram = self.connect_duration.clone();
+        Box::pin(async move {
+            let connected = connecting.await?;
+            histogram.observe(started.elapsed().as_secs_f64());
+            Ok(connected)
+        })
+    }
+}
 
 /// Idle upstream connections kept per backend.
 const MAX_IDLE_PER_BACKEND: usize = 256;
 
-/// Builds the client for a pool's timeouts. Connections idle longer than `idle` are closed.
-pub fn build(timeouts: &Timeouts) -> UpstreamClient {
+/// Builds the client for a pool's timeouts. Connections idle longer than `idle` are closed;
+/// new connections are timed into `connect_duration`.
+pub fn build(timeouts: &Timeouts, connect_duration: Histogram) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(timeouts.connect));
@@ -28,7 +73,10 @@ pub fn build(timeouts: &Timeouts) -> UpstreamClient {
         .timer(TokioTimer::new())
         .pool_idle_timeout(timeouts.idle)
         .pool_max_idle_per_host(MAX_IDLE_PER_BACKEND)
-        .build(connector)
+        .build(TimedConnector {
+            inner: connector,
+            connect_duration,
+        })
 }
 
 /// The body of a request to a backend: the client's streamed body (or none).
@@ -40,6 +88,8 @@ pub fn build(timeouts: &Timeouts) -> UpstreamClient {
 pub struct UpstreamBody {
     body: Option<Incoming>,
     give_back: Option<oneshot::Sender<Incoming>>,
+    /// Bytes sent so far, when the access log wants them.
+    sent: Option<Arc<AtomicU64>>,
 }
 
 impl UpstreamBody {
@@ -48,16 +98,22 @@ impl UpstreamBody {
         UpstreamBody {
             body: None,
             give_back: None,
+            sent: None,
         }
     }
 
-    /// Streams `body`; the receiver gets it back if it is dropped unpolled.
-    pub fn reclaimable(body: Incoming) -> (Self, oneshot::Receiver<Incoming>) {
+    /// Streams `body` (adding the bytes sent to `sent`); the receiver gets it back if it is
+    /// dropped unpolled.
+    pub fn reclaimable(
+        body: Incoming,
+        sent: Option<Arc<AtomicU64>>,
+    ) -> (Self, oneshot::Receiver<Incoming>) {
         let (give_back, reclaim) = oneshot::channel();
         (
             UpstreamBody {
                 body: Some(body),
                 give_back: Some(give_back),
+                sent,
             },
             reclaim,
         )
@@ -74,10 +130,16 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         this.give_back = None;
-        match &mut this.body {
+        let polled = match &mut this.body {
             Some(body) => Pin::new(body).poll_frame(cx),
             None => Poll::Ready(None),
+        };
+        if let (Poll::Ready(Some(Ok(frame))), Some(sent)) = (&polled, &this.sent) {
+            if let Some(data) = frame.data_ref() {
+                sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -10,7 +10,8 @@ use super::backend::BackendStats;
 use super::client::{self, UpstreamClient};
 use super::retry::RetryBudget;
 use super::table::{BackendFacts, Table};
-use crate::config::{AdminState, Config, HealthCheckKind, Timeouts};
+use crate::access_log::AccessLog;
+use crate::config::{AccessLogConfig, AdminState, Config, HealthCheckKind, Timeouts};
 use crate::metrics::{ListenerMetrics, Metrics};
 use arc_swap::ArcSwap;
 use std::collections::{HashMap, HashSet};
@@ -93,6 +94,7 @@ struct Carried {
     clients: HashMap<String, (Timeouts, UpstreamClient)>,
     retry_budgets: HashMap<String, Arc<RetryBudget>>,
     listener_metrics: HashMap<String, ListenerMetrics>,
+    access_log: Option<Arc<AccessLog>>,
     changes: mpsc::Sender<Change>,
 }
 
@@ -141,7 +143,11 @@ impl BackendFacts for Carried {
         match self.clients.get(pool) {
             Some((existing, client)) if existing == timeouts => client.clone(),
             _ => {
-                let client = client::build(timeouts);
+                let connect = self
+                    .metrics
+                    .upstream_connect_duration
+                    .with_label_values(&[pool]);
+                let client = client::build(timeouts, connect);
                 self.clients
                     .insert(pool.to_string(), (*timeouts, client.clone()));
                 client
@@ -163,6 +169,17 @@ impl BackendFacts for Carried {
             .clone()
     }
 
+    fn access_log(&mut self, config: &AccessLogConfig) -> Arc<AccessLog> {
+        match &self.access_log {
+            Some(log) if log.config() == config => log.clone(),
+            _ => {
+                let log = AccessLog::start(config, self.metrics.access_log_dropped.clone());
+                self.access_log = Some(log.clone());
+                log
+            }
+        }
+    }
+
     fn changes(&self) -> mpsc::Sender<Change> {
         self.changes.clone()
     }
@@ -180,7 +197,16 @@ impl Carried {
                     .map(|b| (p, b))
             })
         };
-        self.stats.retain(|k, _| backend_of(k).is_some());
+        let metrics = &self.metrics;
+        self.stats.retain(|(pool, backend), _| {
+            let keep = config
+                .pool(pool)
+                .is_some_and(|p| p.backends.iter().any(|b| b.name == *backend));
+            if !keep {
+                metrics.forget_backend(pool, backend);
+            }
+            keep
+        });
         self.ejections.retain(|k, _| backend_of(k).is_some());
         self.available_since.retain(|k, _| backend_of(k).is_some());
         let addresses = &self.addresses;
@@ -429,6 +455,7 @@ pub fn start(config: Arc<Config>, metrics: Metrics) -> Result<PublisherHandle, S
         clients: HashMap::new(),
         retry_budgets: HashMap::new(),
         listener_metrics: HashMap::new(),
+        access_log: None,
         changes: changes.clone(),
     };
     carried.retain_for(&config);

@@ -6,6 +6,7 @@
 
 use super::backend::{Backend, BackendStats};
 use super::client::UpstreamClient;
+use crate::access_log::AccessLog;
 use crate::balancer::{self, Balancer, Candidate, PickContext, Tuning};
 use crate::config::{AdminState, Config, HashKey, HostMatch, ListenerConfig, PoolConfig, Timeouts};
 use crate::config::{Algorithm, HealthCheckKind};
@@ -39,6 +40,8 @@ pub trait BackendFacts {
     fn client(&mut self, pool: &str, timeouts: &Timeouts) -> UpstreamClient;
     /// The listener's metric handles.
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics;
+    /// The access log for `config` (the same writer while the setting is unchanged).
+    fn access_log(&mut self, config: &crate::config::AccessLogConfig) -> Arc<AccessLog>;
 }
 
 /// A pool: its backends, who may receive traffic, and how to choose.
@@ -238,6 +241,8 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 #[derive(Debug)]
 pub struct Target {
     pub route: String,
+    /// `gatehouse_route_requests_total` of this route.
+    pub route_requests: prometheus::IntCounter,
     pub pool: Arc<Pool>,
     pub duration: Histogram,
     /// One per backend of `pool`, same order.
@@ -265,6 +270,7 @@ pub struct ListenerTable {
     pub metrics: ListenerMetrics,
     /// The TLS acceptor for new connections (https/tls listeners).
     pub tls: Option<TlsAcceptor>,
+    pub access_log: Arc<AccessLog>,
 }
 
 impl std::fmt::Debug for ListenerTable {
@@ -333,7 +339,7 @@ impl Table {
         }
         let mut listeners = HashMap::new();
         for listener in &config.listeners {
-            let table = build_listener(listener, &pools, facts, metrics)?;
+            let table = build_listener(listener, &config.access_log, &pools, facts, metrics)?;
             listeners.insert(listener.name.clone(), Arc::new(table));
         }
         Ok(Table {
@@ -358,6 +364,7 @@ impl Table {
 
 fn build_listener(
     listener: &ListenerConfig,
+    access_log: &crate::config::AccessLogConfig,
     pools: &[Arc<Pool>],
     facts: &mut dyn BackendFacts,
     metrics: &Metrics,
@@ -372,6 +379,9 @@ fn build_listener(
     let target = |route: &str, pool: Arc<Pool>| {
         Arc::new(Target {
             route: route.to_string(),
+            route_requests: metrics
+                .route_requests_total
+                .with_label_values(&[listener.name.as_str(), route]),
             duration: metrics.request_duration(&listener.name, pool.name()),
             counters: pool
                 .backends
@@ -395,10 +405,21 @@ fn build_listener(
         None => None,
     };
     let tls = match &listener.tls {
-        Some(tls) => Some(TlsAcceptor::from(crate::tls::server_config(
-            tls,
-            listener.protocol.is_http(),
-        )?)),
+        Some(tls) => {
+            for certificate in &tls.certificates {
+                metrics
+                    .tls_certificate_expiry
+                    .with_label_values(&[
+                        listener.name.as_str(),
+                        &certificate.cert_path.display().to_string(),
+                    ])
+                    .set(certificate.not_after as f64);
+            }
+            Some(TlsAcceptor::from(crate::tls::server_config(
+                tls,
+                listener.protocol.is_http(),
+            )?))
+        }
         None => None,
     };
     Ok(ListenerTable {
@@ -409,6 +430,7 @@ fn build_listener(
         unrouted_duration: metrics.request_duration(&listener.name, ""),
         metrics: facts.listener_metrics(&listener.name),
         tls,
+        access_log: facts.access_log(access_log),
     })
 }
 
@@ -459,7 +481,13 @@ impl BackendFacts for StaticFacts {
     fn client(&mut self, pool: &str, timeouts: &Timeouts) -> UpstreamClient {
         self.clients
             .entry(pool.to_string())
-            .or_insert_with(|| super::client::build(timeouts))
+            .or_insert_with(|| {
+                let connect = self
+                    .metrics
+                    .upstream_connect_duration
+                    .with_label_values(&[pool]);
+                super::client::build(timeouts, connect)
+            })
             .clone()
     }
 
@@ -473,5 +501,13 @@ impl BackendFacts for StaticFacts {
 
     fn changes(&self) -> tokio::sync::mpsc::Sender<super::publisher::Change> {
         self.changes.clone()
+    }
+
+    fn access_log(&mut self, _config: &crate::config::AccessLogConfig) -> Arc<AccessLog> {
+        let off = crate::config::AccessLogConfig {
+            target: crate::config::AccessLogTarget::Off,
+            format: crate::config::AccessLogFormat::Json,
+        };
+        AccessLog::start(&off, self.metrics.access_log_dropped.clone())
     }
 }
