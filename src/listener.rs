@@ -4,12 +4,16 @@
 //! A listener reads its settings (limits, TLS acceptor, routes) from the published table at
 //! every accept, so a reload changes them for new connections without rebinding the socket.
 
+use crate::config::Protocol;
 use crate::io::CountedIo;
 use crate::metrics::Rejection;
+use crate::proxy::l4;
 use crate::proxy::l7::{self, Negotiated};
+use crate::proxy_protocol::{self, Prefixed};
 use crate::tls::ALPN_H2;
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::ListenerTable;
+use bytes::Bytes;
 use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, TcpKeepalive, Type};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,6 +90,8 @@ impl Listener {
             let connection = l7::Connection {
                 listener: self.name.clone(),
                 client: peer,
+                local: peer,
+                denied: false,
                 tls_version: None,
                 sni: None,
                 table: self.table.clone(),
@@ -133,48 +139,79 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let _ = SockRef::from(&stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE));
+    if let Ok(local) = stream.local_addr() {
+        connection.local = local;
+    }
     let metrics = &listener.metrics;
-    let stream = CountedIo::new(
+    let limits = listener.config.limits;
+    let mut stream = CountedIo::new(
         stream,
         metrics.bytes_received.clone(),
         metrics.bytes_sent.clone(),
     );
-    match &listener.tls {
-        None => {
-            let connection = Arc::new(connection);
-            l7::serve(stream, connection, &listener, Negotiated::Detect, shutdown).await;
-        }
-        Some(acceptor) => {
-            let handshake = tokio::time::timeout(
-                listener.config.limits.header_timeout,
-                acceptor.accept(stream),
-            );
-            let tls = match handshake.await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    tracing::debug!(client = %connection.client, %error, "TLS handshake failed");
-                    metrics.tls_handshake_errors.inc();
-                    metrics.reject(Rejection::Tls);
-                    return;
+    let prefix = if listener.config.proxy_protocol {
+        match proxy_protocol::read_header(&mut stream, limits.header_timeout).await {
+            Ok((header, rest)) => {
+                if let Some((source, destination)) = header.addresses {
+                    connection.client = source;
+                    connection.local = destination;
                 }
-                Err(_elapsed) => {
-                    metrics.tls_handshake_errors.inc();
-                    metrics.reject(Rejection::Tls);
-                    return;
-                }
-            };
-            let session = tls.get_ref().1;
-            let negotiated = match session.alpn_protocol() {
-                Some(ALPN_H2) => Negotiated::Http2,
-                _ => Negotiated::Http1,
-            };
-            connection.tls_version = session.protocol_version().map(|version| match version {
-                rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
-                rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
-                _ => "TLS",
-            });
-            connection.sni = session.server_name().map(Arc::from);
-            l7::serve(tls, Arc::new(connection), &listener, negotiated, shutdown).await;
+                rest
+            }
+            Err(error) => {
+                tracing::debug!(peer = %connection.client, %error, "refused: bad PROXY protocol header");
+                metrics.reject(Rejection::ProxyProtocol);
+                return;
+            }
         }
+    } else {
+        Bytes::new()
+    };
+    let stream = Prefixed::new(prefix, stream);
+    if !listener.admits(connection.client.ip()) {
+        if !listener.config.protocol.is_http() {
+            metrics.reject(Rejection::Acl);
+            return;
+        }
+        connection.denied = true;
+    }
+    let Some(acceptor) = &listener.tls else {
+        match listener.config.protocol {
+            Protocol::Tcp => l4::serve(stream, &connection, &listener).await,
+            _ => {
+                let connection = Arc::new(connection);
+                l7::serve(stream, connection, &listener, Negotiated::Detect, shutdown).await;
+            }
+        }
+        return;
+    };
+    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::debug!(client = %connection.client, %error, "TLS handshake failed");
+            metrics.tls_handshake_errors.inc();
+            metrics.reject(Rejection::Tls);
+            return;
+        }
+        Err(_elapsed) => {
+            metrics.tls_handshake_errors.inc();
+            metrics.reject(Rejection::Tls);
+            return;
+        }
+    };
+    let session = tls.get_ref().1;
+    let negotiated = match session.alpn_protocol() {
+        Some(ALPN_H2) => Negotiated::Http2,
+        _ => Negotiated::Http1,
+    };
+    connection.tls_version = session.protocol_version().map(|version| match version {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        _ => "TLS",
+    });
+    connection.sni = session.server_name().map(Arc::from);
+    match listener.config.protocol {
+        Protocol::Tls => l4::serve(tls, &connection, &listener).await,
+        _ => l7::serve(tls, Arc::new(connection), &listener, negotiated, shutdown).await,
     }
 }

@@ -11,6 +11,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     /// The request head is larger than `limits.max_header_bytes`.
     HeaderTooLarge,
+    /// The client's address is refused by the listener's `allow`/`deny`.
+    Forbidden,
     /// No route matched and the listener has no default pool.
     NoRoute,
     /// The pool has no backend that may take traffic.
@@ -27,6 +29,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BackendFailed => StatusCode::BAD_GATEWAY,
@@ -39,6 +42,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => Some(Rejection::BadRequest),
             ProxyError::HeaderTooLarge => Some(Rejection::HeaderTooLarge),
+            ProxyError::Forbidden => Some(Rejection::Acl),
             ProxyError::NoBackend => Some(Rejection::NoBackend),
             ProxyError::NoRoute | ProxyError::BackendFailed | ProxyError::Timeout => None,
         }
@@ -48,6 +52,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(detail) => detail,
             ProxyError::HeaderTooLarge => "request header block too large",
+            ProxyError::Forbidden => "access denied",
             ProxyError::NoRoute => "no route for this host and path",
             ProxyError::NoBackend => "no backend available",
             ProxyError::BackendFailed => "backend failed",
@@ -72,7 +77,10 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if matches!(self, ProxyError::BadRequest(_) | ProxyError::HeaderTooLarge) {
+        if matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::HeaderTooLarge | ProxyError::Forbidden
+        ) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response

@@ -9,8 +9,10 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers;
 use crate::access_log::AccessRecord;
+use crate::config::ProxyProtocolVersion;
 use crate::metrics::Rejection;
-use crate::upstream::client::UpstreamBody;
+use crate::proxy_protocol;
+use crate::upstream::client::{self, UpstreamBody};
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::{ListenerTable, Target};
 use http::{header, Method, Request, Response, StatusCode, Uri, Version};
@@ -39,9 +41,13 @@ pub struct Connection {
     pub listener: Arc<str>,
     /// The client's address (after PROXY protocol, when enabled).
     pub client: SocketAddr,
+    /// The address the client connected to (the PROXY header's destination, if any).
+    pub local: SocketAddr,
     /// The negotiated TLS version and the client's SNI, on TLS listeners.
     pub tls_version: Option<&'static str>,
     pub sni: Option<Arc<str>>,
+    /// Refused by the listener's `allow`/`deny`: every request gets 403.
+    pub denied: bool,
     pub table: SharedTable,
     /// Tracks upgraded tunnels so shutdown can wait for them.
     pub tunnels: TaskTracker,
@@ -134,7 +140,12 @@ async fn handle(request: Request<Incoming>, connection: &Connection) -> Response
         .enabled()
         .then(|| access_record(&request, connection));
     let bytes_in = record.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
-    let (target, request) = match route(request, listener) {
+    let routed = if connection.denied {
+        Err(ProxyError::Forbidden)
+    } else {
+        route(request, listener)
+    };
+    let (target, request) = match routed {
         Ok(routed) => routed,
         Err(error) => {
             if let Some(reason) = error.rejection() {
@@ -360,9 +371,32 @@ async fn forward(
 
         let in_flight = backend.stats.start();
         let sent_at = Instant::now();
-        let sent =
-            tokio::time::timeout(pool.config.timeouts.request, pool.client.request(upstream));
-        let result = sent.await;
+        let sending = async {
+            match pool.config.send_proxy_protocol {
+                None => pool.client.request(upstream).await.map_err(|error| {
+                    let nothing_sent = error.is_connect();
+                    (nothing_sent, is_timeout(&error), error_chain(&error))
+                }),
+                Some(version) => {
+                    let header = match version {
+                        ProxyProtocolVersion::V1 => {
+                            proxy_protocol::encode_v1(connection.client, connection.local)
+                        }
+                        ProxyProtocolVersion::V2 => {
+                            proxy_protocol::encode_v2(connection.client, connection.local)
+                        }
+                    };
+                    client::send_with_proxy_header(
+                        backend.address,
+                        &header,
+                        pool.config.timeouts.connect,
+                        upstream,
+                    )
+                    .await
+                }
+            }
+        };
+        let result = tokio::time::timeout(pool.config.timeouts.request, sending).await;
         let upstream_duration = sent_at.elapsed();
         pool.observe_latency(index, upstream_duration);
         let last_attempt = attempt + 1 == attempts;
@@ -374,16 +408,15 @@ async fn forward(
                     outcome(Some(index), Some(upstream_duration)),
                 ));
             }
-            Ok(Err(error)) => {
+            Ok(Err((nothing_sent, timed_out, error))) => {
                 pool.record_outcome(index, false);
-                tracing::debug!(backend = %backend.name, error = %error_chain(&error), "backend failed");
-                let kind = if is_timeout(&error) {
+                tracing::debug!(backend = %backend.name, %error, "backend failed");
+                let kind = if timed_out {
                     ProxyError::Timeout
                 } else {
                     ProxyError::BackendFailed
                 };
                 last_error = (kind, outcome(Some(index), Some(upstream_duration)));
-                let nothing_sent = error.is_connect();
                 if nothing_sent {
                     if let Some(mut reclaim) = reclaim {
                         match reclaim.try_recv() {

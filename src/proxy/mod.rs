@@ -7,4 +7,5 @@
 pub mod body;
 pub mod error;
 pub mod headers;
+pub mod l4;
 pub mod l7;

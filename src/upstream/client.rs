@@ -79,6 +79,44 @@ pub fn build(timeouts: &Timeouts, connect_duration: Histogram) -> UpstreamClient
         })
 }
 
+/// Sends one request on a fresh connection that starts with a PROXY `header` (a pool with
+/// `send_proxy_protocol`: the header names one client, so such connections are never shared
+/// or pooled). Errors say whether nothing was sent (so a retry is safe), whether it was a
+/// timeout, and what happened.
+pub async fn send_with_proxy_header(
+    address: std::net::SocketAddr,
+    header: &[u8],
+    connect_timeout: std::time::Duration,
+    mut request: http::Request<UpstreamBody>,
+) -> Result<http::Response<Incoming>, (bool, bool, String)> {
+    use tokio::io::AsyncWriteExt;
+    // A bare connection writes the URI as given: send origin-form, as the pooled client does.
+    let origin_form = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()));
+    *request.uri_mut() = origin_form;
+    let mut stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(address)).await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err((true, false, format!("connect: {error}"))),
+        Err(_) => return Err((true, true, "connect timed out".to_string())),
+    };
+    let _ = stream.set_nodelay(true);
+    stream
+        .write_all(header)
+        .await
+        .map_err(|error| (true, false, format!("PROXY header: {error}")))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| (true, false, format!("handshake: {error}")))?;
+    tokio::spawn(connection.with_upgrades());
+    sender
+        .send_request(request)
+        .await
+        .map_err(|error| (false, false, format!("request: {error}")))
+}
+
 /// The body of a request to a backend: the client's streamed body (or none).
 ///
 /// If the request is dropped before its body was ever polled — the connect to the backend

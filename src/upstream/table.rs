@@ -303,6 +303,23 @@ impl ListenerTable {
             .or(self.default_target.as_ref())
     }
 
+    /// The listener's own pool (`pool:`): the default for HTTP, the only one for TCP.
+    pub fn pool_target(&self) -> Option<&Arc<Target>> {
+        self.default_target.as_ref()
+    }
+
+    /// Whether a client at `address` may use this listener (`deny` wins over `allow`; an
+    /// empty `allow` allows everyone).
+    pub fn admits(&self, address: std::net::IpAddr) -> bool {
+        let address = match address {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let config = &self.config;
+        !config.deny.iter().any(|net| net.contains(&address))
+            && (config.allow.is_empty() || config.allow.iter().any(|net| net.contains(&address)))
+    }
+
     /// Whether `address` is allowed to extend X-Forwarded-For.
     pub fn is_trusted_proxy(&self, address: std::net::IpAddr) -> bool {
         self.config

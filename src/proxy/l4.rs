@@ -1,0 +1,180 @@
+//! The TCP (layer 4) proxy: pick a backend from the same table as HTTP, connect (failing
+//! over to another backend on connect failure), optionally send a PROXY header, then copy
+//! both ways with correct half-close until both sides are done or the connection idles out.
+//!
+//! The copy uses two fixed 64 KiB buffers allocated once per connection
+//! (`copy_bidirectional_with_sizes`): nothing is allocated per chunk.
+
+use super::l7::Connection;
+use crate::access_log::AccessRecord;
+use crate::config::ProxyProtocolVersion;
+use crate::metrics::Rejection;
+use crate::proxy_protocol;
+use crate::upstream::backend::now_nanos;
+use crate::upstream::table::ListenerTable;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Copy buffer per direction.
+const BUFFER: usize = 64 * 1024;
+
+/// Proxies one client connection to a backend of the listener's pool.
+pub async fn serve<I>(mut client: I, connection: &Connection, listener: &ListenerTable)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let started = Instant::now();
+    let Some(target) = listener.pool_target() else {
+        return;
+    };
+    let pool = &target.pool;
+    let context = pool.pick_context(connection.client.ip(), None);
+    let attempts = pool.config.retry_attempts.clamp(1, 10) as usize;
+    let mut tried = [usize::MAX; 10];
+    pool.retry_budget.deposit();
+    let mut connected = None;
+    for attempt in 0..attempts {
+        let Some(index) = pool.select(&context, &tried[..attempt]) else {
+            break;
+        };
+        if attempt > 0 {
+            if !pool.retry_budget.withdraw() {
+                break;
+            }
+            pool.retries.inc();
+        }
+        tried[attempt] = index;
+        let backend = &pool.backends[index];
+        let connect = tokio::time::timeout(
+            pool.config.timeouts.connect,
+            TcpStream::connect(backend.address),
+        );
+        match connect.await {
+            Ok(Ok(stream)) => {
+                pool.record_outcome(index, true);
+                connected = Some((index, stream));
+                break;
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(backend = %backend.name, %error, "L4 connect failed");
+                pool.record_outcome(index, false);
+            }
+            Err(_elapsed) => {
+                tracing::debug!(backend = %backend.name, "L4 connect timed out");
+                pool.record_outcome(index, false);
+            }
+        }
+    }
+    let Some((index, mut stream)) = connected else {
+        if tried[0] == usize::MAX {
+            listener.metrics.reject(Rejection::NoBackend);
+        }
+        return;
+    };
+    let backend = &pool.backends[index];
+    let _ = stream.set_nodelay(true);
+    if let Some(version) = pool.config.send_proxy_protocol {
+        let header = match version {
+            ProxyProtocolVersion::V1 => {
+                proxy_protocol::encode_v1(connection.client, connection.local)
+            }
+            ProxyProtocolVersion::V2 => {
+                proxy_protocol::encode_v2(connection.client, connection.local)
+            }
+        };
+        if stream.write_all(&header).await.is_err() {
+            return;
+        }
+    }
+    let _in_flight = backend.stats.start();
+    let activity = Arc::new(AtomicU64::new(now_nanos()));
+    let mut upstream = Watched {
+        inner: stream,
+        activity: activity.clone(),
+    };
+    let idle = pool.config.timeouts.idle;
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER);
+    tokio::pin!(copy);
+    let outcome = loop {
+        tokio::select! {
+            result = &mut copy => break result.ok(),
+            () = tokio::time::sleep(idle.max(Duration::from_millis(100)) / 4) => {
+                let quiet = now_nanos().saturating_sub(activity.load(Ordering::Relaxed));
+                if Duration::from_nanos(quiet) >= idle {
+                    tracing::debug!(backend = %backend.name, "L4 connection idle: closing");
+                    break None;
+                }
+            }
+        }
+    };
+    if listener.access_log.enabled() {
+        let (bytes_in, bytes_out) = outcome.unwrap_or((0, 0));
+        listener.access_log.log(AccessRecord {
+            time: Some(SystemTime::now() - started.elapsed()),
+            kind: "tcp",
+            listener: connection.listener.clone(),
+            client: Some(connection.client),
+            bytes_in,
+            bytes_out,
+            duration: started.elapsed(),
+            backend: backend.name.clone(),
+            route: target.route.clone(),
+            tls_version: connection.tls_version,
+            sni: connection.sni.clone(),
+            ..AccessRecord::default()
+        });
+    }
+}
+
+/// A stream that records the time of its last successful read or write.
+struct Watched<T> {
+    inner: T,
+    activity: Arc<AtomicU64>,
+}
+
+impl<T> Watched<T> {
+    fn touch(&self) {
+        self.activity.store(now_nanos(), Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if polled.is_ready() {
+            self.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if polled.is_ready() {
+            self.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
