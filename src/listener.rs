@@ -142,6 +142,7 @@ async fn serve_connection(
     if let Ok(local) = stream.local_addr() {
         connection.local = local;
     }
+    let raw_socket = SockRef::from(&stream).try_clone().ok();
     let metrics = &listener.metrics;
     let limits = listener.config.limits;
     let mut stream = CountedIo::new(
@@ -180,7 +181,15 @@ async fn serve_connection(
             Protocol::Tcp => l4::serve(stream, &connection, &listener).await,
             _ => {
                 let connection = Arc::new(connection);
-                l7::serve(stream, connection, &listener, Negotiated::Detect, shutdown).await;
+                l7::serve(
+                    stream,
+                    connection,
+                    &listener,
+                    Negotiated::Detect,
+                    shutdown,
+                    raw_socket,
+                )
+                .await;
             }
         }
         return;
@@ -212,6 +221,9 @@ async fn serve_connection(
     connection.sni = session.server_name().map(Arc::from);
     match listener.config.protocol {
         Protocol::Tls => l4::serve(tls, &connection, &listener).await,
-        _ => l7::serve(tls, Arc::new(connection), &listener, negotiated, shutdown).await,
+        _ => {
+            let connection = Arc::new(connection);
+            l7::serve(tls, connection, &listener, negotiated, shutdown, None).await;
+        }
     }
 }

@@ -179,6 +179,36 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
+/// Refuses HTTP/1 message framing that two parsers could read differently (request
+/// smuggling): Content-Length together with Transfer-Encoding, Content-Length repeated, or a
+/// Transfer-Encoding other than exactly one `chunked`.
+pub fn check_framing<B>(request: &Request<B>) -> Result<(), ProxyError> {
+    if request.version() >= Version::HTTP_2 {
+        return Ok(());
+    }
+    let headers = request.headers();
+    let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let coding = codings.next();
+    if coding.is_some() && lengths > 0 {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if lengths > 1 {
+        return Err(ProxyError::BadRequest("repeated Content-Length"));
+    }
+    if let Some(coding) = coding {
+        let exactly_chunked = coding.as_bytes().eq_ignore_ascii_case(b"chunked");
+        if !exactly_chunked || codings.next().is_some() {
+            return Err(ProxyError::BadRequest(
+                "Transfer-Encoding must be exactly \"chunked\"",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Size of the request head as it arrived: request line plus header lines.
 pub fn head_size<B>(request: &Request<B>) -> usize {
     let line = request.method().as_str().len() + request.uri().to_string().len() + 12;

@@ -69,6 +69,7 @@ pub async fn serve<I>(
     listener: &ListenerTable,
     negotiated: Negotiated,
     shutdown: CancellationToken,
+    raw_socket: Option<socket2::Socket>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -106,15 +107,29 @@ pub async fn serve<I>(
         }
     };
     if let Err(error) = result {
-        record_connection_error(listener, &*error);
+        let timed_out = record_connection_error(listener, &*error);
+        if let (true, Some(socket)) = (timed_out, raw_socket) {
+            // hyper closes a connection whose request head is late without a word; on plain
+            // HTTP the socket is still ours (a duplicate descriptor): say 408, then close.
+            let _ = socket.send(REQUEST_TIMEOUT);
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+            listener.unrouted_counters.count(408);
+        }
     }
 }
 
-/// Counts what hyper answered on its own (oversized or timed-out heads, garbage).
-fn record_connection_error(listener: &ListenerTable, error: &(dyn std::error::Error + 'static)) {
+/// The answer to a request head that did not arrive within `limits.header_timeout`.
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 39\r\nconnection: close\r\n\r\n408 Request Timeout: request head late\n";
+
+/// Counts what hyper answered on its own (oversized or timed-out heads, garbage); true when
+/// the request head timed out.
+fn record_connection_error(
+    listener: &ListenerTable,
+    error: &(dyn std::error::Error + 'static),
+) -> bool {
     let Some(error) = error.downcast_ref::<hyper::Error>() else {
         tracing::debug!(%error, "client connection ended with an error");
-        return;
+        return false;
     };
     if error.is_parse_too_large() {
         listener.metrics.reject(Rejection::HeaderTooLarge);
@@ -124,8 +139,10 @@ fn record_connection_error(listener: &ListenerTable, error: &(dyn std::error::Er
         listener.unrouted_counters.count(400);
     } else if error.is_timeout() {
         listener.metrics.reject(Rejection::HeaderTimeout);
+        return true;
     }
     tracing::debug!(%error, "client connection ended with an error");
+    false
 }
 
 /// Handles one request; never fails (every failure becomes a response).
@@ -245,6 +262,7 @@ fn route(
     if headers::head_size(&request) > listener.config.limits.max_header_bytes {
         return Err(ProxyError::HeaderTooLarge);
     }
+    headers::check_framing(&request)?;
     if request.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT is not supported"));
     }
@@ -377,6 +395,7 @@ async fn forward(
                     let nothing_sent = error.is_connect();
                     (nothing_sent, is_timeout(&error), error_chain(&error))
                 }),
+
                 Some(version) => {
                     let header = match version {
                         ProxyProtocolVersion::V1 => {
@@ -405,6 +424,15 @@ async fn forward(
                 pool.record_outcome(index, false);
                 return Err((
                     ProxyError::Timeout,
+                    outcome(Some(index), Some(upstream_duration)),
+                ));
+            }
+            Ok(Err((_, _, error))) if is_client_body_error(&error) => {
+                // The client's body turned out malformed after its head went upstream: that
+                // upstream connection is aborted (never reused) and the client gets 400.
+                tracing::debug!(backend = %backend.name, %error, "client body malformed");
+                return Err((
+                    ProxyError::BadRequest("malformed request body"),
                     outcome(Some(index), Some(upstream_duration)),
                 ));
             }
@@ -474,6 +502,13 @@ async fn forward(
         return Ok((response, outcome(Some(index), Some(upstream_duration))));
     }
     Err(last_error)
+}
+
+/// True when sending failed because the client's own body stream broke (a bad chunk), as
+/// reported by hyper ("error from user's Body stream" wrapping the client parse error).
+fn is_client_body_error(error_chain: &str) -> bool {
+    error_chain.contains("user's Body stream")
+        || error_chain.contains("error reading a body from connection")
 }
 
 /// True when the failure was a (connect) timeout rather than a refusal or reset.
