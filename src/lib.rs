@@ -27,6 +27,7 @@ pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod rate_limit;
 pub mod reload;
 pub mod server;
 pub mod tls;

@@ -169,6 +169,15 @@ async fn serve_connection(
         Bytes::new()
     };
     let stream = Prefixed::new(prefix, stream);
+    let limited = !listener.config.protocol.is_http()
+        && listener
+            .rate_limiter
+            .as_ref()
+            .is_some_and(|limiter| limiter.check(connection.client.ip()).is_err());
+    if limited {
+        metrics.reject(Rejection::RateLimit);
+        return;
+    }
     if !listener.admits(connection.client.ip()) {
         if !listener.config.protocol.is_http() {
             metrics.reject(Rejection::Acl);

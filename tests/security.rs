@@ -141,3 +141,101 @@ async fn a_late_request_head_gets_408_and_is_counted() {
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p, rate_limit: {{ requests_per_second: 0.5, burst: 3 }} }}\npools:\n{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    for _ in 0..3 {
+        assert_eq!(get(web, "x", "/").await.status, http::StatusCode::OK);
+    }
+    let limited = get(web, "x", "/").await;
+    assert_eq!(limited.status, http::StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(backend.requests().len(), 3);
+    let text = metrics_text(&gatehouse).await;
+    assert_eq!(
+        metric(
+            &text,
+            "gatehouse_rejected_total",
+            &[("reason", "rate_limit")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "gatehouse_requests_total", &[("code", "429")]),
+        Some(1.0)
+    );
+}
+
+async fn h2_gatehouse() -> (Arc<gatehouse::server::Gatehouse>, TestBackend, TestDir) {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p }}\npools:\n{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    (gatehouse, backend, dir)
+}
+
+#[tokio::test]
+async fn http2_advertises_at_most_100_concurrent_streams() {
+    let (gatehouse, _backend, _dir) = h2_gatehouse().await;
+    let tcp = tokio::net::TcpStream::connect(gatehouse.listener_address("web").unwrap())
+        .await
+        .unwrap();
+    let (client, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    // Drive the connection until the server's SETTINGS arrived.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(300), &mut connection).await;
+    assert_eq!(connection.max_concurrent_send_streams(), 100);
+    drop(client);
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_is_cut_off() {
+    let (gatehouse, backend, _dir) = h2_gatehouse().await;
+    let tcp = tokio::net::TcpStream::connect(gatehouse.listener_address("web").unwrap())
+        .await
+        .unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let mut opened = 0;
+    for _ in 0..5000 {
+        let request = http::Request::get("http://x/slow?ms=2000")
+            .body(())
+            .unwrap();
+        let Ok(ready) = client.ready().await else {
+            break;
+        };
+        client = ready;
+        let Ok((_response, mut stream)) = client.send_request(request, true) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        opened += 1;
+    }
+    let ended = tokio::time::timeout(DEADLINE, driver).await;
+    assert!(ended.is_ok(), "the server closed the abusive connection");
+    let closed_with_error = matches!(ended, Ok(Ok(Err(_))));
+    assert!(
+        closed_with_error || opened < 5000,
+        "opened {opened} streams without being stopped"
+    );
+    assert!(
+        backend.requests().len() < 200,
+        "{} requests reached the backend",
+        backend.requests().len()
+    );
+}

@@ -13,6 +13,8 @@ pub enum ProxyError {
     HeaderTooLarge,
     /// The client's address is refused by the listener's `allow`/`deny`.
     Forbidden,
+    /// The client exceeded `rate_limit`; retry after this many seconds.
+    RateLimited(u64),
     /// No route matched and the listener has no default pool.
     NoRoute,
     /// The pool has no backend that may take traffic.
@@ -30,6 +32,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BackendFailed => StatusCode::BAD_GATEWAY,
@@ -43,6 +46,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => Some(Rejection::BadRequest),
             ProxyError::HeaderTooLarge => Some(Rejection::HeaderTooLarge),
             ProxyError::Forbidden => Some(Rejection::Acl),
+            ProxyError::RateLimited(_) => Some(Rejection::RateLimit),
             ProxyError::NoBackend => Some(Rejection::NoBackend),
             ProxyError::NoRoute | ProxyError::BackendFailed | ProxyError::Timeout => None,
         }
@@ -53,6 +57,7 @@ impl ProxyError {
             ProxyError::BadRequest(detail) => detail,
             ProxyError::HeaderTooLarge => "request header block too large",
             ProxyError::Forbidden => "access denied",
+            ProxyError::RateLimited(_) => "too many requests from this address",
             ProxyError::NoRoute => "no route for this host and path",
             ProxyError::NoBackend => "no backend available",
             ProxyError::BackendFailed => "backend failed",
@@ -77,6 +82,9 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let ProxyError::RateLimited(seconds) = self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if matches!(
             self,
             ProxyError::BadRequest(_) | ProxyError::HeaderTooLarge | ProxyError::Forbidden

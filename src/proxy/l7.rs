@@ -34,6 +34,12 @@ use tokio_util::task::TaskTracker;
 const MIN_BUF_SIZE: usize = 8192;
 /// Concurrent HTTP/2 streams per client connection.
 const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Streams a client may open and reset before they are accepted (rapid reset,
+/// CVE-2023-44487): beyond it the connection is closed with GOAWAY.
+const MAX_PENDING_RESETS: usize = 20;
+/// Streams gatehouse may reset because of client protocol errors before it closes the
+/// connection.
+const MAX_LOCAL_RESETS: usize = 256;
 
 /// What every request on one client connection shares.
 #[derive(Debug)]
@@ -86,7 +92,10 @@ pub async fn serve<I>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let builder = match negotiated {
         Negotiated::Http1 => builder.http1_only(),
         Negotiated::Http2 => builder.http2_only(),
@@ -157,8 +166,14 @@ async fn handle(request: Request<Incoming>, connection: &Connection) -> Response
         .enabled()
         .then(|| access_record(&request, connection));
     let bytes_in = record.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
+    let limited = listener
+        .rate_limiter
+        .as_ref()
+        .and_then(|limiter| limiter.check(connection.client.ip()).err());
     let routed = if connection.denied {
         Err(ProxyError::Forbidden)
+    } else if let Some(retry_after) = limited {
+        Err(ProxyError::RateLimited(retry_after))
     } else {
         route(request, listener)
     };

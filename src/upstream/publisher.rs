@@ -11,8 +11,10 @@ use super::client::{self, UpstreamClient};
 use super::retry::RetryBudget;
 use super::table::{BackendFacts, Table};
 use crate::access_log::AccessLog;
+use crate::config::RateLimit;
 use crate::config::{AccessLogConfig, AdminState, Config, HealthCheckKind, Timeouts};
 use crate::metrics::{ListenerMetrics, Metrics};
+use crate::rate_limit::RateLimiter;
 use arc_swap::ArcSwap;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -95,6 +97,7 @@ struct Carried {
     retry_budgets: HashMap<String, Arc<RetryBudget>>,
     listener_metrics: HashMap<String, ListenerMetrics>,
     access_log: Option<Arc<AccessLog>>,
+    rate_limiters: HashMap<String, Arc<RateLimiter>>,
     changes: mpsc::Sender<Change>,
 }
 
@@ -167,6 +170,18 @@ impl BackendFacts for Carried {
             .entry(pool.to_string())
             .or_default()
             .clone()
+    }
+
+    fn rate_limiter(&mut self, listener: &str, limit: RateLimit) -> Arc<RateLimiter> {
+        match self.rate_limiters.get(listener) {
+            Some(existing) if existing.limit() == limit => existing.clone(),
+            _ => {
+                let limiter = Arc::new(RateLimiter::new(limit));
+                self.rate_limiters
+                    .insert(listener.to_string(), limiter.clone());
+                limiter
+            }
+        }
     }
 
     fn access_log(&mut self, config: &AccessLogConfig) -> Arc<AccessLog> {
@@ -456,6 +471,7 @@ pub fn start(config: Arc<Config>, metrics: Metrics) -> Result<PublisherHandle, S
         retry_budgets: HashMap::new(),
         listener_metrics: HashMap::new(),
         access_log: None,
+        rate_limiters: HashMap::new(),
         changes: changes.clone(),
     };
     carried.retain_for(&config);

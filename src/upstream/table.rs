@@ -40,6 +40,12 @@ pub trait BackendFacts {
     fn client(&mut self, pool: &str, timeouts: &Timeouts) -> UpstreamClient;
     /// The listener's metric handles.
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics;
+    /// The rate limiter of a listener (the same buckets while the limit is unchanged).
+    fn rate_limiter(
+        &mut self,
+        listener: &str,
+        limit: crate::config::RateLimit,
+    ) -> Arc<crate::rate_limit::RateLimiter>;
     /// The access log for `config` (the same writer while the setting is unchanged).
     fn access_log(&mut self, config: &crate::config::AccessLogConfig) -> Arc<AccessLog>;
 }
@@ -271,6 +277,8 @@ pub struct ListenerTable {
     /// The TLS acceptor for new connections (https/tls listeners).
     pub tls: Option<TlsAcceptor>,
     pub access_log: Arc<AccessLog>,
+    /// Per-client token buckets, when `rate_limit` is set.
+    pub rate_limiter: Option<Arc<crate::rate_limit::RateLimiter>>,
 }
 
 impl std::fmt::Debug for ListenerTable {
@@ -448,6 +456,9 @@ fn build_listener(
         metrics: facts.listener_metrics(&listener.name),
         tls,
         access_log: facts.access_log(access_log),
+        rate_limiter: listener
+            .rate_limit
+            .map(|limit| facts.rate_limiter(&listener.name, limit)),
     })
 }
 
@@ -518,6 +529,14 @@ impl BackendFacts for StaticFacts {
 
     fn changes(&self) -> tokio::sync::mpsc::Sender<super::publisher::Change> {
         self.changes.clone()
+    }
+
+    fn rate_limiter(
+        &mut self,
+        _listener: &str,
+        limit: crate::config::RateLimit,
+    ) -> Arc<crate::rate_limit::RateLimiter> {
+        Arc::new(crate::rate_limit::RateLimiter::new(limit))
     }
 
     fn access_log(&mut self, _config: &crate::config::AccessLogConfig) -> Arc<AccessLog> {
