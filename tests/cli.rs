@@ -450,3 +450,109 @@ async fn check_diff_against_a_file_and_the_running_instance() {
         .unwrap();
     assert!(String::from_utf8_lossy(&unchanged.stdout).contains("no changes"));
 }
+
+#[tokio::test]
+async fn two_processes_with_the_same_config_choose_the_same_backend_per_key() {
+    let backends = [
+        TestBackend::start("vm-1").await,
+        TestBackend::start("vm-2").await,
+        TestBackend::start("vm-3").await,
+    ];
+    let dir = TestDir::new();
+    let list: Vec<(&str, SocketAddr)> = backends
+        .iter()
+        .map(|b| (b.name.as_str(), b.address))
+        .collect();
+    let config = dir.write(
+        "gatehouse.yaml",
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p }}\npools:\n{}",
+            pool_yaml("p", &list, "    algorithm: consistent_hash\n    hash_key: header:x-citizen\n")
+        ),
+    );
+    let one = Running::start(&["run", "--config", config.to_str().unwrap()]);
+    let two = Running::start(&["run", "--config", config.to_str().unwrap()]);
+    let mut used = std::collections::BTreeSet::new();
+    for citizen in 0..40 {
+        let ask = |address: SocketAddr| async move {
+            send(
+                http::Request::get(format!("http://{address}/"))
+                    .header("host", "x")
+                    .header("x-citizen", format!("citizen-{citizen}"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .backend()
+            .unwrap()
+        };
+        let first = ask(one.listener("web")).await;
+        let second = ask(two.listener("web")).await;
+        assert_eq!(first, second, "citizen-{citizen}");
+        used.insert(first);
+    }
+    assert_eq!(used.len(), 3, "keys spread over all backends");
+}
+
+#[tokio::test]
+async fn reuse_port_lets_two_processes_share_a_listener() {
+    let backend = TestBackend::start("b").await;
+    let port = closed_port().port();
+    let dir = TestDir::new();
+    let config = dir.write(
+        "gatehouse.yaml",
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:{port}\", pool: p, reuse_port: true }}\npools:\n{}",
+            pool_yaml("p", &[("b", backend.address)], "")
+        ),
+    );
+    let one = Running::start(&["run", "--config", config.to_str().unwrap()]);
+    let two = Running::start(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(
+        one.listener("web"),
+        two.listener("web"),
+        "both bound the same address"
+    );
+    let shared = one.listener("web");
+    let served = |admin: SocketAddr| async move {
+        let text = get(admin, "admin", "/metrics").await.text();
+        metric(&text, "gatehouse_connections_total", &[("listener", "web")]).unwrap_or(0.0)
+    };
+    eventually("both processes accepted connections", async || {
+        for _ in 0..10 {
+            assert_eq!(get(shared, "x", "/").await.status, StatusCode::OK);
+        }
+        served(one.admin).await > 0.0 && served(two.admin).await > 0.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigusr1_reopens_the_access_log_file_for_logrotate() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let config = dir.write(
+        "gatehouse.yaml",
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\naccess_log: {{ target: access.log, format: json }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p }}\npools:\n{}",
+            pool_yaml("p", &[("b", backend.address)], "")
+        ),
+    );
+    let running = Running::start(&["run", "--config", config.to_str().unwrap()]);
+    let web = running.listener("web");
+    let log = dir.path("access.log");
+    get(web, "x", "/before-rotation").await;
+    eventually("the first line", async || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/before-rotation"))
+    })
+    .await;
+    std::fs::rename(&log, dir.path("access.log.1")).unwrap();
+    running.signal("USR1");
+    eventually("the reopened file gets new lines", async || {
+        get(web, "x", "/after-rotation").await;
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/after-rotation"))
+    })
+    .await;
+    let rotated = std::fs::read_to_string(dir.path("access.log.1")).unwrap();
+    assert!(rotated.contains("/before-rotation"));
+}
