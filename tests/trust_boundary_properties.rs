@@ -1,0 +1,116 @@
+//! Property tests at the other trust boundaries (the cargo-fuzz targets in fuzz/ explore the
+//! same paths with coverage guidance): configuration parsing never panics and always explains
+//! a refusal; request-head sanitation never leaves hop-by-hop headers and never lets a client
+//! choose its X-Forwarded-For when it is not a trusted proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use gatehouse::proxy::headers;
+use http::{HeaderName, HeaderValue, Request};
+use proptest::prelude::*;
+use std::net::IpAddr;
+
+fn config_like() -> impl Strategy<Value = String> {
+    let key = prop::sample::select(vec![
+        "listeners",
+        "pools",
+        "admin",
+        "listen",
+        "protocol",
+        "pool",
+        "backends",
+        "name",
+        "address",
+        "weight",
+        "state",
+        "algorithm",
+        "routes",
+        "host",
+        "path_prefix",
+        "tls",
+        "certificates",
+        "health_check",
+        "timeouts",
+        "connect",
+        "limits",
+        "rate_limit",
+        "web",
+        "p",
+        "- ",
+        "{",
+        "}",
+        "[",
+        "]",
+        ":",
+        "\"127.0.0.1:0\"",
+        "10.0.0.1:99999",
+        "2s",
+        "-1",
+        "active",
+        "round_robin",
+    ]);
+    prop::collection::vec(
+        (
+            key,
+            prop::sample::select(vec![" ", "\n", "\n  ", "\n    ", ": ", ""]),
+        ),
+        0..60,
+    )
+    .prop_map(|parts| parts.into_iter().map(|(k, s)| format!("{k}{s}")).collect())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn config_parsing_never_panics_and_explains_refusals(text in prop_oneof![config_like(), ".{0,200}"]) {
+        match gatehouse::config::parse(&text, std::path::Path::new("/nonexistent/props.yaml")) {
+            Ok(config) => prop_assert!(!config.listeners.is_empty()),
+            Err(error) => {
+                prop_assert!(!error.problems.is_empty());
+                for problem in &error.problems {
+                    prop_assert!(!problem.message.is_empty());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sanitation_removes_hop_by_hop_and_owns_forwarded_for(
+        pairs in prop::collection::vec(("[a-zA-Z-]{1,20}", "[ -~]{0,40}"), 0..20),
+        connection in prop::collection::vec(prop::sample::select(vec![
+            "keep-alive", "close", "upgrade", "x-forwarded-for", "host", "authorization",
+            "x-request-id", "x-secret", "content-length", "te",
+        ]), 0..5),
+        client in any::<[u8; 4]>(),
+    ) {
+        let mut request = Request::new(());
+        for (name, value) in &pairs {
+            if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+                request.headers_mut().append(name, value);
+            }
+        }
+        request.headers_mut().append("connection", HeaderValue::from_str(&connection.join(", ")).unwrap());
+        request.headers_mut().insert("host", HeaderValue::from_static("portal.example.gov"));
+        let _ = headers::check_framing(&request);
+        headers::strip_hop_by_hop(request.headers_mut(), false);
+        let client = IpAddr::from(client);
+        let host = request.headers().get("host").cloned();
+        headers::set_forwarded(request.headers_mut(), client, false, "https", host.as_ref());
+        let map = request.headers();
+        for hop in ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-connection"] {
+            prop_assert!(!map.contains_key(hop), "{hop} survived");
+        }
+        prop_assert_eq!(map.get_all("x-forwarded-for").iter().count(), 1);
+        prop_assert_eq!(map["x-forwarded-for"].to_str().unwrap(), client.to_string());
+        prop_assert_eq!(&map["host"], "portal.example.gov");
+        prop_assert!(map.contains_key("x-request-id"));
+    }
+
+    #[test]
+    fn routing_host_is_lower_case_without_port(name in "[a-zA-Z0-9.-]{1,30}", port in proptest::option::of(any::<u16>())) {
+        let text = match port { Some(port) => format!("{name}:{port}"), None => name.clone() };
+        let value = HeaderValue::from_str(&text).unwrap();
+        let routed = headers::routing_host(&value).unwrap();
+        prop_assert_eq!(routed.as_ref(), name.to_ascii_lowercase());
+    }
+}
