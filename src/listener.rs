@@ -16,7 +16,7 @@ use crate::upstream::table::ListenerTable;
 use bytes::Bytes;
 use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, TcpKeepalive, Type};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -63,6 +63,7 @@ impl Listener {
     /// Accepts until `shutdown` is cancelled.
     pub async fn run(self) {
         let open = Arc::new(AtomicUsize::new(0));
+        let per_client = Arc::new(PerClient::new());
         loop {
             let accepted = tokio::select! {
                 accepted = self.socket.accept() => accepted,
@@ -98,12 +99,65 @@ impl Listener {
                 tunnels: self.tasks.clone(),
             };
             let shutdown = self.shutdown.clone();
+            let per_client = per_client.clone();
             self.tasks.spawn(async move {
                 let _guard = guard;
-                serve_connection(stream, connection, listener, shutdown).await;
+                serve_connection(stream, connection, listener, shutdown, per_client).await;
             });
         }
         tracing::info!(listener = %self.name, "stopped accepting");
+    }
+}
+
+/// Open connections per client address, in fixed hashed slots (no map, no lock). Addresses
+/// that collide share a slot, which can only make the cap stricter.
+struct PerClient {
+    slots: Box<[AtomicU32]>,
+}
+
+impl PerClient {
+    const SLOTS: usize = 1 << 14;
+
+    fn new() -> Self {
+        PerClient {
+            slots: (0..Self::SLOTS).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    /// Counts a connection from `client`; `Err` when it already has `cap` open. With no cap
+    /// (0) nothing is counted.
+    fn admit(
+        self: &Arc<Self>,
+        client: std::net::IpAddr,
+        cap: u32,
+    ) -> Result<Option<ClientSlot>, ()> {
+        if cap == 0 {
+            return Ok(None);
+        }
+        let index = (crate::balancer::ip_hash(client) as usize) & (Self::SLOTS - 1);
+        let previous = self.slots[index].fetch_add(1, Ordering::Relaxed);
+        let slot = ClientSlot {
+            table: self.clone(),
+            index,
+        };
+        if previous >= cap {
+            return Err(());
+        }
+        Ok(Some(slot))
+    }
+}
+
+/// One counted connection of a client; released on drop.
+struct ClientSlot {
+    table: Arc<PerClient>,
+    index: usize,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Some(slot) = self.table.slots.get(self.index) {
+            slot.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -136,6 +190,7 @@ async fn serve_connection(
     mut connection: l7::Connection,
     listener: Arc<ListenerTable>,
     shutdown: CancellationToken,
+    per_client: Arc<PerClient>,
 ) {
     let _ = stream.set_nodelay(true);
     let _ = SockRef::from(&stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE));
@@ -169,6 +224,12 @@ async fn serve_connection(
         Bytes::new()
     };
     let stream = Prefixed::new(prefix, stream);
+    let Ok(_client_slot) =
+        per_client.admit(connection.client.ip(), limits.max_connections_per_client)
+    else {
+        metrics.reject(Rejection::MaxConnections);
+        return;
+    };
     let limited = !listener.config.protocol.is_http()
         && listener
             .rate_limiter

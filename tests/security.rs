@@ -239,3 +239,102 @@ async fn http2_rapid_reset_is_cut_off() {
         backend.requests().len()
     );
 }
+
+#[tokio::test]
+async fn route_body_limits_answer_413() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web:\n    listen: \"127.0.0.1:0\"\n    routes:\n      - {{ path_prefix: \"/upload\", pool: p, max_body_bytes: 1000 }}\n    pool: p\npools:\n{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let post = |path: &'static str, size: usize| async move {
+        send(
+            http::Request::post(format!("http://{web}{path}"))
+                .header("host", "x")
+                .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                    b'a';
+                    size
+                ])))
+                .unwrap(),
+        )
+        .await
+        .status
+    };
+    assert_eq!(post("/upload", 1000).await, http::StatusCode::OK);
+    assert_eq!(
+        post("/upload", 1001).await,
+        http::StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        post("/elsewhere", 5000).await,
+        http::StatusCode::OK,
+        "other routes unlimited"
+    );
+    let chunked = raw_exchange(
+        web,
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n{}\r\n0\r\n\r\n",
+            "a".repeat(2000)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(
+        chunked.starts_with("HTTP/1.1 413"),
+        "a streamed body over the limit: {chunked:?}"
+    );
+}
+
+#[tokio::test]
+async fn connection_caps_per_client_and_per_listener_refuse_cleanly() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  per-client: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ max_connections_per_client: 2 }} }}\n  small: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ max_connections: 3 }} }}\npools:\n{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    for (listener, cap) in [("per-client", 2), ("small", 3)] {
+        let address = gatehouse.listener_address(listener).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..cap {
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buffer = [0u8; 12];
+            stream.read_exact(&mut buffer).await.unwrap();
+            assert_eq!(&buffer, b"HTTP/1.1 200");
+            held.push(stream);
+        }
+        let refused = raw_exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(
+            refused.is_empty(),
+            "{listener}: over the cap is closed: {refused:?}"
+        );
+        drop(held);
+        eventually("a freed slot is usable again", async || {
+            raw_exchange(
+                address,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .starts_with("HTTP/1.1 200")
+        })
+        .await;
+        let text = metrics_text(&gatehouse).await;
+        assert!(
+            metric(
+                &text,
+                "gatehouse_rejected_total",
+                &[("listener", listener), ("reason", "max_connections")]
+            )
+            .unwrap()
+                >= 1.0
+        );
+    }
+}

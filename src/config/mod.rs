@@ -159,6 +159,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
     pub max_connections: usize,
+    /// Open connections per client address; 0 = unlimited.
+    pub max_connections_per_client: u32,
 }
 
 /// How a route matches the request's host (case-insensitive, port ignored).
@@ -188,6 +190,8 @@ pub struct RouteConfig {
     pub host: Option<HostMatch>,
     pub path_prefix: Option<String>,
     pub pool: String,
+    /// Largest request body accepted on this route (413 beyond it); `None` = unlimited.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// Balancing algorithms (see `balancer`).

@@ -108,6 +108,7 @@ pub struct RawLimits {
     pub max_header_bytes: Option<usize>,
     pub header_timeout: Option<String>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<u32>,
 }
 
 /// One entry of `routes:`; first match wins.
@@ -118,6 +119,7 @@ pub struct RawRoute {
     pub host: Option<String>,
     pub path_prefix: Option<String>,
     pub pool: String,
+    pub max_body_bytes: Option<u64>,
 }
 
 /// One entry of `pools:`.

@@ -337,6 +337,7 @@ fn listener_config(
             Duration::from_secs(10),
         ),
         max_connections: raw.limits.max_connections.unwrap_or(10_000),
+        max_connections_per_client: raw.limits.max_connections_per_client.unwrap_or(0),
     };
     if limits.header_timeout.is_zero() {
         p.push(
@@ -388,6 +389,7 @@ fn listener_config(
             host,
             path_prefix: route.path_prefix.clone(),
             pool: route.pool.clone(),
+            max_body_bytes: route.max_body_bytes,
         });
     }
     match &raw.pool {

@@ -15,6 +15,8 @@ pub enum ProxyError {
     Forbidden,
     /// The client exceeded `rate_limit`; retry after this many seconds.
     RateLimited(u64),
+    /// The request body is larger than the route's `max_body_bytes`.
+    PayloadTooLarge,
     /// No route matched and the listener has no default pool.
     NoRoute,
     /// The pool has no backend that may take traffic.
@@ -33,6 +35,7 @@ impl ProxyError {
             ProxyError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BackendFailed => StatusCode::BAD_GATEWAY,
@@ -47,6 +50,7 @@ impl ProxyError {
             ProxyError::HeaderTooLarge => Some(Rejection::HeaderTooLarge),
             ProxyError::Forbidden => Some(Rejection::Acl),
             ProxyError::RateLimited(_) => Some(Rejection::RateLimit),
+            ProxyError::PayloadTooLarge => Some(Rejection::BadRequest),
             ProxyError::NoBackend => Some(Rejection::NoBackend),
             ProxyError::NoRoute | ProxyError::BackendFailed | ProxyError::Timeout => None,
         }
@@ -58,6 +62,7 @@ impl ProxyError {
             ProxyError::HeaderTooLarge => "request header block too large",
             ProxyError::Forbidden => "access denied",
             ProxyError::RateLimited(_) => "too many requests from this address",
+            ProxyError::PayloadTooLarge => "request body too large",
             ProxyError::NoRoute => "no route for this host and path",
             ProxyError::NoBackend => "no backend available",
             ProxyError::BackendFailed => "backend failed",
@@ -87,7 +92,10 @@ impl ProxyError {
         }
         if matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::HeaderTooLarge | ProxyError::Forbidden
+            ProxyError::BadRequest(_)
+                | ProxyError::HeaderTooLarge
+                | ProxyError::Forbidden
+                | ProxyError::PayloadTooLarge
         ) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -354,6 +354,15 @@ async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if let Some(limit) = target.max_body_bytes {
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit) {
+            return Err((ProxyError::PayloadTooLarge, Outcome::default()));
+        }
+    }
     let replayable = !upgrade && is_idempotent(&parts.method) && body.is_end_stream();
     let mut body = (!body.is_end_stream()).then_some(body);
     let attempts = pool.config.retry_attempts.clamp(1, 10) as usize;
@@ -382,7 +391,7 @@ async fn forward(
         let (upstream_body, reclaim) = match body.take() {
             Some(body) => {
                 let (body, reclaim) = UpstreamBody::reclaimable(body, bytes_in.clone());
-                (body, Some(reclaim))
+                (body.limited(target.max_body_bytes), Some(reclaim))
             }
             None => (UpstreamBody::empty(), None),
         };
@@ -439,6 +448,13 @@ async fn forward(
                 pool.record_outcome(index, false);
                 return Err((
                     ProxyError::Timeout,
+                    outcome(Some(index), Some(upstream_duration)),
+                ));
+            }
+            Ok(Err((_, _, error))) if error.contains("max_body_bytes") => {
+                tracing::debug!(backend = %backend.name, "request body over the route's limit");
+                return Err((
+                    ProxyError::PayloadTooLarge,
                     outcome(Some(index), Some(upstream_duration)),
                 ));
             }

@@ -128,7 +128,14 @@ pub struct UpstreamBody {
     give_back: Option<oneshot::Sender<Incoming>>,
     /// Bytes sent so far, when the access log wants them.
     sent: Option<Arc<AtomicU64>>,
+    /// Bytes still allowed by the route's `max_body_bytes`.
+    allowance: Option<u64>,
 }
+
+/// The client's body grew past the route's `max_body_bytes` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than the route's max_body_bytes")]
+pub struct BodyTooLarge;
 
 impl UpstreamBody {
     /// No body.
@@ -137,7 +144,14 @@ impl UpstreamBody {
             body: None,
             give_back: None,
             sent: None,
+            allowance: None,
         }
+    }
+
+    /// Fails the stream once more than `limit` bytes went through (None: unlimited).
+    pub fn limited(mut self, limit: Option<u64>) -> Self {
+        self.allowance = limit;
+        self
     }
 
     /// Streams `body` (adding the bytes sent to `sent`); the receiver gets it back if it is
@@ -152,6 +166,7 @@ impl UpstreamBody {
                 body: Some(body),
                 give_back: Some(give_back),
                 sent,
+                allowance: None,
             },
             reclaim,
         )
@@ -160,24 +175,33 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         this.give_back = None;
         let polled = match &mut this.body {
             Some(body) => Pin::new(body).poll_frame(cx),
             None => Poll::Ready(None),
         };
-        if let (Poll::Ready(Some(Ok(frame))), Some(sent)) = (&polled, &this.sent) {
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+                let length = data.len() as u64;
+                if let Some(sent) = &this.sent {
+                    sent.fetch_add(length, Ordering::Relaxed);
+                }
+                if let Some(allowance) = &mut this.allowance {
+                    match allowance.checked_sub(length) {
+                        Some(left) => *allowance = left,
+                        None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
+                    }
+                }
             }
         }
-        polled
+        polled.map(|frame| frame.map(|result| result.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

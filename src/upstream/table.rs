@@ -247,6 +247,8 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 #[derive(Debug)]
 pub struct Target {
     pub route: String,
+    /// The route's request body limit.
+    pub max_body_bytes: Option<u64>,
     /// `gatehouse_route_requests_total` of this route.
     pub route_requests: prometheus::IntCounter,
     pub pool: Arc<Pool>,
@@ -401,9 +403,10 @@ fn build_listener(
             .cloned()
             .ok_or_else(|| format!("listener {}: unknown pool {name}", listener.name))
     };
-    let target = |route: &str, pool: Arc<Pool>| {
+    let target = |route: &str, pool: Arc<Pool>, max_body_bytes: Option<u64>| {
         Arc::new(Target {
             route: route.to_string(),
+            max_body_bytes,
             route_requests: metrics
                 .route_requests_total
                 .with_label_values(&[listener.name.as_str(), route]),
@@ -422,11 +425,11 @@ fn build_listener(
         routes.push(Route {
             host: route.host.clone(),
             path_prefix: route.path_prefix.clone(),
-            target: target(&route.name, find_pool(&route.pool)?),
+            target: target(&route.name, find_pool(&route.pool)?, route.max_body_bytes),
         });
     }
     let default_target = match &listener.pool {
-        Some(pool) => Some(target("default", find_pool(pool)?)),
+        Some(pool) => Some(target("default", find_pool(pool)?, None)),
         None => None,
     };
     let tls = match &listener.tls {
