@@ -39,6 +39,8 @@ pub struct AccessRecord {
     pub route: String,
     pub tls_version: Option<&'static str>,
     pub sni: Option<Arc<str>>,
+    /// The subject of the client's certificate (mTLS).
+    pub client_cert: Option<Arc<str>>,
     /// `http` for requests, `tcp` for L4 connections.
     pub kind: &'static str,
 }
@@ -67,6 +69,7 @@ impl AccessRecord {
             "route": self.route,
             "tls_version": self.tls_version,
             "sni": self.sni.as_deref(),
+            "client_cert": self.client_cert.as_deref(),
         })
         .to_string()
     }

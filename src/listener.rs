@@ -95,6 +95,7 @@ impl Listener {
                 denied: false,
                 tls_version: None,
                 sni: None,
+                client_cert: None,
                 table: self.table.clone(),
                 tunnels: self.tasks.clone(),
             };
@@ -289,6 +290,11 @@ async fn serve_connection(
         _ => "TLS",
     });
     connection.sni = session.server_name().map(Arc::from);
+    connection.client_cert = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(crate::tls::certificate_subject)
+        .map(Arc::from);
     match listener.config.protocol {
         Protocol::Tls => l4::serve(tls, &connection, &listener).await,
         _ => {

@@ -95,6 +95,12 @@ fn leaf_names_and_expiry(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, i64)
     Ok((names, parsed.validity().not_after.timestamp()))
 }
 
+/// The subject distinguished name of a (verified) client certificate, RFC 4514 style.
+pub fn certificate_subject(certificate: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
+    Some(parsed.subject().to_string())
+}
+
 /// Reads a PEM bundle of CA certificates.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
@@ -177,7 +183,13 @@ pub fn server_config(tls: &ListenerTls, offer_http: bool) -> Result<Arc<ServerCo
     let builder = ServerConfig::builder_with_protocol_versions(versions);
     let builder = match &tls.client_ca {
         Some(ca) => {
-            let verifier = WebPkiClientVerifier::builder(Arc::new(load_roots(ca)?))
+            let verifier = WebPkiClientVerifier::builder(Arc::new(load_roots(ca)?));
+            let verifier = if tls.client_auth_required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
                 .build()
                 .map_err(|error| format!("invalid client_ca: {error}"))?;
             builder.with_client_cert_verifier(verifier)

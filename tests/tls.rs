@@ -174,3 +174,106 @@ async fn session_resumption_can_be_turned_off() {
     let (off, _b2) = tls_gatehouse(&dir, &ca, "      session_resumption: false\n").await;
     assert!(!second_handshake_resumed(&ca, off.listener_address("secure").unwrap()).await);
 }
+
+/// Sends one HTTP/1.1 request over TLS with `client` and returns the raw answer ("" if the
+/// server refused the connection).
+async fn raw_tls_request(
+    client: Arc<rustls::ClientConfig>,
+    address: std::net::SocketAddr,
+    request: &[u8],
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("portal.example.gov").unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(client)
+        .connect(name, tcp)
+        .await
+    else {
+        return String::new();
+    };
+    if tls.write_all(request).await.is_err() {
+        return String::new();
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn mutual_tls_required_optional_and_the_subject_header() {
+    let request = b"GET / HTTP/1.1\r\nHost: portal.example.gov\r\nX-Client-Subject: CN=forged\r\nConnection: close\r\n\r\n";
+    for (mode, anonymous_allowed) in [("required", false), ("optional", true)] {
+        let dir = TestDir::new();
+        let ca = TestCa::new();
+        std::fs::write(dir.path("clients.pem"), &ca.ca_pem).unwrap();
+        let (client_cert, client_key) = ca.leaf(&dir, "citizen-app", &["app.example.gov"]);
+        let extra = format!(
+            "      client_ca: clients.pem\n      client_auth: {mode}\n      client_cert_header: X-Client-Subject\n"
+        );
+        let (gatehouse, backend) = tls_gatehouse(&dir, &ca, &extra).await;
+        let secure = gatehouse.listener_address("secure").unwrap();
+
+        let anonymous = raw_tls_request(ca.client_config(&[b"http/1.1"]), secure, request).await;
+        assert_eq!(
+            anonymous.starts_with("HTTP/1.1 200"),
+            anonymous_allowed,
+            "{mode}: {anonymous:?}"
+        );
+        let with_certificate = raw_tls_request(
+            ca.client_config_with_certificate(&client_cert, &client_key),
+            secure,
+            request,
+        )
+        .await;
+        assert!(
+            with_certificate.starts_with("HTTP/1.1 200"),
+            "{mode}: {with_certificate:?}"
+        );
+
+        let subjects: Vec<Option<String>> = backend
+            .requests()
+            .iter()
+            .map(|seen| seen.header("x-client-subject"))
+            .collect();
+        let verified = subjects.last().cloned().flatten().unwrap();
+        assert!(verified.contains("CN="), "{verified}");
+        assert!(
+            !verified.contains("forged"),
+            "the client's own header is never forwarded"
+        );
+        if anonymous_allowed {
+            assert_eq!(
+                subjects[0], None,
+                "an anonymous client gets no subject header"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn hsts_is_added_to_https_responses() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let backend = TestBackend::start("b").await;
+    ca.leaf(&dir, "portal", &["portal.example.gov"]);
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  secure:
+    listen: \"127.0.0.1:0\"
+    protocol: https
+    tls: {{ certificates: [ {{ cert: portal.crt, key: portal.key }} ] }}
+    hsts: {{ max_age: 365d, include_subdomains: true }}
+    pool: p
+pools:
+{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let secure = gatehouse.listener_address("secure").unwrap();
+    let (_, _, answer) = tls_get(&ca, secure, "portal.example.gov", &[b"h2"], "/").await;
+    assert_eq!(
+        answer.headers["strict-transport-security"],
+        "max-age=31536000; includeSubDomains"
+    );
+}

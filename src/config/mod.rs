@@ -124,6 +124,8 @@ pub struct ListenerConfig {
     pub allow: Vec<IpNet>,
     pub deny: Vec<IpNet>,
     pub rate_limit: Option<RateLimit>,
+    /// The Strict-Transport-Security value added to responses (https listeners).
+    pub hsts: Option<http::HeaderValue>,
     pub limits: Limits,
     pub routes: Vec<RouteConfig>,
     /// The default pool (http/https) or the pool (tcp/tls).
@@ -143,6 +145,11 @@ pub struct ListenerTls {
     pub certificates: Vec<Arc<crate::tls::LoadedCertificate>>,
     pub min_version: TlsVersion,
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: whether a client certificate is required (else optional).
+    pub client_auth_required: bool,
+    /// A header carrying the verified client certificate's subject to backends (any such
+    /// header from the client is removed).
+    pub client_cert_header: Option<http::HeaderName>,
     pub session_resumption: bool,
 }
 

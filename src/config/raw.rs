@@ -67,6 +67,7 @@ pub struct RawListener {
     #[serde(default)]
     pub deny: Vec<String>,
     pub rate_limit: Option<RawRateLimit>,
+    pub hsts: Option<RawHsts>,
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
@@ -82,7 +83,20 @@ pub struct RawListenerTls {
     pub certificates: Vec<RawCertificate>,
     pub min_version: Option<String>,
     pub client_ca: Option<String>,
+    pub client_auth: Option<String>,
+    pub client_cert_header: Option<String>,
     pub session_resumption: Option<bool>,
+}
+
+/// `hsts:` — Strict-Transport-Security on an https listener's responses.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHsts {
+    pub max_age: String,
+    #[serde(default)]
+    pub include_subdomains: bool,
+    #[serde(default)]
+    pub preload: bool,
 }
 
 /// One certificate/key pair; SNI chooses among them.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// Parses `500ms`, `2s`, `1m`, `1h` (and `0`). Fractions are allowed (`1.5s`).
+/// Parses `500ms`, `2s`, `1m`, `1h`, `365d` (and `0`). Fractions are allowed (`1.5s`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
@@ -20,14 +20,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
+        "d" => 86400.0,
         _ => {
             return Err(format!(
-                "invalid duration unit \"{unit}\" in \"{text}\" (use ms, s, m or h)"
+                "invalid duration unit \"{unit}\" in \"{text}\" (use ms, s, m, h or d)"
             ))
         }
     };
     let seconds = value * seconds_per_unit;
-    if !seconds.is_finite() || seconds > 365.0 * 24.0 * 3600.0 {
+    if !seconds.is_finite() || seconds > 2.0 * 365.0 * 24.0 * 3600.0 {
         return Err(format!("duration \"{text}\" is out of range"));
     }
     Ok(Duration::from_secs_f64(seconds))
@@ -91,6 +92,7 @@ mod tests {
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("365d"), Ok(Duration::from_secs(365 * 86400)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));

@@ -322,6 +322,27 @@ fn listener_config(
         })
     });
 
+    let hsts = raw.hsts.as_ref().and_then(|hsts| {
+        if protocol != Protocol::Https {
+            p.push(
+                format!("{path}.hsts"),
+                "hsts applies to https listeners only",
+            );
+            return None;
+        }
+        let max_age = p.check(
+            &format!("{path}.hsts.max_age"),
+            parse_duration(&hsts.max_age),
+        )?;
+        let mut value = format!("max-age={}", max_age.as_secs());
+        if hsts.include_subdomains {
+            value.push_str("; includeSubDomains");
+        }
+        if hsts.preload {
+            value.push_str("; preload");
+        }
+        http::HeaderValue::from_str(&value).ok()
+    });
     let max_header_bytes = raw.limits.max_header_bytes.unwrap_or(65536);
     if !(1024..=1 << 20).contains(&max_header_bytes) {
         p.push(
@@ -425,6 +446,7 @@ fn listener_config(
         allow: cidrs(&format!("{path}.allow"), &raw.allow, p),
         deny: cidrs(&format!("{path}.deny"), &raw.deny, p),
         rate_limit,
+        hsts,
         limits,
         routes,
         pool: raw.pool.clone(),
@@ -482,6 +504,25 @@ fn listener_tls(
         }
     };
     let client_ca = raw.client_ca.as_deref().map(resolve);
+    let client_auth_required = match raw.client_auth.as_deref() {
+        None | Some("required") => true,
+        Some("optional") => false,
+        Some(other) => {
+            p.push(
+                format!("{path}.client_auth"),
+                format!("unknown client_auth \"{other}\" (expected required or optional)"),
+            );
+            true
+        }
+    };
+    if raw.client_auth.is_some() && client_ca.is_none() {
+        p.push(format!("{path}.client_auth"), "client_auth needs client_ca");
+    }
+    let client_cert_header = raw.client_cert_header.as_deref().and_then(|name| {
+        let parsed = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name \"{name}\""));
+        p.check(&format!("{path}.client_cert_header"), parsed)
+    });
     if let Some(ca) = &client_ca {
         p.check(&format!("{path}.client_ca"), crate::tls::load_roots(ca));
     }
@@ -489,6 +530,8 @@ fn listener_tls(
         certificates,
         min_version,
         client_ca,
+        client_auth_required,
+        client_cert_header,
         session_resumption: raw.session_resumption.unwrap_or(true),
     })
 }

@@ -126,6 +126,7 @@ where
             route: target.route.clone(),
             tls_version: connection.tls_version,
             sni: connection.sni.clone(),
+            client_cert: connection.client_cert.clone(),
             ..AccessRecord::default()
         });
     }

@@ -52,6 +52,8 @@ pub struct Connection {
     /// The negotiated TLS version and the client's SNI, on TLS listeners.
     pub tls_version: Option<&'static str>,
     pub sni: Option<Arc<str>>,
+    /// The subject of the client's verified certificate (mTLS).
+    pub client_cert: Option<Arc<str>>,
     /// Refused by the listener's `allow`/`deny`: every request gets 403.
     pub denied: bool,
     pub table: SharedTable,
@@ -227,6 +229,12 @@ async fn handle(request: Request<Incoming>, connection: &Connection) -> Response
             .headers_mut()
             .insert(headers::X_REQUEST_ID, id.clone());
     }
+    if let Some(hsts) = &listener.config.hsts {
+        response
+            .headers_mut()
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert_with(|| hsts.clone());
+    }
     if let Some(record) = record.as_mut() {
         record.status = code;
         record.route.clone_from(&target.route);
@@ -265,6 +273,7 @@ fn access_record(request: &Request<Incoming>, connection: &Connection) -> Access
         path: request.uri().path().to_string(),
         tls_version: connection.tls_version,
         sni: connection.sni.clone(),
+        client_cert: connection.client_cert.clone(),
         ..AccessRecord::default()
     }
 }
@@ -346,6 +355,21 @@ async fn forward(
     );
     if let Some(host) = &host {
         request_headers.insert(header::HOST, host.clone());
+    }
+    if let Some(name) = listener
+        .config
+        .tls
+        .as_ref()
+        .and_then(|tls| tls.client_cert_header.as_ref())
+    {
+        request_headers.remove(name);
+        let subject = connection
+            .client_cert
+            .as_deref()
+            .and_then(|subject| http::HeaderValue::from_str(subject).ok());
+        if let Some(subject) = subject {
+            request_headers.insert(name.clone(), subject);
+        }
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
