@@ -197,6 +197,8 @@ pub fn server_config(tls: &ListenerTls, offer_http: bool) -> Result<Arc<ServerCo
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    // The server's preference (rustls's order: AES-256-GCM, AES-128-GCM, ChaCha20) wins.
+    config.ignore_client_order = true;
     if offer_http {
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
     }

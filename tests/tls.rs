@@ -277,3 +277,81 @@ pools:
         "max-age=31536000; includeSubDomains"
     );
 }
+
+/// An HTTPS backend (rustls) answering `tls-backend` to everything.
+async fn tls_backend(dir: &TestDir, ca: &TestCa, name: &str) -> std::net::SocketAddr {
+    use hyper_util::rt::TokioIo;
+    use rustls::pki_types::pem::PemObject as _;
+    let (cert, key) = ca.leaf(dir, "backend", &[name]);
+    let loaded = gatehouse::tls::LoadedCertificate::load(&cert, &key).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            loaded.certified_key.cert.clone(),
+            rustls::pki_types::PrivateKeyDer::from_pem_file(&key).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"tls-backend")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn pools_can_speak_tls_to_their_backends() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    std::fs::write(dir.path("backend-ca.pem"), &ca.ca_pem).unwrap();
+    let backend = tls_backend(&dir, &ca, "backend.internal").await;
+    let other_ca = TestCa::new();
+    std::fs::write(dir.path("other-ca.pem"), &other_ca.ca_pem).unwrap();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web:
+    listen: \"127.0.0.1:0\"
+    routes:
+      - {{ path_prefix: \"/untrusted\", pool: untrusted }}
+    pool: secure
+pools:
+  secure:
+    health_check: {{ type: none }}
+    tls: {{ sni: backend.internal, ca: backend-ca.pem }}
+    backends: [ {{ name: b, address: \"{backend}\" }} ]
+  untrusted:
+    health_check: {{ type: none }}
+    retries: {{ attempts: 1 }}
+    tls: {{ sni: backend.internal, ca: other-ca.pem }}
+    backends: [ {{ name: b, address: \"{backend}\" }} ]
+"
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let answer = get(web, "x", "/").await;
+    assert_eq!(answer.status, http::StatusCode::OK);
+    assert_eq!(answer.text(), "tls-backend");
+    let refused = get(web, "x", "/untrusted").await;
+    assert_eq!(
+        refused.status,
+        http::StatusCode::BAD_GATEWAY,
+        "a backend certificate from another CA is refused"
+    );
+}

@@ -166,6 +166,18 @@ fn build(raw: RawConfig, text: &str, file: &Path, base: &Path, p: &mut Problems)
         check_name(&format!("pools.{name}"), name, p);
         pools.push(pool_config(name, pool, &resolve, p));
     }
+    for listener in &listeners {
+        let pool = listener
+            .pool
+            .as_deref()
+            .and_then(|name| pools.iter().find(|p| p.name == name));
+        if !listener.protocol.is_http() && pool.is_some_and(|pool| pool.tls.is_some()) {
+            p.push(
+                format!("listeners.{}.pool", listener.name),
+                "a tcp/tls listener cannot use a pool with tls towards its backends (HTTP only)",
+            );
+        }
+    }
 
     Config {
         path: file.to_path_buf(),
@@ -653,8 +665,15 @@ fn pool_config(
     }
     let tls = raw.tls.as_ref().map(|tls| {
         let ca = tls.ca.as_deref().map(resolve);
-        if let Some(ca) = &ca {
-            p.check(&format!("{path}.tls.ca"), crate::tls::load_roots(ca));
+        let bundle = ca
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::upstream::client::SYSTEM_CA_BUNDLE));
+        p.check(&format!("{path}.tls.ca"), crate::tls::load_roots(&bundle));
+        if raw.send_proxy_protocol.is_some() {
+            p.push(
+                format!("{path}.tls"),
+                "tls towards backends cannot be combined with send_proxy_protocol yet",
+            );
         }
         UpstreamTls {
             sni: tls.sni.clone(),

@@ -1,14 +1,16 @@
 //! The pooled upstream HTTP/1.1 client of a pool, and the request body it sends.
 
-use crate::config::Timeouts;
+use crate::config::{Timeouts, UpstreamTls};
 use bytes::Bytes;
 use http::Uri;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::Histogram;
+use rustls::pki_types::ServerName;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,24 +24,104 @@ use tower_service::Service;
 /// A keep-alive HTTP/1.1 client; cheap to clone (its pool is shared).
 pub type UpstreamClient = Client<TimedConnector, UpstreamBody>;
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// TLS towards a pool's backends: the client configuration and the name to verify.
+#[derive(Clone)]
+struct UpstreamTlsConnector {
+    connector: tokio_rustls::TlsConnector,
+    /// `tls.sni`; without it the backend's IP address is verified.
+    server_name: Option<ServerName<'static>>,
+}
+
 /// hyper-util's TCP connector, timing each new connection into
-/// `gatehouse_upstream_connect_duration_seconds`. Pooled connections skip it entirely.
+/// `gatehouse_upstream_connect_duration_seconds` and wrapping it in TLS for pools with `tls`.
+/// Pooled connections skip it entirely.
 #[derive(Clone)]
 pub struct TimedConnector {
     inner: HttpConnector,
     connect_duration: Histogram,
+    tls: Option<UpstreamTlsConnector>,
 }
 
-type ConnectFuture = Pin<
-    Box<
-        dyn Future<Output = Result<TokioIo<TcpStream>, Box<dyn std::error::Error + Send + Sync>>>
-            + Send,
-    >,
->;
+/// A connection to a backend: plain TCP or TLS over TCP.
+pub enum UpstreamStream {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+impl hyper::rt::Read for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            UpstreamStream::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            UpstreamStream::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(io) => io.is_write_vectored(),
+            UpstreamStream::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(io) => Pin::new(io).poll_flush(cx),
+            UpstreamStream::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            UpstreamStream::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamStream::Plain(io) => io.connected(),
+            UpstreamStream::Tls(_) => Connected::new(),
+        }
+    }
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<UpstreamStream, BoxError>> + Send>>;
 
 impl Service<Uri> for TimedConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Response = UpstreamStream;
+    type Error = BoxError;
     type Future = ConnectFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -48,27 +130,80 @@ impl Service<Uri> for TimedConnector {
 
     fn call(&mut self, destination: Uri) -> Self::Future {
         let started = Instant::now();
+        let host = destination.host().map(str::to_string);
         let connecting = self.inner.call(destination);
         let histogram = self.connect_duration.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
             let connected = connecting.await?;
             histogram.observe(started.elapsed().as_secs_f64());
-            Ok(connected)
+            let Some(tls) = tls else {
+                return Ok(UpstreamStream::Plain(connected));
+            };
+            let server_name = match tls.server_name {
+                Some(name) => name,
+                None => {
+                    let host = host.unwrap_or_default();
+                    let ip: std::net::IpAddr = host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse()
+                        .map_err(|_| format!("no TLS server name for {host}"))?;
+                    ServerName::IpAddress(ip.into())
+                }
+            };
+            let stream = tls
+                .connector
+                .connect(server_name, connected.into_inner())
+                .await?;
+            Ok(UpstreamStream::Tls(Box::new(TokioIo::new(stream))))
         })
     }
+}
+
+/// The CA bundle used when a pool's `tls` names no `ca` (Debian's system bundle).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+fn tls_connector(tls: &UpstreamTls) -> Result<UpstreamTlsConnector, String> {
+    let ca = tls
+        .ca
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from(SYSTEM_CA_BUNDLE));
+    let roots = crate::tls::load_roots(&ca)?;
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![crate::tls::ALPN_HTTP1.to_vec()];
+    let server_name = match &tls.sni {
+        Some(sni) => Some(
+            ServerName::try_from(sni.clone()).map_err(|_| format!("invalid tls.sni \"{sni}\""))?,
+        ),
+        None => None,
+    };
+    Ok(UpstreamTlsConnector {
+        connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+        server_name,
+    })
 }
 
 /// Idle upstream connections kept per backend.
 const MAX_IDLE_PER_BACKEND: usize = 256;
 
-/// Builds the client for a pool's timeouts. Connections idle longer than `idle` are closed;
-/// new connections are timed into `connect_duration`.
-pub fn build(timeouts: &Timeouts, connect_duration: Histogram) -> UpstreamClient {
+/// Builds the client for a pool's timeouts (and TLS towards its backends, when set).
+/// Connections idle longer than `idle` are closed; new connections are timed into
+/// `connect_duration`.
+pub fn build(
+    timeouts: &Timeouts,
+    tls: Option<&UpstreamTls>,
+    connect_duration: Histogram,
+) -> Result<UpstreamClient, String> {
+    let tls = tls.map(tls_connector).transpose()?;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(timeouts.connect));
     connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
+    connector.enforce_http(false);
+    Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(timeouts.idle)
@@ -76,7 +211,8 @@ pub fn build(timeouts: &Timeouts, connect_duration: Histogram) -> UpstreamClient
         .build(TimedConnector {
             inner: connector,
             connect_duration,
-        })
+            tls,
+        }))
 }
 
 /// Sends one request on a fresh connection that starts with a PROXY `header` (a pool with

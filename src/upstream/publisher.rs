@@ -12,7 +12,9 @@ use super::retry::RetryBudget;
 use super::table::{BackendFacts, Table};
 use crate::access_log::AccessLog;
 use crate::config::RateLimit;
-use crate::config::{AccessLogConfig, AdminState, Config, HealthCheckKind, Timeouts};
+use crate::config::{
+    AccessLogConfig, AdminState, Config, HealthCheckKind, PoolConfig, Timeouts, UpstreamTls,
+};
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::rate_limit::RateLimiter;
 use arc_swap::ArcSwap;
@@ -93,7 +95,7 @@ struct Carried {
     /// When each backend last became available (for slow start), after start-up.
     available_since: HashMap<BackendKey, Instant>,
     previous_candidates: Option<HashSet<BackendKey>>,
-    clients: HashMap<String, (Timeouts, UpstreamClient)>,
+    clients: HashMap<String, ((Timeouts, Option<UpstreamTls>), UpstreamClient)>,
     retry_budgets: HashMap<String, Arc<RetryBudget>>,
     listener_metrics: HashMap<String, ListenerMetrics>,
     access_log: Option<Arc<AccessLog>>,
@@ -142,20 +144,21 @@ impl BackendFacts for Carried {
         }
     }
 
-    fn client(&mut self, pool: &str, timeouts: &Timeouts) -> UpstreamClient {
-        match self.clients.get(pool) {
-            Some((existing, client)) if existing == timeouts => client.clone(),
-            _ => {
-                let connect = self
-                    .metrics
-                    .upstream_connect_duration
-                    .with_label_values(&[pool]);
-                let client = client::build(timeouts, connect);
-                self.clients
-                    .insert(pool.to_string(), (*timeouts, client.clone()));
-                client
+    fn client(&mut self, pool: &PoolConfig) -> Result<UpstreamClient, String> {
+        let settings = (pool.timeouts, pool.tls.clone());
+        if let Some((existing, client)) = self.clients.get(&pool.name) {
+            if *existing == settings {
+                return Ok(client.clone());
             }
         }
+        let connect = self
+            .metrics
+            .upstream_connect_duration
+            .with_label_values(&[pool.name.as_str()]);
+        let client = client::build(&pool.timeouts, pool.tls.as_ref(), connect)?;
+        self.clients
+            .insert(pool.name.clone(), (settings, client.clone()));
+        Ok(client)
     }
 
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics {

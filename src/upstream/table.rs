@@ -8,7 +8,7 @@ use super::backend::{Backend, BackendStats};
 use super::client::UpstreamClient;
 use crate::access_log::AccessLog;
 use crate::balancer::{self, Balancer, Candidate, PickContext, Tuning};
-use crate::config::{AdminState, Config, HashKey, HostMatch, ListenerConfig, PoolConfig, Timeouts};
+use crate::config::{AdminState, Config, HashKey, HostMatch, ListenerConfig, PoolConfig};
 use crate::config::{Algorithm, HealthCheckKind};
 use crate::metrics::{ListenerMetrics, Metrics, RequestCounters};
 use http::HeaderMap;
@@ -36,8 +36,8 @@ pub trait BackendFacts {
     fn retry_budget(&mut self, pool: &str) -> Arc<super::retry::RetryBudget>;
     /// Where the request path reports what the publisher must act on (passive ejections).
     fn changes(&self) -> tokio::sync::mpsc::Sender<super::publisher::Change>;
-    /// The pool's upstream client (reused when the pool's timeouts did not change).
-    fn client(&mut self, pool: &str, timeouts: &Timeouts) -> UpstreamClient;
+    /// The pool's upstream client (reused while the pool's timeouts and TLS settings stay).
+    fn client(&mut self, pool: &PoolConfig) -> Result<UpstreamClient, String>;
     /// The listener's metric handles.
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics;
     /// The rate limiter of a listener (the same buckets while the limit is unchanged).
@@ -128,7 +128,7 @@ impl Pool {
             balancer: balancer::build(algorithm, &balancer_candidates, tuning),
             candidates,
             available,
-            client: facts.client(&config.name, &config.timeouts),
+            client: facts.client(config)?,
             retry_budget: facts.retry_budget(&config.name),
             retries: metrics
                 .upstream_retries_total
@@ -509,17 +509,17 @@ impl BackendFacts for StaticFacts {
         1.0
     }
 
-    fn client(&mut self, pool: &str, timeouts: &Timeouts) -> UpstreamClient {
-        self.clients
-            .entry(pool.to_string())
-            .or_insert_with(|| {
-                let connect = self
-                    .metrics
-                    .upstream_connect_duration
-                    .with_label_values(&[pool]);
-                super::client::build(timeouts, connect)
-            })
-            .clone()
+    fn client(&mut self, pool: &PoolConfig) -> Result<UpstreamClient, String> {
+        if let Some(client) = self.clients.get(&pool.name) {
+            return Ok(client.clone());
+        }
+        let connect = self
+            .metrics
+            .upstream_connect_duration
+            .with_label_values(&[pool.name.as_str()]);
+        let client = super::client::build(&pool.timeouts, pool.tls.as_ref(), connect)?;
+        self.clients.insert(pool.name.clone(), client.clone());
+        Ok(client)
     }
 
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics {
