@@ -61,16 +61,7 @@ pools:
 async fn rewrites_headers_for_the_backend() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
-listeners:
-  web: {{ listen: \"127.0.0.1:0\", pool: p }}
-pools:
-{}",
-        pool_yaml("p", &[("b", backend.address)], "")
-    );
-    let gatehouse = start_gatehouse(&dir, &yaml).await;
-    let web = gatehouse.listener_address("web").unwrap();
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
 
     let answer = send(
         Request::get(format!("http://{web}/h?q=1"))
@@ -138,16 +129,13 @@ pools:
 async fn trusted_proxies_extend_x_forwarded_for() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
-listeners:
-  web: {{ listen: \"127.0.0.1:0\", pool: p, trusted_proxies: [\"127.0.0.0/8\"] }}
-pools:
-{}",
-        pool_yaml("p", &[("b", backend.address)], "")
-    );
-    let gatehouse = start_gatehouse(&dir, &yaml).await;
-    let web = gatehouse.listener_address("web").unwrap();
+    let (_gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("b", backend.address)],
+        ", trusted_proxies: [\"127.0.0.0/8\"]",
+        "",
+    )
+    .await;
     send(
         Request::get(format!("http://{web}/"))
             .header("host", "x")
@@ -166,16 +154,7 @@ pools:
 async fn streams_20_mib_up_and_down_intact() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
-listeners:
-  web: {{ listen: \"127.0.0.1:0\", pool: p }}
-pools:
-{}",
-        pool_yaml("p", &[("b", backend.address)], "")
-    );
-    let gatehouse = start_gatehouse(&dir, &yaml).await;
-    let web = gatehouse.listener_address("web").unwrap();
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
 
     let mut payload = vec![0u8; 20 * 1024 * 1024];
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
@@ -319,16 +298,7 @@ pools:
 async fn malformed_requests_get_400_and_never_reach_a_backend() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
-listeners:
-  web: {{ listen: \"127.0.0.1:0\", pool: p }}
-pools:
-{}",
-        pool_yaml("p", &[("b", backend.address)], "")
-    );
-    let gatehouse = start_gatehouse(&dir, &yaml).await;
-    let web = gatehouse.listener_address("web").unwrap();
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
     let cases: [&[u8]; 4] = [
         b"GET / HTTP/1.1\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
@@ -350,16 +320,7 @@ pools:
 async fn h2c_with_prior_knowledge_is_proxied_to_http1() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
-listeners:
-  web: {{ listen: \"127.0.0.1:0\", pool: p }}
-pools:
-{}",
-        pool_yaml("p", &[("b", backend.address)], "")
-    );
-    let gatehouse = start_gatehouse(&dir, &yaml).await;
-    let web = gatehouse.listener_address("web").unwrap();
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
     let tcp = TcpStream::connect(web).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
@@ -389,16 +350,7 @@ pools:
 async fn websocket_upgrade_is_tunnelled_after_101() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
-listeners:
-  web: {{ listen: \"127.0.0.1:0\", pool: p }}
-pools:
-{}",
-        pool_yaml("p", &[("b", backend.address)], "")
-    );
-    let gatehouse = start_gatehouse(&dir, &yaml).await;
-    let web = gatehouse.listener_address("web").unwrap();
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
 
     let mut stream = TcpStream::connect(web).await.unwrap();
     stream

@@ -122,12 +122,13 @@ async fn the_hostile_request_corpus_is_refused_and_nothing_is_smuggled() {
 async fn a_late_request_head_gets_408_and_is_counted() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ header_timeout: 300ms }} }}\npools:\n{}",
-        pool_yaml("p", &[("b", backend.address)], "")
-    );
-    let gatehouse = start_gatehouse(&dir, &yaml).await;
-    let web = gatehouse.listener_address("web").unwrap();
+    let (gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("b", backend.address)],
+        ", limits: { header_timeout: 300ms }",
+        "",
+    )
+    .await;
     let answer = raw_exchange(web, b"GET / HTTP/1.1\r\nHost: x\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     assert!(backend.requests().is_empty());
@@ -146,12 +147,13 @@ async fn a_late_request_head_gets_408_and_is_counted() {
 async fn rate_limits_answer_429_with_retry_after() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p, rate_limit: {{ requests_per_second: 0.5, burst: 3 }} }}\npools:\n{}",
-        pool_yaml("p", &[("b", backend.address)], "")
-    );
-    let gatehouse = start_gatehouse(&dir, &yaml).await;
-    let web = gatehouse.listener_address("web").unwrap();
+    let (gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("b", backend.address)],
+        ", rate_limit: { requests_per_second: 0.5, burst: 3 }",
+        "",
+    )
+    .await;
     for _ in 0..3 {
         assert_eq!(get(web, "x", "/").await.status, http::StatusCode::OK);
     }

@@ -622,6 +622,24 @@ pub fn pool_yaml(name: &str, backends: &[(&str, SocketAddr)], extra: &str) -> St
     yaml
 }
 
+/// gatehouse with one http listener `web` (plus `listener_extra`, e.g.
+/// `, trusted_proxies: [...]`) in front of pool `p` of `backends` (plus `pool_extra` lines),
+/// health checks off; returns it with `web`'s address.
+pub async fn single_pool_gatehouse(
+    dir: &TestDir,
+    backends: &[(&str, SocketAddr)],
+    listener_extra: &str,
+    pool_extra: &str,
+) -> (Arc<Gatehouse>, SocketAddr) {
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p{listener_extra} }}\npools:\n{}",
+        pool_yaml("p", backends, pool_extra)
+    );
+    let gatehouse = start_gatehouse(dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    (gatehouse, web)
+}
+
 /// The file `path` relative to the crate root.
 pub fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
