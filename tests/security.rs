@@ -340,3 +340,82 @@ async fn connection_caps_per_client_and_per_listener_refuse_cleanly() {
         );
     }
 }
+
+/// One HTTP/2 frame: 9-byte header then payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = payload.len() as u32;
+    let mut frame = vec![
+        (length >> 16) as u8,
+        (length >> 8) as u8,
+        length as u8,
+        kind,
+        flags,
+    ];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test]
+async fn http2_continuation_flood_is_cut_off() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
+    let mut stream = tokio::net::TcpStream::connect(web).await.unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    stream.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap();
+    // A literal header field without indexing, repeated: ~1 KiB per field.
+    let mut field = vec![0x00, 0x05];
+    field.extend_from_slice(b"x-big");
+    // Value length 1000 as an HPACK integer with a 7-bit prefix: 127, then 873 = 0x69 | 6 << 7.
+    field.extend_from_slice(&[0x7f, 0xe9, 0x06]);
+    field.extend(std::iter::repeat_n(b'a', 1000));
+    let block: Vec<u8> = field
+        .iter()
+        .copied()
+        .cycle()
+        .take(field.len() * 16)
+        .collect();
+    stream
+        .write_all(&h2_frame(0x1, 0, 1, &block))
+        .await
+        .unwrap();
+    let mut sent = 16 * 1024;
+    let mut refused = false;
+    for _ in 0..2000 {
+        if stream
+            .write_all(&h2_frame(0x9, 0, 1, &block))
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        sent += block.len();
+    }
+    if !refused {
+        let mut buffer = vec![0u8; 65536];
+        let read = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        refused = read.unwrap_or(false);
+    }
+    assert!(
+        refused,
+        "the server must close a connection flooding CONTINUATION ({sent} bytes sent)"
+    );
+    assert!(
+        backend.requests().is_empty(),
+        "no request was formed from the flood"
+    );
+    drop(gatehouse);
+}
