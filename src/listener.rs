@@ -7,6 +7,7 @@
 use crate::config::Protocol;
 use crate::io::CountedIo;
 use crate::metrics::Rejection;
+use crate::proxy::framing::FramingGuard;
 use crate::proxy::l4;
 use crate::proxy::l7::{self, Negotiated};
 use crate::proxy_protocol::{self, Prefixed};
@@ -93,6 +94,8 @@ impl Listener {
                 client: peer,
                 local: peer,
                 denied: false,
+                framing: None,
+                requests: std::sync::atomic::AtomicU64::new(0),
                 tls_version: None,
                 sni: None,
                 client_cert: None,
@@ -251,6 +254,8 @@ async fn serve_connection(
         match listener.config.protocol {
             Protocol::Tcp => l4::serve(stream, &connection, &listener).await,
             _ => {
+                let (stream, verdict) = FramingGuard::new(stream);
+                connection.framing = Some(verdict);
                 let connection = Arc::new(connection);
                 l7::serve(
                     stream,
@@ -297,6 +302,12 @@ async fn serve_connection(
         .map(Arc::from);
     match listener.config.protocol {
         Protocol::Tls => l4::serve(tls, &connection, &listener).await,
+        _ if negotiated == Negotiated::Http1 => {
+            let (tls, verdict) = FramingGuard::new(tls);
+            connection.framing = Some(verdict);
+            let connection = Arc::new(connection);
+            l7::serve(tls, connection, &listener, negotiated, shutdown, None).await;
+        }
         _ => {
             let connection = Arc::new(connection);
             l7::serve(tls, connection, &listener, negotiated, shutdown, None).await;

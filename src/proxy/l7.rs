@@ -7,6 +7,7 @@
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
+use super::framing::Verdict;
 use super::headers;
 use crate::access_log::AccessRecord;
 use crate::config::ProxyProtocolVersion;
@@ -56,6 +57,10 @@ pub struct Connection {
     pub client_cert: Option<Arc<str>>,
     /// Refused by the listener's `allow`/`deny`: every request gets 403.
     pub denied: bool,
+    /// The independent HTTP/1 framing check of this connection (None for HTTP/2).
+    pub framing: Option<Arc<Verdict>>,
+    /// Requests handled so far on this connection (HTTP/1 handles them in order).
+    pub requests: AtomicU64,
     pub table: SharedTable,
     /// Tracks upgraded tunnels so shutdown can wait for them.
     pub tunnels: TaskTracker,
@@ -172,7 +177,16 @@ async fn handle(request: Request<Incoming>, connection: &Connection) -> Response
         .rate_limiter
         .as_ref()
         .and_then(|limiter| limiter.check(connection.client.ip()).err());
-    let routed = if connection.denied {
+    let index = connection.requests.fetch_add(1, Ordering::Relaxed);
+    let ambiguous = connection
+        .framing
+        .as_ref()
+        .is_some_and(|verdict| verdict.is_ambiguous(index));
+    let routed = if ambiguous {
+        Err(ProxyError::BadRequest(
+            "ambiguous framing: Content-Length with Transfer-Encoding, or repeated",
+        ))
+    } else if connection.denied {
         Err(ProxyError::Forbidden)
     } else if let Some(retry_after) = limited {
         Err(ProxyError::RateLimited(retry_after))

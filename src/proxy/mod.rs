@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod error;
+pub mod framing;
 pub mod headers;
 pub mod l4;
 pub mod l7;

@@ -1,0 +1,346 @@
+//! A second, independent reading of HTTP/1 message framing, on the raw bytes hyper reads.
+//!
+//! hyper resolves a head that carries both Content-Length and Transfer-Encoding (the latter
+//! wins) and collapses a repeated identical Content-Length before the handler sees the head,
+//! so the handler cannot refuse them. Such heads are the classic request-smuggling probes;
+//! gatehouse refuses them. [`FramingGuard`] sits between the socket (or TLS stream) and hyper,
+//! follows request boundaries with its own parser (httparse heads, Content-Length and chunked
+//! body accounting) and records the index of the first ambiguous request in a shared
+//! [`Verdict`]; the handler answers that request 400 and closes the connection. The guard only
+//! observes bytes: it never changes what hyper reads.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Longest head the tracker buffers before it gives up (hyper's own limit applies anyway).
+const MAX_HEAD: usize = 1 << 20;
+/// Headers parsed per head.
+const MAX_HEADERS: usize = 256;
+
+/// What the tracker learned, read by the request handler.
+#[derive(Debug)]
+pub struct Verdict {
+    first_ambiguous: AtomicU64,
+}
+
+impl Default for Verdict {
+    fn default() -> Self {
+        Verdict {
+            first_ambiguous: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Verdict {
+    /// Whether the request with this index (0 = first on the connection) or an earlier one
+    /// had ambiguous framing.
+    pub fn is_ambiguous(&self, request_index: u64) -> bool {
+        self.first_ambiguous.load(Ordering::Acquire) <= request_index
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Head(Vec<u8>),
+    Body(u64),
+    ChunkSize(Vec<u8>),
+    ChunkData(u64),
+    ChunkDataEnd(Vec<u8>),
+    Trailer(Vec<u8>),
+    /// Not HTTP/1 (h2c preface), an upgrade, or unparseable: stop following.
+    Done,
+}
+
+/// Follows request boundaries on an HTTP/1 byte stream.
+#[derive(Debug)]
+struct Tracker {
+    state: State,
+    requests: u64,
+    verdict: Arc<Verdict>,
+}
+
+fn line_end(buffer: &[u8]) -> Option<usize> {
+    buffer.iter().position(|&b| b == b'\n')
+}
+
+/// Where the head ends: just past its first empty line (CRLF or bare LF endings). Stops at
+/// that line, so body bytes in the same read are not scanned.
+fn head_end(buffer: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(offset) = line_end(&buffer[from..]) {
+        let at = from + offset;
+        match buffer.get(at + 1..) {
+            Some([b'\n', ..]) => return Some(at + 2),
+            Some([b'\r', b'\n', ..]) => return Some(at + 3),
+            _ => from = at + 1,
+        }
+    }
+    None
+}
+
+impl Tracker {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match &mut self.state {
+                State::Done => return,
+                State::Head(buffer) if buffer.is_empty() => match head_end(bytes) {
+                    // The whole head arrived in one read: judge it in place, no copy.
+                    Some(end) => {
+                        self.state = self.after_head(&bytes[..end]);
+                        bytes = &bytes[end..];
+                    }
+                    None => {
+                        buffer.extend_from_slice(bytes);
+                        return;
+                    }
+                },
+                State::Head(buffer) => {
+                    let start = buffer.len().saturating_sub(2);
+                    buffer.extend_from_slice(bytes);
+                    let Some(end) = head_end(&buffer[start..]).map(|e| e + start) else {
+                        if buffer.len() > MAX_HEAD {
+                            self.state = State::Done;
+                        }
+                        return;
+                    };
+                    let consumed_now = bytes.len() - (buffer.len() - end);
+                    let head = std::mem::take(buffer);
+                    self.state = self.after_head(&head[..end]);
+                    bytes = &bytes[consumed_now..];
+                }
+                State::Body(left) => {
+                    let take = (*left).min(bytes.len() as u64);
+                    *left -= take;
+                    bytes = &bytes[take as usize..];
+                    if *left == 0 {
+                        self.state = State::Head(Vec::new());
+                    }
+                }
+                State::ChunkSize(line) => {
+                    let Some(end) = line_end(bytes) else {
+                        line.extend_from_slice(bytes);
+                        if line.len() > 1024 {
+                            self.state = State::Done;
+                        }
+                        return;
+                    };
+                    line.extend_from_slice(&bytes[..end]);
+                    bytes = &bytes[end + 1..];
+                    let text = String::from_utf8_lossy(line);
+                    let digits = text.split(';').next().unwrap_or("").trim();
+                    self.state = match u64::from_str_radix(digits, 16) {
+                        Ok(0) => State::Trailer(Vec::new()),
+                        Ok(size) => State::ChunkData(size),
+                        Err(_) => State::Done,
+                    };
+                }
+                State::ChunkData(left) => {
+                    let take = (*left).min(bytes.len() as u64);
+                    *left -= take;
+                    bytes = &bytes[take as usize..];
+                    if *left == 0 {
+                        self.state = State::ChunkDataEnd(Vec::new());
+                    }
+                }
+                State::ChunkDataEnd(line) => {
+                    let Some(end) = line_end(bytes) else {
+                        line.extend_from_slice(bytes);
+                        if line.len() > 2 {
+                            self.state = State::Done;
+                        }
+                        return;
+                    };
+                    bytes = &bytes[end + 1..];
+                    self.state = State::ChunkSize(Vec::new());
+                }
+                State::Trailer(line) => {
+                    let Some(end) = line_end(bytes) else {
+                        line.extend_from_slice(bytes);
+                        if line.len() > MAX_HEAD {
+                            self.state = State::Done;
+                        }
+                        return;
+                    };
+                    line.extend_from_slice(&bytes[..end]);
+                    bytes = &bytes[end + 1..];
+                    let empty = line.iter().all(|&b| b == b'\r');
+                    self.state = if empty {
+                        State::Head(Vec::new())
+                    } else {
+                        State::Trailer(Vec::new())
+                    };
+                }
+            }
+        }
+    }
+
+    /// Judges a complete head and says how its body is framed.
+    fn after_head(&mut self, head: &[u8]) -> State {
+        let index = self.requests;
+        self.requests += 1;
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(_)) = request.parse(head) else {
+            return State::Done;
+        };
+        let mut lengths = Vec::new();
+        let mut codings = 0;
+        let mut upgrade = false;
+        for header in request.headers.iter() {
+            if header.name.eq_ignore_ascii_case("content-length") {
+                lengths.push(header.value);
+            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                codings += 1;
+            } else if header.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if (codings > 0 && !lengths.is_empty()) || lengths.len() > 1 {
+            self.verdict
+                .first_ambiguous
+                .fetch_min(index, Ordering::AcqRel);
+            return State::Done;
+        }
+        if upgrade || request.method == Some("CONNECT") {
+            return State::Done;
+        }
+        if codings > 0 {
+            return State::ChunkSize(Vec::new());
+        }
+        match lengths.first() {
+            None => State::Head(Vec::new()),
+            Some(value) => match std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+            {
+                Some(0) => State::Head(Vec::new()),
+                Some(length) => State::Body(length),
+                None => State::Done,
+            },
+        }
+    }
+}
+
+/// Wraps a client stream so that its HTTP/1 framing is checked independently of hyper.
+#[derive(Debug)]
+pub struct FramingGuard<T> {
+    inner: T,
+    tracker: Tracker,
+}
+
+impl<T> FramingGuard<T> {
+    /// Wraps `inner`, reporting into a new verdict (returned for the handler).
+    pub fn new(inner: T) -> (Self, Arc<Verdict>) {
+        let verdict = Arc::new(Verdict::default());
+        (
+            FramingGuard {
+                inner,
+                tracker: Tracker {
+                    state: State::Head(Vec::new()),
+                    requests: 0,
+                    verdict: verdict.clone(),
+                },
+            },
+            verdict,
+        )
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let fresh = &buf.filled()[before..];
+            if !fresh.is_empty() {
+                self.tracker.feed(fresh);
+            }
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict_of(chunks: &[&[u8]]) -> (Arc<Verdict>, u64) {
+        let verdict = Arc::new(Verdict::default());
+        let mut tracker = Tracker {
+            state: State::Head(Vec::new()),
+            requests: 0,
+            verdict: verdict.clone(),
+        };
+        for chunk in chunks {
+            tracker.feed(chunk);
+        }
+        (verdict, tracker.requests)
+    }
+
+    #[test]
+    fn follows_pipelined_requests_across_reads() {
+        let stream: &[u8] = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloPOST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: y\r\n\r\nGET /last HTTP/1.1\r\nHost: x\r\n\r\n";
+        for split in 1..stream.len() {
+            let (verdict, requests) = verdict_of(&[&stream[..split], &stream[split..]]);
+            assert_eq!(requests, 3, "split at {split}");
+            assert!(!verdict.is_ambiguous(2));
+        }
+    }
+
+    #[test]
+    fn flags_content_length_with_transfer_encoding_and_repeats() {
+        let (verdict, _) = verdict_of(&[b"GET / HTTP/1.1\r\nHost: x\r\n\r\nPOST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"]);
+        assert!(!verdict.is_ambiguous(0));
+        assert!(verdict.is_ambiguous(1));
+        let (verdict, _) = verdict_of(&[
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
+        ]);
+        assert!(verdict.is_ambiguous(0));
+    }
+
+    #[test]
+    fn stops_following_http2_and_upgrades() {
+        let (verdict, _) = verdict_of(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"]);
+        assert!(!verdict.is_ambiguous(0));
+        let (verdict, requests) = verdict_of(&[b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n"]);
+        assert_eq!(requests, 1, "tunnel bytes after an upgrade are not HTTP");
+        assert!(!verdict.is_ambiguous(5));
+    }
+}
