@@ -482,3 +482,47 @@ async fn put_state(admin: SocketAddr, backend: &str, state: &str, token: Option<
 async fn status_json(admin: SocketAddr) -> serde_json::Value {
     serde_json::from_slice(&get(admin, "admin", "/api/v1/status").await.body).unwrap()
 }
+
+#[tokio::test]
+async fn a_full_backend_is_skipped_like_a_down_one() {
+    let a = TestBackend::start_delayed("a", Duration::from_millis(800)).await;
+    let b = TestBackend::start_delayed("b", Duration::from_millis(800)).await;
+    let dir = TestDir::new();
+    let pools = pool_block(
+        "p",
+        "    health_check: { type: none }\n    max_connections_per_backend: 1\n    retries: { attempts: 1 }\n",
+        &[("a", a.address, ""), ("b", b.address, "")],
+    );
+    let gatehouse = start_gatehouse(&dir, &config(&pools, "")).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let admin = gatehouse.admin_address();
+    let in_flight = async move || {
+        let status = status_json(admin).await;
+        let backends = status["pools"][0]["backends"].as_array().unwrap().clone();
+        backends
+            .iter()
+            .map(|b| b["active_requests"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let first = tokio::spawn(async move { get(web, "x", "/").await });
+    eventually("one request in flight", async || {
+        in_flight().await.iter().sum::<u64>() == 1
+    })
+    .await;
+    let second = tokio::spawn(async move { get(web, "x", "/").await });
+    eventually("two requests in flight", async || {
+        in_flight().await.iter().sum::<u64>() == 2
+    })
+    .await;
+    assert_eq!(in_flight().await, vec![1, 1], "each backend holds one");
+    let third = get(web, "x", "/").await;
+    assert_eq!(
+        third.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "both full: 503"
+    );
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(second.status, StatusCode::OK);
+    assert_ne!(first.backend(), second.backend());
+}

@@ -210,14 +210,21 @@ impl Pool {
     /// Chooses a backend for a request. The first attempt asks the balancer; a retry
     /// (`tried` non-empty) walks on from the last backend tried without consulting the
     /// balancer again, so retries neither skew its rotation nor return to a tried backend.
-    /// `None` when no candidate is left.
+    /// A backend at `max_connections_per_backend` is skipped like a down one. `None` when no
+    /// candidate is left.
     pub fn select(&self, context: &PickContext, tried: &[usize]) -> Option<usize> {
         let len = self.candidates.len();
         if len == 0 {
             return None;
         }
         let start = match tried.last() {
-            None => return Some(self.candidates[self.balancer.pick(context) % len]),
+            None => {
+                let picked = self.balancer.pick(context) % len;
+                if !self.is_full(self.candidates[picked]) {
+                    return Some(self.candidates[picked]);
+                }
+                picked + 1
+            }
             Some(last) => self
                 .candidates
                 .iter()
@@ -226,7 +233,13 @@ impl Pool {
         };
         (0..len)
             .map(|offset| self.candidates[(start + offset) % len])
-            .find(|index| !tried.contains(index))
+            .find(|index| !tried.contains(index) && !self.is_full(*index))
+    }
+
+    /// Whether backend `index` has reached `max_connections_per_backend` (0 = no limit).
+    fn is_full(&self, index: usize) -> bool {
+        let limit = self.config.max_connections_per_backend;
+        limit > 0 && self.backends[index].stats.in_flight() >= limit
     }
 }
 
