@@ -97,6 +97,8 @@ struct Carried {
     previous_candidates: Option<HashSet<BackendKey>>,
     clients: HashMap<String, ((Timeouts, Option<UpstreamTls>), UpstreamClient)>,
     retry_budgets: HashMap<String, Arc<RetryBudget>>,
+    /// Pools announced as having no available backend (to announce their recovery once).
+    down_pools: HashSet<String>,
     listener_metrics: HashMap<String, ListenerMetrics>,
     access_log: Option<Arc<AccessLog>>,
     rate_limiters: HashMap<String, Arc<RateLimiter>>,
@@ -264,13 +266,13 @@ impl Carried {
                     candidates.insert(key(pool.name(), &backend.name));
                 }
             }
-            let Some(previous) = previous else { continue };
-            let before = previous.pool(pool.name());
-            let had_candidates = before.is_none_or(|p| p.available() > 0 && !p.fail_open_active());
-            if had_candidates
-                && (pool.available() == 0 || pool.fail_open_active())
-                && !pool.backends.is_empty()
-            {
+            if previous.is_none() {
+                // The start-up table precedes the first health round: nothing to announce.
+                continue;
+            }
+            let down =
+                (pool.available() == 0 || pool.fail_open_active()) && !pool.backends.is_empty();
+            if down && self.down_pools.insert(pool.name().to_string()) {
                 if pool.fail_open_active() {
                     tracing::error!(pool = pool.name(), "NO healthy backend in pool: fail_open is on, sending to every non-disabled backend");
                 } else {
@@ -279,10 +281,7 @@ impl Carried {
                         "NO available backend in pool: answering 503 until one recovers"
                     );
                 }
-            } else if before.is_some_and(|p| p.available() == 0 || p.fail_open_active())
-                && pool.available() > 0
-                && !pool.fail_open_active()
-            {
+            } else if !down && self.down_pools.remove(pool.name()) {
                 tracing::info!(
                     pool = pool.name(),
                     available = pool.available(),
@@ -472,6 +471,7 @@ pub fn start(config: Arc<Config>, metrics: Metrics) -> Result<PublisherHandle, S
         previous_candidates: None,
         clients: HashMap::new(),
         retry_budgets: HashMap::new(),
+        down_pools: HashSet::new(),
         listener_metrics: HashMap::new(),
         access_log: None,
         rate_limiters: HashMap::new(),
