@@ -1,7 +1,9 @@
-//! A stream wrapper that counts bytes into the listener's Prometheus counters.
+//! Streams that let an observer see the bytes they move, without changing them.
 //!
-//! Counting at the socket level covers headers, bodies, TLS records and L4 tunnels alike, and
-//! costs one relaxed atomic add per read or write call.
+//! One wrapper, several observers: [`ByteCounters`] feeds the listener's byte metrics (headers,
+//! bodies, TLS records and L4 tunnels alike, one relaxed atomic add per read or write), the
+//! HTTP/1 framing tracker follows request boundaries, and the L4 proxy notes activity for its
+//! idle timeout.
 
 use prometheus::IntCounter;
 use std::io;
@@ -9,50 +11,57 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// `inner`, with bytes read added to `received` and bytes written to `sent`.
-#[derive(Debug)]
-pub struct CountedIo<T> {
-    inner: T,
-    received: IntCounter,
-    sent: IntCounter,
+/// Sees what a stream reads and writes.
+pub trait Observer {
+    /// `bytes` were just read (never empty).
+    fn read(&mut self, bytes: &[u8]);
+    /// `count` bytes were just written.
+    fn wrote(&mut self, count: usize);
 }
 
-impl<T> CountedIo<T> {
+/// `inner`, with every read and write shown to `observer`.
+#[derive(Debug)]
+pub struct Observed<T, O> {
+    inner: T,
+    observer: O,
+}
+
+impl<T, O> Observed<T, O> {
     /// Wraps `inner`.
-    pub fn new(inner: T, received: IntCounter, sent: IntCounter) -> Self {
-        CountedIo {
-            inner,
-            received,
-            sent,
-        }
+    pub fn new(inner: T, observer: O) -> Self {
+        Observed { inner, observer }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
+impl<T: AsyncRead + Unpin, O: Observer + Unpin> AsyncRead for Observed<T, O> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = buf.filled().len().saturating_sub(before);
-        if read > 0 {
-            self.received.inc_by(read as u64);
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let fresh = &buf.filled()[before..];
+            if !fresh.is_empty() {
+                this.observer.read(fresh);
+            }
         }
         polled
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
+impl<T: AsyncWrite + Unpin, O: Observer + Unpin> AsyncWrite for Observed<T, O> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(written)) = polled {
-            self.sent.inc_by(written as u64);
+            this.observer.wrote(written);
         }
         polled
     }
@@ -62,9 +71,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(written)) = polled {
-            self.sent.inc_by(written as u64);
+            this.observer.wrote(written);
         }
         polled
     }
@@ -79,5 +89,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Adds bytes read to `received` and bytes written to `sent`.
+#[derive(Debug)]
+pub struct ByteCounters {
+    pub received: IntCounter,
+    pub sent: IntCounter,
+}
+
+impl Observer for ByteCounters {
+    fn read(&mut self, bytes: &[u8]) {
+        self.received.inc_by(bytes.len() as u64);
+    }
+
+    fn wrote(&mut self, count: usize) {
+        self.sent.inc_by(count as u64);
     }
 }

@@ -5,9 +5,9 @@
 //! every accept, so a reload changes them for new connections without rebinding the socket.
 
 use crate::config::Protocol;
-use crate::io::CountedIo;
+use crate::io::{ByteCounters, Observed};
 use crate::metrics::Rejection;
-use crate::proxy::framing::FramingGuard;
+use crate::proxy::framing;
 use crate::proxy::l4;
 use crate::proxy::l7::{self, Negotiated};
 use crate::proxy_protocol::{self, Prefixed};
@@ -204,11 +204,11 @@ async fn serve_connection(
     let raw_socket = SockRef::from(&stream).try_clone().ok();
     let metrics = &listener.metrics;
     let limits = listener.config.limits;
-    let mut stream = CountedIo::new(
-        stream,
-        metrics.bytes_received.clone(),
-        metrics.bytes_sent.clone(),
-    );
+    let counters = ByteCounters {
+        received: metrics.bytes_received.clone(),
+        sent: metrics.bytes_sent.clone(),
+    };
+    let mut stream = Observed::new(stream, counters);
     let prefix = if listener.config.proxy_protocol {
         match proxy_protocol::read_header(&mut stream, limits.header_timeout).await {
             Ok((header, rest)) => {
@@ -254,7 +254,7 @@ async fn serve_connection(
         match listener.config.protocol {
             Protocol::Tcp => l4::serve(stream, &connection, &listener).await,
             _ => {
-                let (stream, verdict) = FramingGuard::new(stream);
+                let (stream, verdict) = framing::guard(stream);
                 connection.framing = Some(verdict);
                 let connection = Arc::new(connection);
                 l7::serve(
@@ -303,7 +303,7 @@ async fn serve_connection(
     match listener.config.protocol {
         Protocol::Tls => l4::serve(tls, &connection, &listener).await,
         _ if negotiated == Negotiated::Http1 => {
-            let (tls, verdict) = FramingGuard::new(tls);
+            let (tls, verdict) = framing::guard(tls);
             connection.framing = Some(verdict);
             let connection = Arc::new(connection);
             l7::serve(tls, connection, &listener, negotiated, shutdown, None).await;

@@ -3,17 +3,15 @@
 //! hyper resolves a head that carries both Content-Length and Transfer-Encoding (the latter
 //! wins) and collapses a repeated identical Content-Length before the handler sees the head,
 //! so the handler cannot refuse them. Such heads are the classic request-smuggling probes;
-//! gatehouse refuses them. [`FramingGuard`] sits between the socket (or TLS stream) and hyper,
+//! gatehouse refuses them. A [`FramingGuard`] sits between the socket (or TLS stream) and hyper,
 //! follows request boundaries with its own parser (httparse heads, Content-Length and chunked
 //! body accounting) and records the index of the first ambiguous request in a shared
 //! [`Verdict`]; the handler answers that request 400 and closes the connection. The guard only
 //! observes bytes: it never changes what hyper reads.
 
-use std::pin::Pin;
+use crate::io::{Observed, Observer};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Longest head the tracker buffers before it gives up (hyper's own limit applies anyway).
 const MAX_HEAD: usize = 1 << 20;
@@ -56,7 +54,7 @@ enum State {
 
 /// Follows request boundaries on an HTTP/1 byte stream.
 #[derive(Debug)]
-struct Tracker {
+pub struct Tracker {
     state: State,
     requests: u64,
     verdict: Arc<Verdict>,
@@ -224,77 +222,26 @@ impl Tracker {
     }
 }
 
-/// Wraps a client stream so that its HTTP/1 framing is checked independently of hyper.
-#[derive(Debug)]
-pub struct FramingGuard<T> {
-    inner: T,
-    tracker: Tracker,
+impl Observer for Tracker {
+    fn read(&mut self, bytes: &[u8]) {
+        self.feed(bytes);
+    }
+
+    fn wrote(&mut self, _count: usize) {}
 }
 
-impl<T> FramingGuard<T> {
-    /// Wraps `inner`, reporting into a new verdict (returned for the handler).
-    pub fn new(inner: T) -> (Self, Arc<Verdict>) {
-        let verdict = Arc::new(Verdict::default());
-        (
-            FramingGuard {
-                inner,
-                tracker: Tracker {
-                    state: State::Head(Vec::new()),
-                    requests: 0,
-                    verdict: verdict.clone(),
-                },
-            },
-            verdict,
-        )
-    }
-}
+/// A client stream whose HTTP/1 framing is checked independently of hyper.
+pub type FramingGuard<T> = Observed<T, Tracker>;
 
-impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            let fresh = &buf.filled()[before..];
-            if !fresh.is_empty() {
-                self.tracker.feed(fresh);
-            }
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+/// Wraps `inner`; the verdict is for the request handler.
+pub fn guard<T>(inner: T) -> (FramingGuard<T>, Arc<Verdict>) {
+    let verdict = Arc::new(Verdict::default());
+    let tracker = Tracker {
+        state: State::Head(Vec::new()),
+        requests: 0,
+        verdict: verdict.clone(),
+    };
+    (Observed::new(inner, tracker), verdict)
 }
 
 #[cfg(test)]

@@ -8,16 +8,15 @@
 use super::l7::Connection;
 use crate::access_log::AccessRecord;
 use crate::config::ProxyProtocolVersion;
+use crate::io::{Observed, Observer};
 use crate::metrics::Rejection;
 use crate::proxy_protocol;
 use crate::upstream::backend::now_nanos;
 use crate::upstream::table::ListenerTable;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Copy buffer per direction.
@@ -93,10 +92,7 @@ where
     }
     let _in_flight = backend.stats.start();
     let activity = Arc::new(AtomicU64::new(now_nanos()));
-    let mut upstream = Watched {
-        inner: stream,
-        activity: activity.clone(),
-    };
+    let mut upstream = Observed::new(stream, Activity(activity.clone()));
     let idle = pool.config.timeouts.idle;
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER);
     tokio::pin!(copy);
@@ -132,50 +128,21 @@ where
     }
 }
 
-/// A stream that records the time of its last successful read or write.
-struct Watched<T> {
-    inner: T,
-    activity: Arc<AtomicU64>,
-}
+/// Records the time of the last byte moved, for the idle timeout.
+struct Activity(Arc<AtomicU64>);
 
-impl<T> Watched<T> {
+impl Activity {
     fn touch(&self) {
-        self.activity.store(now_nanos(), Ordering::Relaxed);
+        self.0.store(now_nanos(), Ordering::Relaxed);
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if polled.is_ready() {
-            self.touch();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if polled.is_ready() {
-            self.touch();
-        }
-        polled
+impl Observer for Activity {
+    fn read(&mut self, _bytes: &[u8]) {
+        self.touch();
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn wrote(&mut self, _count: usize) {
+        self.touch();
     }
 }
