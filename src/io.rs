@@ -10,6 +10,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 
 /// Sees what a stream reads and writes.
 pub trait Observer {
@@ -106,5 +107,101 @@ impl Observer for ByteCounters {
 
     fn wrote(&mut self, count: usize) {
         self.sent.inc_by(count as u64);
+    }
+}
+
+/// A stream that is handed back through a oneshot channel when its owner drops it.
+///
+/// hyper owns a connection's stream while it serves it and drops it when it gives up (for
+/// instance on a late request head). Wrapped in this, the stream comes back afterwards, so
+/// gatehouse can still say why it closes the connection (408), on plain TCP and TLS alike.
+#[derive(Debug)]
+pub struct Reclaimable<T> {
+    inner: Option<T>,
+    give_back: Option<oneshot::Sender<T>>,
+}
+
+impl<T> Reclaimable<T> {
+    /// Wraps `inner`; the receiver gets it back once the wrapper is dropped.
+    pub fn new(inner: T) -> (Self, oneshot::Receiver<T>) {
+        let (give_back, reclaim) = oneshot::channel();
+        (
+            Reclaimable {
+                inner: Some(inner),
+                give_back: Some(give_back),
+            },
+            reclaim,
+        )
+    }
+
+    fn stream(&mut self) -> io::Result<&mut T> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| io::Error::other("stream already handed back"))
+    }
+}
+
+impl<T> Drop for Reclaimable<T> {
+    fn drop(&mut self) {
+        if let (Some(give_back), Some(inner)) = (self.give_back.take(), self.inner.take()) {
+            let _ = give_back.send(inner);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Reclaimable<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_read(cx, buf),
+            Err(error) => Poll::Ready(Err(error)),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Reclaimable<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_write(cx, buf),
+            Err(error) => Poll::Ready(Err(error)),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Err(error) => Poll::Ready(Err(error)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|stream| stream.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_flush(cx),
+            Err(error) => Poll::Ready(Err(error)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_shutdown(cx),
+            Err(error) => Poll::Ready(Err(error)),
+        }
     }
 }

@@ -201,7 +201,6 @@ async fn serve_connection(
     if let Ok(local) = stream.local_addr() {
         connection.local = local;
     }
-    let raw_socket = SockRef::from(&stream).try_clone().ok();
     let metrics = &listener.metrics;
     let limits = listener.config.limits;
     let counters = ByteCounters {
@@ -257,15 +256,7 @@ async fn serve_connection(
                 let (stream, verdict) = framing::guard(stream);
                 connection.framing = Some(verdict);
                 let connection = Arc::new(connection);
-                l7::serve(
-                    stream,
-                    connection,
-                    &listener,
-                    Negotiated::Detect,
-                    shutdown,
-                    raw_socket,
-                )
-                .await;
+                l7::serve(stream, connection, &listener, Negotiated::Detect, shutdown).await;
             }
         }
         return;
@@ -306,11 +297,11 @@ async fn serve_connection(
             let (tls, verdict) = framing::guard(tls);
             connection.framing = Some(verdict);
             let connection = Arc::new(connection);
-            l7::serve(tls, connection, &listener, negotiated, shutdown, None).await;
+            l7::serve(tls, connection, &listener, negotiated, shutdown).await;
         }
         _ => {
             let connection = Arc::new(connection);
-            l7::serve(tls, connection, &listener, negotiated, shutdown, None).await;
+            l7::serve(tls, connection, &listener, negotiated, shutdown).await;
         }
     }
 }

@@ -355,3 +355,34 @@ pools:
         "a backend certificate from another CA is refused"
     );
 }
+
+#[tokio::test]
+async fn a_late_request_head_over_tls_gets_408() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    ca.leaf(&dir, "portal", &["portal.example.gov"]);
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  secure:
+    listen: \"127.0.0.1:0\"
+    protocol: https
+    tls: {{ certificates: [ {{ cert: portal.crt, key: portal.key }} ] }}
+    limits: {{ header_timeout: 300ms }}
+    pool: p
+pools:
+{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let secure = gatehouse.listener_address("secure").unwrap();
+    let answer = raw_tls_request(
+        ca.client_config(&[b"http/1.1"]),
+        secure,
+        b"GET / HTTP/1.1\r\nHost: portal.example.gov\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(backend.requests().is_empty());
+}

@@ -11,6 +11,7 @@ use super::framing::Verdict;
 use super::headers;
 use crate::access_log::AccessRecord;
 use crate::config::ProxyProtocolVersion;
+use crate::io::Reclaimable;
 use crate::metrics::Rejection;
 use crate::proxy_protocol;
 use crate::upstream::client::{self, UpstreamBody};
@@ -27,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -82,7 +83,6 @@ pub async fn serve<I>(
     listener: &ListenerTable,
     negotiated: Negotiated,
     shutdown: CancellationToken,
-    raw_socket: Option<socket2::Socket>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -113,23 +113,36 @@ pub async fn serve<I>(
         let connection = service_connection.clone();
         async move { Ok::<_, Infallible>(handle(request, &connection).await) }
     });
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(served);
-    let result = tokio::select! {
-        result = served.as_mut() => result,
-        () = shutdown.cancelled() => {
-            served.as_mut().graceful_shutdown();
-            served.await
+    let (io, reclaim) = Reclaimable::new(io);
+    let result = {
+        let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(served);
+        tokio::select! {
+            result = served.as_mut() => result,
+            () = shutdown.cancelled() => {
+                served.as_mut().graceful_shutdown();
+                served.await
+            }
         }
     };
     if let Err(error) = result {
         let timed_out = record_connection_error(listener, &*error);
-        if let (true, Some(socket)) = (timed_out, raw_socket) {
-            // hyper closes a connection whose request head is late without a word; on plain
-            // HTTP the socket is still ours (a duplicate descriptor): say 408, then close.
-            let _ = socket.send(REQUEST_TIMEOUT);
-            let _ = socket.shutdown(std::net::Shutdown::Both);
+        let reclaimed = if timed_out {
+            tokio::time::timeout(Duration::from_secs(1), reclaim)
+                .await
+                .ok()
+        } else {
+            None
+        };
+        if let Some(Ok(mut stream)) = reclaimed {
+            // hyper closes a connection whose request head is late without a word; the
+            // stream came back when hyper dropped it: say 408, then close.
             listener.unrouted_counters.count(408);
+            let answer = async {
+                stream.write_all(REQUEST_TIMEOUT).await?;
+                stream.shutdown().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
         }
     }
 }
