@@ -420,3 +420,53 @@ async fn http2_continuation_flood_is_cut_off() {
     );
     drop(gatehouse);
 }
+
+/// Resident memory of this (test) process, in KiB.
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn http2_ping_and_settings_floods_stay_bounded() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
+    let before = resident_kib();
+    let mut flood = tokio::net::TcpStream::connect(web).await.unwrap();
+    flood
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut burst = Vec::new();
+    for index in 0u64..2000 {
+        burst.extend(h2_frame(0x6, 0, 0, &index.to_be_bytes()));
+        burst.extend(h2_frame(0x4, 0, 0, &[0x00, 0x03, 0x00, 0x00, 0x00, 0x64]));
+    }
+    // Write the flood without ever reading the PING and SETTINGS acknowledgements.
+    let flooding = tokio::spawn(async move {
+        for _ in 0..100 {
+            if flood.write_all(&burst).await.is_err() {
+                return;
+            }
+        }
+    });
+    let answer = get(web, "x", "/").await;
+    assert_eq!(
+        answer.status,
+        http::StatusCode::OK,
+        "other clients are served during the flood"
+    );
+    let _ = tokio::time::timeout(DEADLINE, flooding).await;
+    let grown = resident_kib().saturating_sub(before);
+    assert!(
+        grown < 64 * 1024,
+        "memory grew by {grown} KiB under a PING/SETTINGS flood"
+    );
+    assert_eq!(get(web, "x", "/").await.status, http::StatusCode::OK);
+    drop(gatehouse);
+}
