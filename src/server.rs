@@ -49,16 +49,6 @@ pub struct PreparedListeners {
     removed: Vec<String>,
 }
 
-impl PreparedListeners {
-    /// Names of listeners that will start and stop when this is committed.
-    pub fn summary(&self) -> (Vec<String>, Vec<String>) {
-        (
-            self.new.iter().map(|(l, _)| l.name.clone()).collect(),
-            self.removed.clone(),
-        )
-    }
-}
-
 /// The running process: what the admin API, signal handlers and tests talk to.
 pub struct Gatehouse {
     pub metrics: Metrics,

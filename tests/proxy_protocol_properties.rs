@@ -39,28 +39,18 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
-    fn v1_round_trips(source in address(), destination in address(), trailer in prop::collection::vec(any::<u8>(), 0..32)) {
-        let mut bytes = encode_v1(source, destination);
-        let length = bytes.len();
-        bytes.extend_from_slice(&trailer);
-        let (header, used) = parse(&bytes).unwrap().unwrap();
-        prop_assert_eq!(used, length);
-        prop_assert_eq!(header.addresses, Some(expected(source, destination)));
-        for cut in 1..length {
-            prop_assert_eq!(parse(&bytes[..cut]).unwrap(), None, "a truncated header needs more bytes");
-        }
-    }
-
-    #[test]
-    fn v2_round_trips(source in address(), destination in address(), trailer in prop::collection::vec(any::<u8>(), 0..32)) {
-        let mut bytes = encode_v2(source, destination);
-        let length = bytes.len();
-        bytes.extend_from_slice(&trailer);
-        let (header, used) = parse(&bytes).unwrap().unwrap();
-        prop_assert_eq!(used, length);
-        prop_assert_eq!(header.addresses, Some(expected(source, destination)));
-        for cut in 1..length {
-            prop_assert_eq!(parse(&bytes[..cut]).unwrap(), None);
+    fn v1_and_v2_round_trip(source in address(), destination in address(), trailer in prop::collection::vec(any::<u8>(), 0..32)) {
+        let encoders: [fn(SocketAddr, SocketAddr) -> Vec<u8>; 2] = [encode_v1, encode_v2];
+        for encode in encoders {
+            let mut bytes = encode(source, destination);
+            let length = bytes.len();
+            bytes.extend_from_slice(&trailer);
+            let (header, used) = parse(&bytes).unwrap().unwrap();
+            prop_assert_eq!(used, length);
+            prop_assert_eq!(header.addresses, Some(expected(source, destination)));
+            for cut in 1..length {
+                prop_assert_eq!(parse(&bytes[..cut]).unwrap(), None, "a truncated header needs more bytes");
+            }
         }
     }
 

@@ -211,7 +211,13 @@ pub fn check_framing<B>(request: &Request<B>) -> Result<(), ProxyError> {
 
 /// Size of the request head as it arrived: request line plus header lines.
 pub fn head_size<B>(request: &Request<B>) -> usize {
-    let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
+    let uri = request.uri();
+    let target = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
+        + uri
+            .authority()
+            .map_or(0, |authority| authority.as_str().len())
+        + uri.path_and_query().map_or(0, |path| path.as_str().len());
+    let line = request.method().as_str().len() + target + 12;
     request.headers().iter().fold(line, |total, (name, value)| {
         total + name.as_str().len() + value.len() + 4
     })

@@ -206,7 +206,7 @@ async fn handle(request: Request<Incoming>, connection: &Connection) -> Response
     } else {
         route(request, listener)
     };
-    let (target, request) = match routed {
+    let (target, request, host) = match routed {
         Ok(routed) => routed,
         Err(error) => {
             if let Some(reason) = error.rejection() {
@@ -227,16 +227,24 @@ async fn handle(request: Request<Incoming>, connection: &Connection) -> Response
         }
     };
     target.route_requests.inc();
-    let (mut response, outcome) =
-        match forward(request, connection, listener, target, bytes_in.clone()).await {
-            Ok(forwarded) => forwarded,
-            Err((error, outcome)) => {
-                if let Some(reason) = error.rejection() {
-                    listener.metrics.reject(reason);
-                }
-                (error.response(), outcome)
+    let (mut response, outcome) = match forward(
+        request,
+        host,
+        connection,
+        listener,
+        target,
+        bytes_in.clone(),
+    )
+    .await
+    {
+        Ok(forwarded) => forwarded,
+        Err((error, outcome)) => {
+            if let Some(reason) = error.rejection() {
+                listener.metrics.reject(reason);
             }
-        };
+            (error.response(), outcome)
+        }
+    };
     let code = response.status().as_u16();
     let backend = outcome
         .backend
@@ -305,11 +313,15 @@ fn access_record(request: &Request<Incoming>, connection: &Connection) -> Access
     }
 }
 
+/// A routed request: its target, the request, and the host it asked for (parsed once).
+type Routed<'t> = (
+    &'t Arc<Target>,
+    Request<Incoming>,
+    Option<http::HeaderValue>,
+);
+
 /// Checks the request head and finds its target.
-fn route(
-    request: Request<Incoming>,
-    listener: &ListenerTable,
-) -> Result<(&Arc<Target>, Request<Incoming>), ProxyError> {
+fn route(request: Request<Incoming>, listener: &ListenerTable) -> Result<Routed<'_>, ProxyError> {
     if headers::head_size(&request) > listener.config.limits.max_header_bytes {
         return Err(ProxyError::HeaderTooLarge);
     }
@@ -330,7 +342,7 @@ fn route(
     let target = listener
         .route(routing_host.as_deref(), request.uri().path())
         .ok_or(ProxyError::NoRoute)?;
-    Ok((target, request))
+    Ok((target, request, host))
 }
 
 /// What `forward` learned, for metrics and the access log.
@@ -361,6 +373,7 @@ fn is_idempotent(method: &Method) -> bool {
 /// retried. Timeouts are not retried. Every retry needs a token from the pool's budget.
 async fn forward(
     mut request: Request<Incoming>,
+    host: Option<http::HeaderValue>,
     connection: &Connection,
     listener: &ListenerTable,
     target: &Target,
@@ -368,7 +381,6 @@ async fn forward(
 ) -> Result<Forwarded, (ProxyError, Outcome)> {
     let pool = &target.pool;
     let context = pool.pick_context(connection.client.ip(), Some(request.headers()));
-    let host = headers::request_host(&request).map_err(|error| (error, Outcome::default()))?;
     let upgrade =
         request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers());
     let request_headers = request.headers_mut();
