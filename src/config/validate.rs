@@ -667,7 +667,7 @@ fn pool_config(
         let ca = tls.ca.as_deref().map(resolve);
         let bundle = ca
             .clone()
-            .unwrap_or_else(|| PathBuf::from(crate::upstream::client::SYSTEM_CA_BUNDLE));
+            .unwrap_or_else(|| PathBuf::from(crate::upstream::connector::SYSTEM_CA_BUNDLE));
         p.check(&format!("{path}.tls.ca"), crate::tls::load_roots(&bundle));
         if raw.send_proxy_protocol.is_some() {
             p.push(

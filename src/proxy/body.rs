@@ -4,6 +4,7 @@
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::upstream::backend::InFlight;
+use crate::upstream::connections::Lease;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -16,10 +17,13 @@ use std::time::Instant;
 #[derive(Debug)]
 enum Source {
     /// A backend's body, streamed frame by frame; the in-flight guard keeps the backend's
-    /// count raised until the body ends or the client goes away.
+    /// count raised until the body ends or the client goes away. The connection goes back
+    /// to its pool only if the body was read to its end.
     Upstream {
         body: Incoming,
         in_flight: Option<InFlight>,
+        lease: Option<Lease>,
+        complete: bool,
     },
     /// An answer gatehouse wrote itself (errors, admin).
     Local(Option<Bytes>),
@@ -41,12 +45,15 @@ pub struct ProxyBody {
 }
 
 impl ProxyBody {
-    /// A backend's body; `in_flight` is released when it ends.
-    pub fn upstream(body: Incoming, in_flight: InFlight) -> Self {
+    /// A backend's body; `in_flight` is released when it ends, and the connection's
+    /// `lease` handed back if it ended complete.
+    pub fn upstream(body: Incoming, in_flight: InFlight, lease: Option<Lease>) -> Self {
         ProxyBody {
             source: Source::Upstream {
                 body,
                 in_flight: Some(in_flight),
+                lease,
+                complete: false,
             },
             access: None,
         }
@@ -87,8 +94,19 @@ impl ProxyBody {
             record.duration = started.elapsed();
             log.log(record);
         }
-        if let Source::Upstream { in_flight, .. } = &mut self.source {
+        if let Source::Upstream {
+            body,
+            in_flight,
+            lease,
+            complete,
+        } = &mut self.source
+        {
             in_flight.take();
+            if let Some(lease) = lease.take() {
+                if *complete || body.is_end_stream() {
+                    lease.release();
+                }
+            }
         }
     }
 }
@@ -103,7 +121,11 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.source {
-            Source::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            Source::Upstream { body, complete, .. } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                *complete = matches!(polled, Poll::Ready(None));
+                polled
+            }
             Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
         match &polled {

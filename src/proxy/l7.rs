@@ -14,7 +14,7 @@ use crate::config::ProxyProtocolVersion;
 use crate::io::Reclaimable;
 use crate::metrics::Rejection;
 use crate::proxy_protocol;
-use crate::upstream::client::{self, UpstreamBody};
+use crate::upstream::body::UpstreamBody;
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::{ListenerTable, Target};
 use http::{header, Method, Request, Response, StatusCode, Uri, Version};
@@ -367,8 +367,8 @@ fn is_idempotent(method: &Method) -> bool {
 /// Sends the request to a backend of `target`, retrying on another backend where that is
 /// safe, and returns the response with the backend that produced it.
 ///
-/// A connect failure is retried for any method (nothing was sent; an unpolled body comes
-/// back through [`UpstreamBody`]). After the request reached a backend — a reset, or a
+/// A request that was not sent (the connect failed) is retried for any method: it comes
+/// back whole, body included. After the request reached a backend — a reset, or a
 /// 502/503 before any byte went to the client — only idempotent requests without a body are
 /// retried. Timeouts are not retried. Every retry needs a token from the pool's budget.
 async fn forward(
@@ -411,12 +411,7 @@ async fn forward(
         }
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-    let (parts, body) = request.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let (mut parts, body) = request.into_parts();
     if let Some(limit) = target.max_body_bytes {
         let declared = parts
             .headers
@@ -427,7 +422,32 @@ async fn forward(
         }
     }
     let replayable = !upgrade && is_idempotent(&parts.method) && body.is_end_stream();
-    let mut body = (!body.is_end_stream()).then_some(body);
+    let body = if body.is_end_stream() {
+        UpstreamBody::empty()
+    } else {
+        UpstreamBody::streaming(body, bytes_in, target.max_body_bytes)
+    };
+    // Origin-form towards the backend; the server's extensions stay behind.
+    if parts.uri.authority().is_some() || parts.uri.path_and_query().is_none() {
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()));
+    }
+    parts.version = Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
+    let mut next = Some(Request::from_parts(parts, body));
+    let proxy_header = pool
+        .config
+        .send_proxy_protocol
+        .map(|version| match version {
+            ProxyProtocolVersion::V1 => {
+                proxy_protocol::encode_v1(connection.client, connection.local)
+            }
+            ProxyProtocolVersion::V2 => {
+                proxy_protocol::encode_v2(connection.client, connection.local)
+            }
+        });
     let attempts = pool.config.retry_attempts.clamp(1, 10) as usize;
     let mut tried = [usize::MAX; 10];
     pool.retry_budget.deposit();
@@ -439,6 +459,9 @@ async fn forward(
     };
     let mut last_error = (ProxyError::NoBackend, outcome(None, None));
     for attempt in 0..attempts {
+        let Some(mut upstream) = next.take() else {
+            break;
+        };
         let Some(index) = pool.select(&context, &tried[..attempt]) else {
             break;
         };
@@ -451,62 +474,22 @@ async fn forward(
         }
         tried[attempt] = index;
         let backend = &pool.backends[index];
-        let (upstream_body, reclaim) = match body.take() {
-            Some(body) => {
-                let (body, reclaim) = UpstreamBody::reclaimable(body, bytes_in.clone());
-                (body.limited(target.max_body_bytes), Some(reclaim))
-            }
-            None => (UpstreamBody::empty(), None),
-        };
-        let mut upstream = Request::new(upstream_body);
-        *upstream.method_mut() = parts.method.clone();
-        *upstream.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(backend.authority.clone())
-            .path_and_query(path.clone())
-            .build()
-            .map_err(|_| {
-                (
-                    ProxyError::BadRequest("invalid request target"),
-                    outcome(None, None),
-                )
-            })?;
-        *upstream.version_mut() = Version::HTTP_11;
-        *upstream.headers_mut() = parts.headers.clone();
+        if host.is_none() {
+            upstream
+                .headers_mut()
+                .insert(header::HOST, backend.host.clone());
+        }
+        let last_attempt = attempt + 1 == attempts;
+        // A request without a body may be sent again after the backend saw it: keep its head.
+        let spare = (replayable && !last_attempt).then(|| copy_head(&upstream));
 
         let in_flight = backend.stats.start();
         let sent_at = Instant::now();
-        let sending = async {
-            match pool.config.send_proxy_protocol {
-                None => pool.client.request(upstream).await.map_err(|error| {
-                    let nothing_sent = error.is_connect();
-                    (nothing_sent, is_timeout(&error), error_chain(&error))
-                }),
-
-                Some(version) => {
-                    let header = match version {
-                        ProxyProtocolVersion::V1 => {
-                            proxy_protocol::encode_v1(connection.client, connection.local)
-                        }
-                        ProxyProtocolVersion::V2 => {
-                            proxy_protocol::encode_v2(connection.client, connection.local)
-                        }
-                    };
-                    client::send_with_proxy_header(
-                        backend.address,
-                        &header,
-                        pool.config.timeouts.connect,
-                        upstream,
-                    )
-                    .await
-                }
-            }
-        };
+        let sending = backend.connections.send(upstream, proxy_header.as_deref());
         let result = tokio::time::timeout(pool.config.timeouts.request, sending).await;
         let upstream_duration = sent_at.elapsed();
         pool.observe_latency(index, upstream_duration);
-        let last_attempt = attempt + 1 == attempts;
-        let mut response = match result {
+        let (mut response, lease) = match result {
             Err(_elapsed) => {
                 pool.record_outcome(index, false);
                 return Err((
@@ -514,45 +497,39 @@ async fn forward(
                     outcome(Some(index), Some(upstream_duration)),
                 ));
             }
-            Ok(Err((_, _, error))) if error.contains("max_body_bytes") => {
+            Ok(Err(failed)) if failed.error.is_body_too_large() => {
                 tracing::debug!(backend = %backend.name, "request body over the route's limit");
                 return Err((
                     ProxyError::PayloadTooLarge,
                     outcome(Some(index), Some(upstream_duration)),
                 ));
             }
-            Ok(Err((_, _, error))) if is_client_body_error(&error) => {
+            Ok(Err(failed)) if failed.error.is_client_body_error() => {
                 // The client's body turned out malformed after its head went upstream: that
                 // upstream connection is aborted (never reused) and the client gets 400.
-                tracing::debug!(backend = %backend.name, %error, "client body malformed");
+                tracing::debug!(backend = %backend.name, error = %error_chain(&failed.error), "client body malformed");
                 return Err((
                     ProxyError::BadRequest("malformed request body"),
                     outcome(Some(index), Some(upstream_duration)),
                 ));
             }
-            Ok(Err((nothing_sent, timed_out, error))) => {
+            Ok(Err(failed)) => {
                 pool.record_outcome(index, false);
-                tracing::debug!(backend = %backend.name, %error, "backend failed");
-                let kind = if timed_out {
+                tracing::debug!(backend = %backend.name, error = %error_chain(&failed.error), "backend failed");
+                let kind = if failed.error.is_timeout() {
                     ProxyError::Timeout
                 } else {
                     ProxyError::BackendFailed
                 };
                 last_error = (kind, outcome(Some(index), Some(upstream_duration)));
-                if nothing_sent {
-                    if let Some(mut reclaim) = reclaim {
-                        match reclaim.try_recv() {
-                            Ok(returned) => body = Some(returned),
-                            Err(_) => return Err(last_error),
-                        }
-                    }
-                }
-                if last_attempt || !(nothing_sent || replayable) {
+                // Unsent, the request goes on as it is; sent, only a replayable one goes on.
+                next = failed.unsent.or(spare);
+                if last_attempt {
                     return Err(last_error);
                 }
                 continue;
             }
-            Ok(Ok(response)) => response,
+            Ok(Ok(sent)) => sent,
         };
         let status = response.status();
         pool.record_outcome(index, !status.is_server_error());
@@ -560,15 +537,12 @@ async fn forward(
             status,
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
         );
-        if retry_status
-            && replayable
-            && !last_attempt
-            && pool.select(&context, &tried[..=attempt]).is_some()
-        {
+        if retry_status && spare.is_some() && pool.select(&context, &tried[..=attempt]).is_some() {
             last_error = (
                 ProxyError::BackendFailed,
                 outcome(Some(index), Some(upstream_duration)),
             );
+            next = spare;
             continue;
         }
 
@@ -592,34 +566,20 @@ async fn forward(
         }
 
         headers::strip_hop_by_hop(response.headers_mut(), false);
-        let response = response.map(|body| ProxyBody::upstream(body, in_flight));
+        let response = response.map(|body| ProxyBody::upstream(body, in_flight, lease));
         return Ok((response, outcome(Some(index), Some(upstream_duration))));
     }
     Err(last_error)
 }
 
-/// True when sending failed because the client's own body stream broke (a bad chunk), as
-/// reported by hyper ("error from user's Body stream" wrapping the client parse error).
-fn is_client_body_error(error_chain: &str) -> bool {
-    error_chain.contains("user's Body stream")
-        || error_chain.contains("error reading a body from connection")
-}
-
-/// True when the failure was a (connect) timeout rather than a refusal or reset.
-fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(error) = source {
-        if let Some(io) = error.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        if error.to_string().contains("timed out") || error.to_string().contains("timeout") {
-            return true;
-        }
-        source = error.source();
-    }
-    false
+/// A bodiless copy of `request`'s head, to send it again elsewhere.
+fn copy_head(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(UpstreamBody::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 /// The whole `source()` chain, for logs.

@@ -165,8 +165,8 @@ impl Drop for InFlight {
 pub struct Backend {
     pub name: String,
     pub address: SocketAddr,
-    /// `address` pre-rendered for request URIs.
-    pub authority: http::uri::Authority,
+    /// `address` pre-rendered as the `Host` of requests that came without one.
+    pub host: http::HeaderValue,
     pub weight: u32,
     /// `weight` as balanced right now (lower while a slow start ramps).
     pub effective_weight: u32,
@@ -174,6 +174,8 @@ pub struct Backend {
     /// Passes its health checks and is not ejected.
     pub healthy: bool,
     pub stats: Arc<BackendStats>,
+    /// Its keep-alive connections (they outlive the table, like `stats`).
+    pub connections: Arc<super::connections::BackendConnections>,
 }
 
 impl Backend {

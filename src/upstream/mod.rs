@@ -5,7 +5,9 @@
 //! live counters ([`backend::BackendStats`]) and upstream connection pools outlive tables.
 
 pub mod backend;
-pub mod client;
+pub mod body;
+pub mod connections;
+pub mod connector;
 pub mod publisher;
 pub mod retry;
 pub mod table;

@@ -7,13 +7,15 @@
 //! and while a backend's slow start ramps the table is rebuilt on a short tick.
 
 use super::backend::BackendStats;
-use super::client::{self, UpstreamClient};
+use super::connections::BackendConnections;
+use super::connector::Connector;
 use super::retry::RetryBudget;
 use super::table::{BackendFacts, Table};
 use crate::access_log::AccessLog;
 use crate::config::RateLimit;
 use crate::config::{
-    AccessLogConfig, AdminState, Config, HealthCheckKind, PoolConfig, Timeouts, UpstreamTls,
+    AccessLogConfig, AdminState, BackendConfig, Config, HealthCheckKind, PoolConfig, Timeouts,
+    UpstreamTls,
 };
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::rate_limit::RateLimiter;
@@ -28,11 +30,15 @@ use tokio::sync::{mpsc, oneshot};
 pub type SharedTable = Arc<ArcSwap<Table>>;
 
 type BackendKey = (String, String);
+/// What a pool's connector is built from.
+type ConnectorSettings = (Timeouts, Option<UpstreamTls>);
 
 /// Longest passive ejection, however often a backend is ejected.
 const MAX_EJECTION: Duration = Duration::from_secs(600);
 /// How often the table is rebuilt while a slow start ramps.
 const RAMP_TICK: Duration = Duration::from_millis(500);
+/// How often idle upstream connections past the pool's idle timeout are closed.
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
 
 /// A request to change what the table says.
 #[derive(Debug)]
@@ -95,7 +101,10 @@ struct Carried {
     /// When each backend last became available (for slow start), after start-up.
     available_since: HashMap<BackendKey, Instant>,
     previous_candidates: Option<HashSet<BackendKey>>,
-    clients: HashMap<String, ((Timeouts, Option<UpstreamTls>), UpstreamClient)>,
+    /// Per pool: the settings its connector was built for, and the connector.
+    connectors: HashMap<String, (ConnectorSettings, Arc<Connector>)>,
+    connections: HashMap<BackendKey, Arc<BackendConnections>>,
+    last_idle_sweep: Instant,
     retry_budgets: HashMap<String, Arc<RetryBudget>>,
     /// Pools announced as having no available backend (to announce their recovery once).
     down_pools: HashSet<String>,
@@ -146,21 +155,39 @@ impl BackendFacts for Carried {
         }
     }
 
-    fn client(&mut self, pool: &PoolConfig) -> Result<UpstreamClient, String> {
+    fn connections(
+        &mut self,
+        pool: &PoolConfig,
+        backend: &BackendConfig,
+    ) -> Result<Arc<BackendConnections>, String> {
         let settings = (pool.timeouts, pool.tls.clone());
-        if let Some((existing, client)) = self.clients.get(&pool.name) {
-            if *existing == settings {
-                return Ok(client.clone());
+        let connector = match self.connectors.get(&pool.name) {
+            Some((existing, connector)) if *existing == settings => connector.clone(),
+            _ => {
+                let connect = self
+                    .metrics
+                    .upstream_connect_duration
+                    .with_label_values(&[pool.name.as_str()]);
+                let connector =
+                    Arc::new(Connector::new(&pool.timeouts, pool.tls.as_ref(), connect)?);
+                self.connectors
+                    .insert(pool.name.clone(), (settings, connector.clone()));
+                connector
+            }
+        };
+        let key = key(&pool.name, &backend.name);
+        match self.connections.get(&key) {
+            Some(existing) if existing.serves(backend.address, &connector) => Ok(existing.clone()),
+            _ => {
+                let connections = Arc::new(BackendConnections::new(
+                    backend.address,
+                    connector,
+                    pool.timeouts.idle,
+                ));
+                self.connections.insert(key, connections.clone());
+                Ok(connections)
             }
         }
-        let connect = self
-            .metrics
-            .upstream_connect_duration
-            .with_label_values(&[pool.name.as_str()]);
-        let client = client::build(&pool.timeouts, pool.tls.as_ref(), connect)?;
-        self.clients
-            .insert(pool.name.clone(), (settings, client.clone()));
-        Ok(client)
     }
 
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics {
@@ -247,7 +274,9 @@ impl Carried {
             .collect();
         self.overrides
             .retain(|k, o| backend_of(k).is_some_and(|(_, b)| b.state == o.configured));
-        self.clients.retain(|pool, _| config.pool(pool).is_some());
+        self.connectors
+            .retain(|pool, _| config.pool(pool).is_some());
+        self.connections.retain(|k, _| backend_of(k).is_some());
         self.retry_budgets
             .retain(|pool, _| config.pool(pool).is_some());
     }
@@ -296,6 +325,18 @@ impl Carried {
             }
         }
         self.previous_candidates = Some(candidates);
+    }
+
+    /// Closes idle upstream connections past their pool's idle timeout (at most once per
+    /// [`IDLE_SWEEP`]).
+    fn close_expired_connections(&mut self) {
+        if self.last_idle_sweep.elapsed() < IDLE_SWEEP {
+            return;
+        }
+        self.last_idle_sweep = Instant::now();
+        for connections in self.connections.values() {
+            connections.close_expired();
+        }
     }
 
     /// Whether some backend is still ramping up (the table must be rebuilt soon).
@@ -469,7 +510,9 @@ pub fn start(config: Arc<Config>, metrics: Metrics) -> Result<PublisherHandle, S
         next_serial: 0,
         available_since: HashMap::new(),
         previous_candidates: None,
-        clients: HashMap::new(),
+        connectors: HashMap::new(),
+        connections: HashMap::new(),
+        last_idle_sweep: Instant::now(),
         retry_budgets: HashMap::new(),
         down_pools: HashSet::new(),
         listener_metrics: HashMap::new(),
@@ -488,18 +531,17 @@ pub fn start(config: Arc<Config>, metrics: Metrics) -> Result<PublisherHandle, S
 async fn run(mut receiver: mpsc::Receiver<Change>, mut carried: Carried, table: SharedTable) {
     loop {
         let current = table.load_full();
-        let first = if carried.ramping(&current.config) {
-            match tokio::time::timeout(RAMP_TICK, receiver.recv()).await {
-                Ok(Some(change)) => Some(change),
-                Ok(None) => return,
-                Err(_tick) => None,
-            }
-        } else {
-            match receiver.recv().await {
-                Some(change) => Some(change),
-                None => return,
-            }
+        let ramping = carried.ramping(&current.config);
+        let tick = if ramping { RAMP_TICK } else { IDLE_SWEEP };
+        let first = match tokio::time::timeout(tick, receiver.recv()).await {
+            Ok(Some(change)) => Some(change),
+            Ok(None) => return,
+            Err(_tick) => None,
         };
+        carried.close_expired_connections();
+        if first.is_none() && !ramping {
+            continue;
+        }
         let mut config = current.config.clone();
         let mut loaded_at = current.loaded_at;
         let mut replies_config = Vec::new();

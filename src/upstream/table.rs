@@ -5,10 +5,13 @@
 //! here is ever mutated after publication except atomics (counters, round-robin cursors).
 
 use super::backend::{Backend, BackendStats};
-use super::client::UpstreamClient;
+use super::connections::BackendConnections;
+use super::connector::Connector;
 use crate::access_log::AccessLog;
 use crate::balancer::{self, Balancer, Candidate, PickContext, Tuning};
-use crate::config::{AdminState, Config, HashKey, HostMatch, ListenerConfig, PoolConfig};
+use crate::config::{
+    AdminState, BackendConfig, Config, HashKey, HostMatch, ListenerConfig, PoolConfig,
+};
 use crate::config::{Algorithm, HealthCheckKind};
 use crate::metrics::{ListenerMetrics, Metrics, RequestCounters};
 use http::HeaderMap;
@@ -36,8 +39,13 @@ pub trait BackendFacts {
     fn retry_budget(&mut self, pool: &str) -> Arc<super::retry::RetryBudget>;
     /// Where the request path reports what the publisher must act on (passive ejections).
     fn changes(&self) -> tokio::sync::mpsc::Sender<super::publisher::Change>;
-    /// The pool's upstream client (reused while the pool's timeouts and TLS settings stay).
-    fn client(&mut self, pool: &PoolConfig) -> Result<UpstreamClient, String>;
+    /// The keep-alive connections to a backend (kept while its address and the pool's
+    /// timeouts and TLS settings stay).
+    fn connections(
+        &mut self,
+        pool: &PoolConfig,
+        backend: &BackendConfig,
+    ) -> Result<Arc<BackendConnections>, String>;
     /// The listener's metric handles.
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics;
     /// The rate limiter of a listener (the same buckets while the limit is unchanged).
@@ -60,7 +68,6 @@ pub struct Pool {
     /// Active and healthy backends (fewer than `candidates` when failing open).
     available: usize,
     balancer: Box<dyn Balancer>,
-    pub client: UpstreamClient,
     pub retry_budget: Arc<super::retry::RetryBudget>,
     /// `gatehouse_upstream_retries_total` of this pool.
     pub retries: prometheus::IntCounter,
@@ -78,10 +85,7 @@ impl Pool {
         let scale = if config.slow_start.is_zero() { 1 } else { 100 };
         let mut backends = Vec::with_capacity(config.backends.len());
         for backend in &config.backends {
-            let authority = backend
-                .address
-                .to_string()
-                .parse()
+            let host = http::HeaderValue::from_str(&backend.address.to_string())
                 .map_err(|error| format!("backend {}: {error}", backend.name))?;
             let factor = facts.weight_factor(&config.name, &backend.name, config.slow_start);
             let effective_weight =
@@ -89,12 +93,13 @@ impl Pool {
             backends.push(Backend {
                 name: backend.name.clone(),
                 address: backend.address,
-                authority,
+                host,
                 weight: backend.weight,
                 effective_weight,
                 admin_state: facts.admin_state(&config.name, &backend.name, backend.state),
                 healthy: facts.healthy(&config.name, &backend.name, actively_checked),
                 stats: facts.stats(&config.name, &backend.name),
+                connections: facts.connections(config, backend)?,
             });
         }
         let mut candidates: Vec<usize> = (0..backends.len())
@@ -128,7 +133,6 @@ impl Pool {
             balancer: balancer::build(algorithm, &balancer_candidates, tuning),
             candidates,
             available,
-            client: facts.client(config)?,
             retry_budget: facts.retry_budget(&config.name),
             retries: metrics
                 .upstream_retries_total
@@ -486,7 +490,7 @@ pub struct StaticFacts {
     /// Backend names to treat as failing their health checks.
     pub unhealthy: std::collections::HashSet<String>,
     changes: tokio::sync::mpsc::Sender<super::publisher::Change>,
-    clients: HashMap<String, UpstreamClient>,
+    connectors: HashMap<String, Arc<Connector>>,
 }
 
 impl StaticFacts {
@@ -496,7 +500,7 @@ impl StaticFacts {
             metrics,
             unhealthy: Default::default(),
             changes: tokio::sync::mpsc::channel(1).0,
-            clients: HashMap::new(),
+            connectors: HashMap::new(),
         }
     }
 }
@@ -522,17 +526,29 @@ impl BackendFacts for StaticFacts {
         1.0
     }
 
-    fn client(&mut self, pool: &PoolConfig) -> Result<UpstreamClient, String> {
-        if let Some(client) = self.clients.get(&pool.name) {
-            return Ok(client.clone());
-        }
-        let connect = self
-            .metrics
-            .upstream_connect_duration
-            .with_label_values(&[pool.name.as_str()]);
-        let client = super::client::build(&pool.timeouts, pool.tls.as_ref(), connect)?;
-        self.clients.insert(pool.name.clone(), client.clone());
-        Ok(client)
+    fn connections(
+        &mut self,
+        pool: &PoolConfig,
+        backend: &BackendConfig,
+    ) -> Result<Arc<BackendConnections>, String> {
+        let connector = match self.connectors.get(&pool.name) {
+            Some(connector) => connector.clone(),
+            None => {
+                let connect = self
+                    .metrics
+                    .upstream_connect_duration
+                    .with_label_values(&[pool.name.as_str()]);
+                let connector =
+                    Arc::new(Connector::new(&pool.timeouts, pool.tls.as_ref(), connect)?);
+                self.connectors.insert(pool.name.clone(), connector.clone());
+                connector
+            }
+        };
+        Ok(Arc::new(BackendConnections::new(
+            backend.address,
+            connector,
+            pool.timeouts.idle,
+        )))
     }
 
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics {

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Profiles gatehouse's request path on loopback: an nginx backend (the peer benchmark's
+# "hello" origin), gatehouse from benches/peerbench-candidate.sh, and a fixed load.
+#
+#   benches/profile.sh callgrind [SCENARIO] [REQUESTS]  # instructions per request (repeatable)
+#   benches/profile.sh perf [SCENARIO] [SECONDS]        # sampled call graph (perf, cpu-clock)
+#
+# SCENARIO: http (default), https, h2, tcp. Needs nginx, h2load (nghttp2-client), valgrind or
+# perf, and a release build (`cargo build --release`). Output goes to $OUT (default
+# /tmp/gatehouse-profile): callgrind.out / perf.data plus a summary printed here.
+set -euo pipefail
+mode="${1:?usage: profile.sh callgrind|perf [http|https|h2|tcp] [amount]}"
+scenario="${2:-http}"
+here="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-/tmp/gatehouse-profile}"
+rm -rf "$OUT" && mkdir -p "$OUT/backend/www"
+export PB_WORKDIR="$OUT" PB_THREADS=1
+export PB_HTTP_PORT=18080 PB_HTTPS_PORT=18443 PB_TCP_PORT=18081
+export PB_B1=127.0.0.1:18901 PB_B2=127.0.0.1:18902
+export PB_CERT="$OUT/cert.pem" PB_KEY="$OUT/key.pem"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+  -keyout "$PB_KEY" -out "$PB_CERT" 2>/dev/null
+
+cat >"$OUT/backend/nginx.conf" <<EOF
+worker_processes 1; daemon off; master_process off; pid $OUT/backend/nginx.pid;
+error_log $OUT/backend/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off; default_type text/plain;
+  client_body_temp_path $OUT/backend/cb; proxy_temp_path $OUT/backend/px;
+  fastcgi_temp_path $OUT/backend/fc; uwsgi_temp_path $OUT/backend/uw; scgi_temp_path $OUT/backend/sc;
+  keepalive_requests 100000000; keepalive_timeout 300s;
+  server { listen $PB_B1; listen $PB_B2; location = / { return 200 "hello\n"; } }
+}
+EOF
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+nginx -p "$OUT/backend" -c "$OUT/backend/nginx.conf" &
+pids+=($!)
+
+case "$scenario" in
+  http) url="http://127.0.0.1:$PB_HTTP_PORT/"; proto=(--h1) ;;
+  https) url="https://127.0.0.1:$PB_HTTPS_PORT/"; proto=(--h1) ;;
+  h2) url="https://127.0.0.1:$PB_HTTPS_PORT/"; proto=(-m10) ;;
+  tcp) url="http://127.0.0.1:$PB_TCP_PORT/"; proto=(--h1) ;;
+  *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+esac
+connections=64
+[ "$scenario" = h2 ] && connections=16
+
+wait_for_port() {
+  for _ in $(seq 1 600); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "port $1 never opened" >&2
+  exit 1
+}
+
+case "$mode" in
+  callgrind)
+    requests="${3:-20000}"
+    valgrind --tool=callgrind --trace-children=yes --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out" \
+      "$here/benches/peerbench-candidate.sh" 2>"$OUT/valgrind.log" &
+    pids+=($!)
+    wait_for_port "$PB_HTTP_PORT"
+    h2load "${proto[@]}" -n 2000 -c "$connections" -t 1 "$url" >/dev/null
+    callgrind_control -i on >/dev/null
+    h2load "${proto[@]}" -n "$requests" -c "$connections" -t 1 "$url" | grep -E "^requests:"
+    callgrind_control -i off >/dev/null
+    callgrind_control -d >/dev/null
+    sleep 1
+    dump="$OUT/callgrind.out.1"
+    total="$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')"
+    echo "instructions per request ($scenario): $((total / requests))"
+    callgrind_annotate --inclusive=no "$dump" 2>/dev/null | sed -n '/^Ir/,$p' | head -45
+    ;;
+  perf)
+    seconds="${3:-10}"
+    "$here/benches/peerbench-candidate.sh" &
+    pids+=($!)
+    wait_for_port "$PB_HTTP_PORT"
+    target="$(pgrep -f "gatehouse run --config $OUT" | head -1)"
+    h2load "${proto[@]}" -n 20000 -c "$connections" -t 1 "$url" >/dev/null
+    perf record -e cpu-clock -F 2000 -g -p "$target" -o "$OUT/perf.data" -- sleep "$seconds" 2>/dev/null &
+    recorder=$!
+    h2load "${proto[@]}" -D "$seconds" -c "$connections" -t 1 "$url" | grep -E "^requests:"
+    wait "$recorder"
+    perf report -i "$OUT/perf.data" --no-children --stdio --sort symbol 2>/dev/null |
+      grep -E "^ +[0-9]" | head -50
+    ;;
+  *) echo "mode is callgrind or perf" >&2; exit 2 ;;
+esac
