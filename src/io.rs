@@ -32,6 +32,11 @@ impl<T, O> Observed<T, O> {
     pub fn new(inner: T, observer: O) -> Self {
         Observed { inner, observer }
     }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin, O: Observer + Unpin> AsyncRead for Observed<T, O> {

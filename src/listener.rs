@@ -101,6 +101,7 @@ impl Listener {
                 client_cert: None,
                 table: self.table.clone(),
                 tunnels: self.tasks.clone(),
+                forwarded_for: Default::default(),
             };
             let shutdown = self.shutdown.clone();
             let per_client = per_client.clone();
@@ -198,11 +199,11 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let _ = SockRef::from(&stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE));
+    let limits = listener.config.limits;
     if let Ok(local) = stream.local_addr() {
         connection.local = local;
     }
     let metrics = &listener.metrics;
-    let limits = listener.config.limits;
     let counters = ByteCounters {
         received: metrics.bytes_received.clone(),
         sent: metrics.bytes_sent.clone(),
@@ -248,6 +249,30 @@ async fn serve_connection(
             return;
         }
         connection.denied = true;
+    }
+    if listener.config.protocol.is_http() && stream.prefix_len() == 0 {
+        // HTTP clients speak first: until they do, a connection costs its socket and this
+        // task, not the HTTP (or TLS) machinery and its buffers.
+        let mut first = [0u8; 1];
+        let peek = stream.get_ref().get_ref().peek(&mut first);
+        let spoke = tokio::select! {
+            spoke = tokio::time::timeout(limits.header_timeout, peek) => spoke,
+            () = shutdown.cancelled() => return,
+        };
+        match spoke {
+            Ok(Ok(1..)) => {}
+            Ok(Ok(0) | Err(_)) => return,
+            Err(_silent) => {
+                if listener.tls.is_some() {
+                    metrics.tls_handshake_errors.inc();
+                    metrics.reject(Rejection::Tls);
+                } else {
+                    metrics.reject(Rejection::HeaderTimeout);
+                    l7::answer_late_request(stream, &listener).await;
+                }
+                return;
+            }
+        }
     }
     let Some(acceptor) = &listener.tls else {
         match listener.config.protocol {

@@ -277,6 +277,16 @@ impl<T> Prefixed<T> {
     pub fn new(prefix: Bytes, inner: T) -> Self {
         Prefixed { prefix, inner }
     }
+
+    /// Bytes still to replay before `inner` is read.
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.len()
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {

@@ -145,6 +145,30 @@ async fn a_late_request_head_gets_408_and_is_counted() {
 }
 
 #[tokio::test]
+async fn a_silent_connection_gets_408_after_the_header_timeout() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("b", backend.address)],
+        ", limits: { header_timeout: 300ms }",
+        "",
+    )
+    .await;
+    let answer = raw_exchange(web, b"").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    let text = metrics_text(&gatehouse).await;
+    assert_eq!(
+        metric(
+            &text,
+            "gatehouse_rejected_total",
+            &[("listener", "web"), ("reason", "header_timeout")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
 async fn rate_limits_answer_429_with_retry_after() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();

@@ -95,7 +95,7 @@ proptest! {
         headers::strip_hop_by_hop(request.headers_mut(), false);
         let client = IpAddr::from(client);
         let host = request.headers().get("host").cloned();
-        headers::set_forwarded(request.headers_mut(), client, false, "https", host.as_ref());
+        headers::set_forwarded(request.headers_mut(), &headers::client_address_value(client), false, "https", host.as_ref());
         let map = request.headers();
         for hop in ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-connection"] {
             prop_assert!(!map.contains_key(hop), "{hop} survived");

@@ -23,7 +23,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let upgrade = headers::wants_upgrade(request.headers());
     headers::strip_hop_by_hop(request.headers_mut(), upgrade);
-    headers::set_forwarded(request.headers_mut(), [192, 0, 2, 1].into(), true, "https", None);
+    let client = headers::client_address_value([192, 0, 2, 1].into());
+    headers::set_forwarded(request.headers_mut(), &client, true, "https", None);
     for hop in ["keep-alive", "te", "trailer", "transfer-encoding", "proxy-connection"] {
         assert!(!request.headers().contains_key(hop));
     }

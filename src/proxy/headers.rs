@@ -7,8 +7,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 use std::net::IpAddr;
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1); `Connection`
+/// first (`strip_hop_by_hop` reads its bit 0).
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -30,7 +31,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers a client's `Connection:` list may not remove: gatehouse sets or relies on them,
 /// and letting a client strip them is a known way to smuggle past a backend's checks.
-const PROTECTED: [HeaderName; 8] = [
+static PROTECTED: [HeaderName; 8] = [
     header::HOST,
     header::AUTHORIZATION,
     header::CONTENT_LENGTH,
@@ -55,25 +56,51 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers and every header named in `Connection` (except protected
 /// ones). With `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive for a tunnel.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let mut named: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',') {
-            let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) else {
-                continue;
-            };
-            if !PROTECTED.contains(&name) && !HOP_BY_HOP.contains(&name) && name != header::UPGRADE
-            {
-                named.push(name);
-            }
+    // One pass over the names finds which hop-by-hop headers are present (bit i for
+    // HOP_BY_HOP[i], bit 8 for Upgrade): most messages carry few or none of them.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << index;
+        } else if name == header::UPGRADE {
+            present |= 1 << 8;
         }
     }
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    if present == 0 && !keep_upgrade {
+        return;
+    }
+    if present & 1 != 0 {
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                // The usual tokens name no header to remove beyond HOP_BY_HOP.
+                if ["close", "keep-alive", "upgrade", ""]
+                    .iter()
+                    .any(|usual| token.eq_ignore_ascii_case(usual))
+                {
+                    continue;
+                }
+                let Ok(name) = HeaderName::from_bytes(token.as_bytes()) else {
+                    continue;
+                };
+                if !PROTECTED.contains(&name) && !HOP_BY_HOP.contains(&name) {
+                    named.push(name);
+                }
+            }
+        }
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for (index, hop) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << index) != 0 {
+            headers.remove(hop);
+        }
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & (1 << 8) != 0 {
         headers.remove(header::UPGRADE);
     }
 }
@@ -117,34 +144,42 @@ pub fn routing_host(host: &HeaderValue) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
-/// Sets `X-Forwarded-For` (extended only when the peer is a trusted proxy, else replaced),
-/// `X-Forwarded-Proto`, `X-Forwarded-Host` and `X-Request-Id` (kept if sane, else new).
-/// Returns the request id.
+/// A client address as `X-Forwarded-For` carries it; rendered once per client connection.
+pub fn client_address_value(client_ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client_ip.to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Sets `X-Forwarded-For` to `client` (appended to the previous list only when the peer is
+/// a trusted proxy, else replacing it), `X-Forwarded-Proto`, `X-Forwarded-Host` and
+/// `X-Request-Id` (kept if sane, else new). Returns the request id.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client_ip: IpAddr,
+    client: &HeaderValue,
     extend_forwarded_for: bool,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) -> HeaderValue {
-    let client = client_ip.to_string();
-    let forwarded_for = if extend_forwarded_for {
-        let previous: Vec<&str> = headers
+    let previous: Vec<&str> = if extend_forwarded_for {
+        headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|value| value.to_str().ok())
-            .collect();
-        if previous.is_empty() {
-            client
-        } else {
-            format!("{}, {client}", previous.join(", "))
-        }
+            .collect()
     } else {
-        client
+        Vec::new()
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
+    let forwarded_for = if previous.is_empty() {
+        client.clone()
+    } else {
+        let list = format!(
+            "{}, {}",
+            previous.join(", "),
+            client.to_str().unwrap_or("unknown")
+        );
+        HeaderValue::from_str(&list).unwrap_or_else(|_| client.clone())
+    };
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match host {
         Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
@@ -270,26 +305,26 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_replaced_unless_trusted() {
-        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let ip = client_address_value("10.1.2.3".parse().unwrap());
         let mut untrusted = map(&[("x-forwarded-for", "6.6.6.6")]);
-        set_forwarded(&mut untrusted, ip, false, "http", None);
+        set_forwarded(&mut untrusted, &ip, false, "http", None);
         assert_eq!(untrusted["x-forwarded-for"], "10.1.2.3");
         let mut trusted = map(&[("x-forwarded-for", "6.6.6.6")]);
-        set_forwarded(&mut trusted, ip, true, "https", None);
+        set_forwarded(&mut trusted, &ip, true, "https", None);
         assert_eq!(trusted["x-forwarded-for"], "6.6.6.6, 10.1.2.3");
         assert_eq!(trusted["x-forwarded-proto"], "https");
     }
 
     #[test]
     fn request_id_kept_or_generated() {
-        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let ip = client_address_value("10.1.2.3".parse().unwrap());
         let mut with_id = map(&[("x-request-id", "abc-123")]);
         assert_eq!(
-            set_forwarded(&mut with_id, ip, false, "http", None),
+            set_forwarded(&mut with_id, &ip, false, "http", None),
             "abc-123"
         );
         let mut without = HeaderMap::new();
-        let id = set_forwarded(&mut without, ip, false, "http", None);
+        let id = set_forwarded(&mut without, &ip, false, "http", None);
         assert_eq!(id.len(), 32);
         assert_ne!(id, new_request_id());
     }

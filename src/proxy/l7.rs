@@ -65,6 +65,16 @@ pub struct Connection {
     pub table: SharedTable,
     /// Tracks upgraded tunnels so shutdown can wait for them.
     pub tunnels: TaskTracker,
+    /// `client` as `X-Forwarded-For` carries it, rendered on the first request.
+    pub forwarded_for: std::sync::OnceLock<http::HeaderValue>,
+}
+
+impl Connection {
+    /// The client's address for `X-Forwarded-For` (rendered once per connection).
+    fn forwarded_for(&self) -> &http::HeaderValue {
+        self.forwarded_for
+            .get_or_init(|| headers::client_address_value(self.client.ip()))
+    }
 }
 
 /// Which HTTP version a TLS client chose by ALPN (`None`: detect from the preface).
@@ -134,17 +144,22 @@ pub async fn serve<I>(
         } else {
             None
         };
-        if let Some(Ok(mut stream)) = reclaimed {
+        if let Some(Ok(stream)) = reclaimed {
             // hyper closes a connection whose request head is late without a word; the
             // stream came back when hyper dropped it: say 408, then close.
-            listener.unrouted_counters.count(408);
-            let answer = async {
-                stream.write_all(REQUEST_TIMEOUT).await?;
-                stream.shutdown().await
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+            answer_late_request(stream, listener).await;
         }
     }
+}
+
+/// Answers 408 on a connection whose request head did not arrive in time, then closes it.
+pub async fn answer_late_request<S: AsyncWrite + Unpin>(mut stream: S, listener: &ListenerTable) {
+    listener.unrouted_counters.count(408);
+    let answer = async {
+        stream.write_all(REQUEST_TIMEOUT).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
 /// The answer to a request head that did not arrive within `limits.header_timeout`.
@@ -387,7 +402,7 @@ async fn forward(
     headers::strip_hop_by_hop(request_headers, upgrade);
     let request_id = headers::set_forwarded(
         request_headers,
-        connection.client.ip(),
+        connection.forwarded_for(),
         listener.is_trusted_proxy(connection.client.ip()),
         listener.config.protocol.as_str(),
         host.as_ref(),

@@ -181,29 +181,17 @@ impl BackendConnections {
                 }
             }
         }
-        let stream = match self.connector.connect(self.address, proxy_header).await {
-            Ok(stream) => stream,
+        // Opening a connection is the rare path: boxed, its large future (TCP, TLS, HTTP
+        // handshake) does not weigh on every request's future.
+        let mut sender = match Box::pin(self.open(proxy_header)).await {
+            Ok(sender) => sender,
             Err(error) => {
                 return Err(Failed {
-                    error: error.into(),
+                    error,
                     unsent: Some(request),
                 })
             }
         };
-        let (mut sender, connection) = match http1::Builder::new().handshake(stream).await {
-            Ok(handshake) => handshake,
-            Err(error) => {
-                return Err(Failed {
-                    error: SendError::Handshake(error),
-                    unsent: Some(request),
-                })
-            }
-        };
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%error, "backend connection ended with an error");
-            }
-        });
         match sender.try_send_request(request).await {
             Ok(response) => {
                 let lease = proxy_header.is_none().then(|| Lease {
@@ -217,6 +205,25 @@ impl BackendConnections {
                 error: SendError::Request(error.into_error()),
             }),
         }
+    }
+
+    /// Opens a new connection (starting with `proxy_header`, if any) and its HTTP/1.1
+    /// handshake; the connection's own task runs until it closes or is upgraded.
+    async fn open(
+        &self,
+        proxy_header: Option<&[u8]>,
+    ) -> Result<SendRequest<UpstreamBody>, SendError> {
+        let stream = self.connector.connect(self.address, proxy_header).await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(stream)
+            .await
+            .map_err(SendError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "backend connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 
     /// Closes connections idle for longer than the idle timeout, or already closed by the
