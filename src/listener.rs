@@ -274,14 +274,31 @@ async fn serve_connection(
             }
         }
     }
+    Box::pin(serve_protocol(stream, connection, &listener, shutdown)).await;
+}
+
+/// The stream of a client connection as the listener reads it.
+type ClientStream = Prefixed<Observed<TcpStream, ByteCounters>>;
+
+/// Serves a connection once its client has spoken (or at once for TCP): TLS, then HTTP or
+/// TCP pass-through. The caller boxes this large future, so a connection that has not spoken
+/// yet costs only its small waiting state.
+async fn serve_protocol(
+    stream: ClientStream,
+    mut connection: l7::Connection,
+    listener: &ListenerTable,
+    shutdown: CancellationToken,
+) {
+    let metrics = &listener.metrics;
+    let limits = listener.config.limits;
     let Some(acceptor) = &listener.tls else {
         match listener.config.protocol {
-            Protocol::Tcp => l4::serve(stream, &connection, &listener).await,
+            Protocol::Tcp => l4::serve(stream, &connection, listener).await,
             _ => {
                 let (stream, verdict) = framing::guard(stream);
                 connection.framing = Some(verdict);
                 let connection = Arc::new(connection);
-                l7::serve(stream, connection, &listener, Negotiated::Detect, shutdown).await;
+                l7::serve(stream, connection, listener, Negotiated::Detect, shutdown).await;
             }
         }
         return;
@@ -317,16 +334,16 @@ async fn serve_connection(
         .and_then(crate::tls::certificate_subject)
         .map(Arc::from);
     match listener.config.protocol {
-        Protocol::Tls => l4::serve(tls, &connection, &listener).await,
+        Protocol::Tls => l4::serve(tls, &connection, listener).await,
         _ if negotiated == Negotiated::Http1 => {
             let (tls, verdict) = framing::guard(tls);
             connection.framing = Some(verdict);
             let connection = Arc::new(connection);
-            l7::serve(tls, connection, &listener, negotiated, shutdown).await;
+            l7::serve(tls, connection, listener, negotiated, shutdown).await;
         }
         _ => {
             let connection = Arc::new(connection);
-            l7::serve(tls, connection, &listener, negotiated, shutdown).await;
+            l7::serve(tls, connection, listener, negotiated, shutdown).await;
         }
     }
 }

@@ -426,32 +426,10 @@ async fn forward(
         }
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-    let (mut parts, body) = request.into_parts();
-    if let Some(limit) = target.max_body_bytes {
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > limit) {
-            return Err((ProxyError::PayloadTooLarge, Outcome::default()));
-        }
-    }
-    let replayable = !upgrade && is_idempotent(&parts.method) && body.is_end_stream();
-    let body = if body.is_end_stream() {
-        UpstreamBody::empty()
-    } else {
-        UpstreamBody::streaming(body, bytes_in, target.max_body_bytes)
-    };
-    // Origin-form towards the backend; the server's extensions stay behind.
-    if parts.uri.authority().is_some() || parts.uri.path_and_query().is_none() {
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()));
-    }
-    parts.version = Version::HTTP_11;
-    parts.extensions = http::Extensions::new();
-    let mut next = Some(Request::from_parts(parts, body));
+    let (upstream, replayable) =
+        upstream_request(request, upgrade, bytes_in, target.max_body_bytes)
+            .map_err(|error| (error, Outcome::default()))?;
+    let mut next = Some(upstream);
     let proxy_header = pool
         .config
         .send_proxy_protocol
@@ -474,9 +452,9 @@ async fn forward(
     };
     let mut last_error = (ProxyError::NoBackend, outcome(None, None));
     for attempt in 0..attempts {
-        let Some(mut upstream) = next.take() else {
+        if next.is_none() {
             break;
-        };
+        }
         let Some(index) = pool.select(&context, &tried[..attempt]) else {
             break;
         };
@@ -489,19 +467,29 @@ async fn forward(
         }
         tried[attempt] = index;
         let backend = &pool.backends[index];
-        if host.is_none() {
-            upstream
-                .headers_mut()
-                .insert(header::HOST, backend.host.clone());
-        }
         let last_attempt = attempt + 1 == attempts;
-        // A request without a body may be sent again after the backend saw it: keep its head.
-        let spare = (replayable && !last_attempt).then(|| copy_head(&upstream));
-
+        // Scoped so the moved-from request does not take room in this future while it waits.
+        let (spare, sending) = {
+            let Some(mut upstream) = next.take() else {
+                break;
+            };
+            if host.is_none() {
+                upstream
+                    .headers_mut()
+                    .insert(header::HOST, backend.host.clone());
+            }
+            // A request without a body may be sent again after the backend saw it: keep its
+            // head.
+            let spare = (replayable && !last_attempt).then(|| copy_head(&upstream));
+            let sending = backend.connections.send(upstream, proxy_header.as_deref());
+            (
+                spare,
+                tokio::time::timeout(pool.config.timeouts.request, sending),
+            )
+        };
         let in_flight = backend.stats.start();
         let sent_at = Instant::now();
-        let sending = backend.connections.send(upstream, proxy_header.as_deref());
-        let result = tokio::time::timeout(pool.config.timeouts.request, sending).await;
+        let result = sending.await;
         let upstream_duration = sent_at.elapsed();
         pool.observe_latency(index, upstream_duration);
         let (mut response, lease) = match result {
@@ -585,6 +573,42 @@ async fn forward(
         return Ok((response, outcome(Some(index), Some(upstream_duration))));
     }
     Err(last_error)
+}
+
+/// The request as it goes to a backend: origin-form, HTTP/1.1, the client's body streamed
+/// (counted into `bytes_in`, held to `max_body_bytes`); and whether it may be replayed.
+fn upstream_request(
+    request: Request<Incoming>,
+    upgrade: bool,
+    bytes_in: Option<Arc<AtomicU64>>,
+    max_body_bytes: Option<u64>,
+) -> Result<(Request<UpstreamBody>, bool), ProxyError> {
+    let (mut parts, body) = request.into_parts();
+    if let Some(limit) = max_body_bytes {
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit) {
+            return Err(ProxyError::PayloadTooLarge);
+        }
+    }
+    let replayable = !upgrade && is_idempotent(&parts.method) && body.is_end_stream();
+    let body = if body.is_end_stream() {
+        UpstreamBody::empty()
+    } else {
+        UpstreamBody::streaming(body, bytes_in, max_body_bytes)
+    };
+    // Origin-form towards the backend; the server's extensions stay behind.
+    if parts.uri.authority().is_some() || parts.uri.path_and_query().is_none() {
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()));
+    }
+    parts.version = Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
+    Ok((Request::from_parts(parts, body), replayable))
 }
 
 /// A bodiless copy of `request`'s head, to send it again elsewhere.

@@ -491,6 +491,8 @@ pub struct StaticFacts {
     pub unhealthy: std::collections::HashSet<String>,
     changes: tokio::sync::mpsc::Sender<super::publisher::Change>,
     connectors: HashMap<String, Arc<Connector>>,
+    /// Kept across builds, as the publisher keeps them.
+    connections: HashMap<(String, String), Arc<BackendConnections>>,
 }
 
 impl StaticFacts {
@@ -501,6 +503,7 @@ impl StaticFacts {
             unhealthy: Default::default(),
             changes: tokio::sync::mpsc::channel(1).0,
             connectors: HashMap::new(),
+            connections: HashMap::new(),
         }
     }
 }
@@ -544,11 +547,17 @@ impl BackendFacts for StaticFacts {
                 connector
             }
         };
-        Ok(Arc::new(BackendConnections::new(
-            backend.address,
-            connector,
-            pool.timeouts.idle,
-        )))
+        let connections = self
+            .connections
+            .entry((pool.name.clone(), backend.name.clone()))
+            .or_insert_with(|| {
+                Arc::new(BackendConnections::new(
+                    backend.address,
+                    connector,
+                    pool.timeouts.idle,
+                ))
+            });
+        Ok(connections.clone())
     }
 
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics {
