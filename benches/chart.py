@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Draws the peer benchmark's CSV (../shared/bench/peerbench.sh) as one SVG chart.
 
-    python3 benches/chart.py docs/bench/RESULTS.csv [more.csv ...] -o docs/bench/chart.svg
+    python3 benches/chart.py docs/bench/RESULTS.csv [more.csv ...] -o docs/bench/chart.svg [--markdown]
 
 Left panel: each proxy's CPU per request relative to the better of nginx and HAProxy in the
 same run (1.0 = the better peer; the issue's target is 0.7), per scenario — the median over
 every run in the given files. Right panel: RSS per idle connection in KiB (after connect,
-after one request). Standard library only, so it runs wherever the benchmark does.
+after one request). With --markdown, also prints the table of every scenario (medians over
+runs) for docs/benchmarks.md. Standard library only, so it runs wherever the benchmark does.
 """
 
 import argparse
@@ -138,15 +139,69 @@ def svg(ratios, idle, title):
     return "\n".join(out) + "\n"
 
 
+def markdown(paths):
+    """The table of every scenario: medians over runs of each peer's figures, and ratios."""
+    rows = defaultdict(lambda: defaultdict(list))
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                for column in ("rps", "mib_s", "p99_ms", "cpu_ms_per_1k", "tcp_opens_per_req",
+                               "idle_kib_per_conn_open", "idle_kib_per_conn_req"):
+                    value = number(row.get(column))
+                    if value is not None:
+                        rows[(row["scenario"], row["peer"])][column].append(value)
+
+    def med(scenario, peer, column):
+        values = rows.get((scenario, peer), {}).get(column)
+        return statistics.median(values) if values else None
+
+    def cell(value, digits=1):
+        return "n/a" if value is None else f"{value:,.{digits}f}"
+
+    def ratio(mine, theirs):
+        return "n/a" if mine is None or not theirs else f"{mine / theirs:.2f}×"
+
+    lines = [
+        "| scenario | CPU-µs/req nginx | HAProxy | gatehouse | vs nginx | vs HAProxy "
+        "| req/s direct | nginx | HAProxy | gatehouse | p99 ms nginx | HAProxy | gatehouse "
+        "| upstream conns/req |",
+        "|---" * 14 + "|",
+    ]
+    for scenario in SCENARIOS:
+        cpu = {p: med(scenario, p, "cpu_ms_per_1k") for p in PEERS}
+        rate = "mib_s" if scenario == "large-1m" else "rps"
+        rps = {p: med(scenario, p, rate) for p in ["direct"] + PEERS}
+        p99 = {p: med(scenario, p, "p99_ms") for p in PEERS}
+        lines.append(
+            f"| {scenario}{' (MiB/s)' if rate == 'mib_s' else ''} | {cell(cpu['nginx'])} | {cell(cpu['haproxy'])} "
+            f"| {cell(cpu['gatehouse'])} | {ratio(cpu['gatehouse'], cpu['nginx'])} "
+            f"| {ratio(cpu['gatehouse'], cpu['haproxy'])} | {cell(rps['direct'], 0)} | {cell(rps['nginx'], 0)} "
+            f"| {cell(rps['haproxy'], 0)} | {cell(rps['gatehouse'], 0)} | {cell(p99['nginx'], 2)} "
+            f"| {cell(p99['haproxy'], 2)} | {cell(p99['gatehouse'], 2)} "
+            f"| {cell(med(scenario, 'gatehouse', 'tcp_opens_per_req'), 3)} |"
+        )
+    idle = {p: (med("idle-conns", p, "idle_kib_per_conn_open"), med("idle-conns", p, "idle_kib_per_conn_req"))
+            for p in PEERS}
+    lines.append("")
+    lines.append("| KiB RSS per idle connection | nginx | HAProxy | gatehouse |")
+    lines.append("|---|---|---|---|")
+    lines.append("| after connect | " + " | ".join(cell(idle[p][0], 2) for p in PEERS) + " |")
+    lines.append("| after one request | " + " | ".join(cell(idle[p][1], 2) for p in PEERS) + " |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", nargs="+", help="peerbench results CSV file(s)")
     parser.add_argument("-o", "--output", required=True, help="SVG file to write")
+    parser.add_argument("--markdown", action="store_true", help="also print the scenario table")
     parser.add_argument("--title", default="gatehouse beside nginx and HAProxy (peerbench, one worker each)")
     args = parser.parse_args()
     cpu, idle = load(args.csv)
     with open(args.output, "w") as handle:
         handle.write(svg(relative_cpu(cpu), idle, args.title))
+    if args.markdown:
+        print(markdown(args.csv))
 
 
 if __name__ == "__main__":
