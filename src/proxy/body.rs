@@ -23,7 +23,6 @@ enum Source {
         body: Incoming,
         in_flight: Option<InFlight>,
         lease: Option<Lease>,
-        complete: bool,
     },
     /// An answer gatehouse wrote itself (errors, admin).
     Local(Option<Bytes>),
@@ -53,7 +52,6 @@ impl ProxyBody {
                 body,
                 in_flight: Some(in_flight),
                 lease,
-                complete: false,
             },
             access: None,
         }
@@ -84,7 +82,9 @@ impl ProxyBody {
         }));
     }
 
-    fn finish(&mut self) {
+    /// Logs the record and lets the backend go; its connection returns to the pool only if
+    /// the body `ended` (or was read to its declared length).
+    fn finish(&mut self, ended: bool) {
         if let Some(pending) = self.access.take() {
             let Pending {
                 mut record,
@@ -98,12 +98,11 @@ impl ProxyBody {
             body,
             in_flight,
             lease,
-            complete,
         } = &mut self.source
         {
             in_flight.take();
             if let Some(lease) = lease.take() {
-                if *complete || body.is_end_stream() {
+                if ended || body.is_end_stream() {
                     lease.release();
                 }
             }
@@ -121,11 +120,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.source {
-            Source::Upstream { body, complete, .. } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                *complete = matches!(polled, Poll::Ready(None));
-                polled
-            }
+            Source::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
             Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
         match &polled {
@@ -134,7 +129,8 @@ impl Body for ProxyBody {
                     pending.record.bytes_out += data.len() as u64;
                 }
             }
-            Poll::Ready(None | Some(Err(_))) => this.finish(),
+            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(Some(Err(_))) => this.finish(false),
             Poll::Pending => {}
         }
         polled
@@ -159,6 +155,6 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        self.finish();
+        self.finish(false);
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Idle connections kept per backend; more are closed when their response ends.
-pub const MAX_IDLE_PER_BACKEND: usize = 256;
+const MAX_IDLE_PER_BACKEND: usize = 256;
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -132,11 +132,6 @@ impl BackendConnections {
     /// Whether these connections serve `address` through `connector` (a reload may keep them).
     pub fn serves(&self, address: SocketAddr, connector: &Arc<Connector>) -> bool {
         self.address == address && Arc::ptr_eq(&self.connector, connector)
-    }
-
-    /// How many connections are idle right now.
-    pub fn idle_count(&self) -> usize {
-        self.idle.len()
     }
 
     /// Sends `request` (origin-form URI, Host set) on an idle connection, or a new one when

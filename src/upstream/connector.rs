@@ -1,7 +1,8 @@
 //! Opening a connection to a backend: TCP (no Nagle, keep-alive probes), an optional PROXY
 //! protocol header, and TLS for pools with `tls`, all within the pool's connect timeout.
 
-use crate::config::{Timeouts, UpstreamTls};
+use crate::config::{PoolConfig, UpstreamTls};
+use crate::metrics::Metrics;
 use hyper_util::rt::TokioIo;
 use prometheus::Histogram;
 use rustls::pki_types::ServerName;
@@ -59,16 +60,15 @@ impl std::fmt::Debug for Connector {
 }
 
 impl Connector {
-    /// A connector for a pool's `timeouts` and `tls`; fails when the CA bundle or SNI is bad.
-    pub fn new(
-        timeouts: &Timeouts,
-        tls: Option<&UpstreamTls>,
-        connect_duration: Histogram,
-    ) -> Result<Self, String> {
+    /// The connector for `pool`'s `timeouts` and `tls`, timed into the pool's series of
+    /// `gatehouse_upstream_connect_duration_seconds`; fails when the CA bundle or SNI is bad.
+    pub fn for_pool(pool: &PoolConfig, metrics: &Metrics) -> Result<Self, String> {
         Ok(Connector {
-            connect_timeout: timeouts.connect,
-            connect_duration,
-            tls: tls.map(tls_connector).transpose()?,
+            connect_timeout: pool.timeouts.connect,
+            connect_duration: metrics
+                .upstream_connect_duration
+                .with_label_values(&[pool.name.as_str()]),
+            tls: pool.tls.as_ref().map(tls_connector).transpose()?,
         })
     }
 

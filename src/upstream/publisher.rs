@@ -164,12 +164,7 @@ impl BackendFacts for Carried {
         let connector = match self.connectors.get(&pool.name) {
             Some((existing, connector)) if *existing == settings => connector.clone(),
             _ => {
-                let connect = self
-                    .metrics
-                    .upstream_connect_duration
-                    .with_label_values(&[pool.name.as_str()]);
-                let connector =
-                    Arc::new(Connector::new(&pool.timeouts, pool.tls.as_ref(), connect)?);
+                let connector = Arc::new(Connector::for_pool(pool, &self.metrics)?);
                 self.connectors
                     .insert(pool.name.clone(), (settings, connector.clone()));
                 connector

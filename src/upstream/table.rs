@@ -537,12 +537,7 @@ impl BackendFacts for StaticFacts {
         let connector = match self.connectors.get(&pool.name) {
             Some(connector) => connector.clone(),
             None => {
-                let connect = self
-                    .metrics
-                    .upstream_connect_duration
-                    .with_label_values(&[pool.name.as_str()]);
-                let connector =
-                    Arc::new(Connector::new(&pool.timeouts, pool.tls.as_ref(), connect)?);
+                let connector = Arc::new(Connector::for_pool(pool, &self.metrics)?);
                 self.connectors.insert(pool.name.clone(), connector.clone());
                 connector
             }
