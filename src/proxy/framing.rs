@@ -64,8 +64,8 @@ fn line_end(buffer: &[u8]) -> Option<usize> {
     buffer.iter().position(|&b| b == b'\n')
 }
 
-/// Where the head ends: just past its first empty line (CRLF or bare LF endings). Stops at
-/// that line, so body bytes in the same read are not scanned.
+/// Where a head that arrived over several reads ends: just past its first empty line (CRLF or
+/// bare LF endings). Stops at that line, so body bytes in the same read are not scanned.
 fn head_end(buffer: &[u8]) -> Option<usize> {
     let mut from = 0;
     while let Some(offset) = line_end(&buffer[from..]) {
@@ -79,21 +79,87 @@ fn head_end(buffer: &[u8]) -> Option<usize> {
     None
 }
 
+/// How a complete request head frames what follows it.
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    /// Content-Length with Transfer-Encoding, or Content-Length more than once.
+    Ambiguous,
+    /// An upgrade or CONNECT: what follows is not HTTP/1.
+    Tunnel,
+    Chunked,
+    Length(u64),
+    /// A Content-Length that is not a number (hyper refuses the request).
+    Unreadable,
+}
+
+/// The result of reading a head from the start of `bytes`.
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    /// The head is `length` bytes long.
+    Complete(usize, Framing),
+    Partial,
+    /// Not an HTTP/1 request head (hyper refuses it, or it is the HTTP/2 preface).
+    Invalid,
+}
+
+/// Reads the request head at the start of `bytes` with httparse, as hyper does, and finds how
+/// its body is framed. The header slots stay uninitialised: only the parsed ones are read.
+fn read_head(bytes: &[u8]) -> Head {
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let length = match request.parse_with_uninit_headers(bytes, &mut slots) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Head::Partial,
+        Err(_) => return Head::Invalid,
+    };
+    let mut content_length: Option<&[u8]> = None;
+    let mut lengths = 0;
+    let mut codings = 0;
+    let mut upgrade = false;
+    for header in request.headers.iter() {
+        if header.name.eq_ignore_ascii_case("content-length") {
+            lengths += 1;
+            content_length = Some(header.value);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            codings += 1;
+        } else if header.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    let framing = if (codings > 0 && lengths > 0) || lengths > 1 {
+        Framing::Ambiguous
+    } else if upgrade || request.method == Some("CONNECT") {
+        Framing::Tunnel
+    } else if codings > 0 {
+        Framing::Chunked
+    } else {
+        match content_length {
+            None => Framing::Length(0),
+            Some(value) => std::str::from_utf8(value)
+                .ok()
+                .and_then(|value| value.trim().parse().ok())
+                .map_or(Framing::Unreadable, Framing::Length),
+        }
+    };
+    Head::Complete(length, framing)
+}
+
 impl Tracker {
     fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             match &mut self.state {
                 State::Done => return,
-                State::Head(buffer) if buffer.is_empty() => match head_end(bytes) {
-                    // The whole head arrived in one read: judge it in place, no copy.
-                    Some(end) => {
-                        self.state = self.after_head(&bytes[..end]);
-                        bytes = &bytes[end..];
+                // The usual case: a whole head at the start of a read, judged in place.
+                State::Head(buffer) if buffer.is_empty() => match read_head(bytes) {
+                    Head::Complete(length, framing) => {
+                        bytes = &bytes[length..];
+                        self.state = self.after_head(framing);
                     }
-                    None => {
+                    Head::Partial => {
                         buffer.extend_from_slice(bytes);
                         return;
                     }
+                    Head::Invalid => self.state = State::Done,
                 },
                 State::Head(buffer) => {
                     let start = buffer.len().saturating_sub(2);
@@ -106,7 +172,10 @@ impl Tracker {
                     };
                     let consumed_now = bytes.len() - (buffer.len() - end);
                     let head = std::mem::take(buffer);
-                    self.state = self.after_head(&head[..end]);
+                    self.state = match read_head(&head[..end]) {
+                        Head::Complete(_, framing) => self.after_head(framing),
+                        Head::Partial | Head::Invalid => State::Done,
+                    };
                     bytes = &bytes[consumed_now..];
                 }
                 State::Body(left) => {
@@ -175,49 +244,21 @@ impl Tracker {
         }
     }
 
-    /// Judges a complete head and says how its body is framed.
-    fn after_head(&mut self, head: &[u8]) -> State {
+    /// Counts a complete head, records it if ambiguous, and says what to follow next.
+    fn after_head(&mut self, framing: Framing) -> State {
         let index = self.requests;
         self.requests += 1;
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        let Ok(httparse::Status::Complete(_)) = request.parse(head) else {
-            return State::Done;
-        };
-        let mut lengths = Vec::new();
-        let mut codings = 0;
-        let mut upgrade = false;
-        for header in request.headers.iter() {
-            if header.name.eq_ignore_ascii_case("content-length") {
-                lengths.push(header.value);
-            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-                codings += 1;
-            } else if header.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
+        match framing {
+            Framing::Ambiguous => {
+                self.verdict
+                    .first_ambiguous
+                    .fetch_min(index, Ordering::AcqRel);
+                State::Done
             }
-        }
-        if (codings > 0 && !lengths.is_empty()) || lengths.len() > 1 {
-            self.verdict
-                .first_ambiguous
-                .fetch_min(index, Ordering::AcqRel);
-            return State::Done;
-        }
-        if upgrade || request.method == Some("CONNECT") {
-            return State::Done;
-        }
-        if codings > 0 {
-            return State::ChunkSize(Vec::new());
-        }
-        match lengths.first() {
-            None => State::Head(Vec::new()),
-            Some(value) => match std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-            {
-                Some(0) => State::Head(Vec::new()),
-                Some(length) => State::Body(length),
-                None => State::Done,
-            },
+            Framing::Tunnel | Framing::Unreadable => State::Done,
+            Framing::Chunked => State::ChunkSize(Vec::new()),
+            Framing::Length(0) => State::Head(Vec::new()),
+            Framing::Length(length) => State::Body(length),
         }
     }
 }
