@@ -84,22 +84,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         return;
     }
     if present & 1 != 0 {
+        // Connection leaves in one lookup; its tokens may name more headers to drop.
         let mut named: Vec<HeaderName> = Vec::new();
-        for value in headers.get_all(header::CONNECTION) {
-            let Ok(value) = value.to_str() else { continue };
-            for token in value.split(',').map(str::trim) {
-                // The usual tokens name no header to remove beyond HOP_BY_HOP.
-                if ["close", "keep-alive", "upgrade", ""]
-                    .iter()
-                    .any(|usual| token.eq_ignore_ascii_case(usual))
-                {
-                    continue;
-                }
-                let Ok(name) = HeaderName::from_bytes(token.as_bytes()) else {
-                    continue;
-                };
-                if !PROTECTED.contains(&name) && !HOP_BY_HOP.contains(&name) {
-                    named.push(name);
+        if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+            for value in entry.remove_entry_mult().1 {
+                for token in value.as_bytes().split(|&byte| byte == b',') {
+                    let token = token.trim_ascii();
+                    // The usual tokens name no header to remove beyond HOP_BY_HOP.
+                    if [&b"close"[..], b"keep-alive", b"upgrade", b""]
+                        .iter()
+                        .any(|usual| token.eq_ignore_ascii_case(usual))
+                    {
+                        continue;
+                    }
+                    let Ok(name) = HeaderName::from_bytes(token) else {
+                        continue;
+                    };
+                    if !PROTECTED.contains(&name) && !HOP_BY_HOP.contains(&name) {
+                        named.push(name);
+                    }
                 }
             }
         }
@@ -107,7 +110,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
-    for (index, hop) in HOP_BY_HOP.iter().enumerate() {
+    // Connection (bit 0) is gone already.
+    for (index, hop) in HOP_BY_HOP.iter().enumerate().skip(1) {
         if present & (1 << index) != 0 {
             headers.remove(hop);
         }
