@@ -103,12 +103,19 @@ impl Listener {
                 tunnels: self.tasks.clone(),
                 forwarded_for: Default::default(),
             };
-            let shutdown = self.shutdown.clone();
-            let per_client = per_client.clone();
-            self.tasks.spawn(async move {
-                let _guard = guard;
-                serve_connection(stream, connection, listener, shutdown, per_client).await;
+            let counters = ByteCounters {
+                received: listener.metrics.bytes_received.clone(),
+                sent: listener.metrics.bytes_sent.clone(),
+            };
+            let stream = Prefixed::new(Bytes::new(), Observed::new(stream, counters));
+            let accepted = Box::new(Accepted {
+                connection,
+                listener,
+                shutdown: self.shutdown.clone(),
+                per_client: per_client.clone(),
+                open: guard,
             });
+            self.tasks.spawn(serve_connection(stream, accepted));
         }
         tracing::info!(listener = %self.name, "stopped accepting");
     }
@@ -190,46 +197,53 @@ impl Drop for OpenConnection {
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    mut connection: l7::Connection,
+/// What a connection carries from accept until its client speaks, boxed: thousands of silent
+/// connections may wait at once, and the waiting task holds only this box and its stream.
+struct Accepted {
+    connection: l7::Connection,
     listener: Arc<ListenerTable>,
     shutdown: CancellationToken,
     per_client: Arc<PerClient>,
-) {
-    let _ = stream.set_nodelay(true);
-    let _ = SockRef::from(&stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE));
-    let limits = listener.config.limits;
-    if let Ok(local) = stream.local_addr() {
-        connection.local = local;
+    /// Counts the connection as open until it ends.
+    open: OpenConnection,
+}
+
+async fn serve_connection(mut stream: ClientStream, mut accepted: Box<Accepted>) {
+    let socket = stream.get_ref().get_ref();
+    let _ = socket.set_nodelay(true);
+    let _ = SockRef::from(socket).set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE));
+    if let Ok(local) = socket.local_addr() {
+        accepted.connection.local = local;
     }
+    let listener = accepted.listener.clone();
+    let limits = listener.config.limits;
     let metrics = &listener.metrics;
-    let counters = ByteCounters {
-        received: metrics.bytes_received.clone(),
-        sent: metrics.bytes_sent.clone(),
-    };
-    let mut stream = Observed::new(stream, counters);
-    let prefix = if listener.config.proxy_protocol {
-        match proxy_protocol::read_header(&mut stream, limits.header_timeout).await {
+    if listener.config.proxy_protocol {
+        // Boxed: the waiting state of every other connection does not make room for it.
+        match Box::pin(proxy_protocol::read_header(
+            &mut stream,
+            limits.header_timeout,
+        ))
+        .await
+        {
             Ok((header, rest)) => {
                 if let Some((source, destination)) = header.addresses {
-                    connection.client = source;
-                    connection.local = destination;
+                    accepted.connection.client = source;
+                    accepted.connection.local = destination;
                 }
-                rest
+                stream.set_prefix(rest);
             }
             Err(error) => {
-                tracing::debug!(peer = %connection.client, %error, "refused: bad PROXY protocol header");
+                tracing::debug!(peer = %accepted.connection.client, %error, "refused: bad PROXY protocol header");
                 metrics.reject(Rejection::ProxyProtocol);
                 return;
             }
         }
-    } else {
-        Bytes::new()
-    };
-    let stream = Prefixed::new(prefix, stream);
-    let Ok(_client_slot) =
-        per_client.admit(connection.client.ip(), limits.max_connections_per_client)
+    }
+    let client = accepted.connection.client.ip();
+    let Ok(_client_slot) = accepted
+        .per_client
+        .admit(client, limits.max_connections_per_client)
     else {
         metrics.reject(Rejection::MaxConnections);
         return;
@@ -238,26 +252,31 @@ async fn serve_connection(
         && listener
             .rate_limiter
             .as_ref()
-            .is_some_and(|limiter| limiter.check(connection.client.ip()).is_err());
+            .is_some_and(|limiter| limiter.check(client).is_err());
     if limited {
         metrics.reject(Rejection::RateLimit);
         return;
     }
-    if !listener.admits(connection.client.ip()) {
+    if !listener.admits(client) {
         if !listener.config.protocol.is_http() {
             metrics.reject(Rejection::Acl);
             return;
         }
-        connection.denied = true;
+        accepted.connection.denied = true;
     }
     if listener.config.protocol.is_http() && stream.prefix_len() == 0 {
         // HTTP clients speak first: until they do, a connection costs its socket and this
         // task, not the HTTP (or TLS) machinery and its buffers.
         let mut first = [0u8; 1];
-        let peek = stream.get_ref().get_ref().peek(&mut first);
+        let socket = stream.get_ref().get_ref();
+        // poll_peek waits in the socket's own waker slot: a smaller future than `peek`.
+        let peek = std::future::poll_fn(|cx| {
+            let mut first = tokio::io::ReadBuf::new(&mut first);
+            socket.poll_peek(cx, &mut first)
+        });
         let spoke = tokio::select! {
             spoke = tokio::time::timeout(limits.header_timeout, peek) => spoke,
-            () = shutdown.cancelled() => return,
+            () = accepted.shutdown.cancelled() => return,
         };
         match spoke {
             Ok(Ok(1..)) => {}
@@ -268,13 +287,20 @@ async fn serve_connection(
                     metrics.reject(Rejection::Tls);
                 } else {
                     metrics.reject(Rejection::HeaderTimeout);
-                    l7::answer_late_request(stream, &listener).await;
+                    Box::pin(l7::answer_late_request(stream, &listener)).await;
                 }
                 return;
             }
         }
     }
+    let Accepted {
+        connection,
+        shutdown,
+        open,
+        ..
+    } = *accepted;
     Box::pin(serve_protocol(stream, connection, &listener, shutdown)).await;
+    drop(open);
 }
 
 /// The stream of a client connection as the listener reads it.

@@ -278,6 +278,11 @@ impl<T> Prefixed<T> {
         Prefixed { prefix, inner }
     }
 
+    /// Sets the bytes to replay before `inner` is read (those read past a PROXY header).
+    pub fn set_prefix(&mut self, prefix: Bytes) {
+        self.prefix = prefix;
+    }
+
     /// Bytes still to replay before `inner` is read.
     pub fn prefix_len(&self) -> usize {
         self.prefix.len()
