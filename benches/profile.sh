@@ -4,12 +4,14 @@
 #
 #   benches/profile.sh callgrind [SCENARIO] [REQUESTS]  # instructions per request (repeatable)
 #   benches/profile.sh perf [SCENARIO] [SECONDS]        # sampled call graph (perf, cpu-clock)
+#   benches/profile.sh split [SCENARIO] [REQUESTS]      # syscalls and user/kernel CPU per request
+#   PROXY=nginx benches/profile.sh split [SCENARIO]     # the same figures for nginx as the proxy
 #
 # SCENARIO: http (default), https, h2, tcp. Needs nginx, h2load (nghttp2-client), valgrind or
 # perf, and a release build (`cargo build --release`). Output goes to $OUT (default
 # /tmp/gatehouse-profile): callgrind.out / perf.data plus a summary printed here.
 set -euo pipefail
-mode="${1:?usage: profile.sh callgrind|perf [http|https|h2|tcp] [amount]}"
+mode="${1:?usage: profile.sh callgrind|perf|split [http|https|h2|tcp] [amount]}"
 scenario="${2:-http}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/gatehouse-profile}"
@@ -90,5 +92,57 @@ case "$mode" in
     perf report -i "$OUT/perf.data" --no-children --stdio --sort symbol 2>/dev/null |
       grep -E "^ +[0-9]" | head -50
     ;;
-  *) echo "mode is callgrind or perf" >&2; exit 2 ;;
+  split)
+    # Where a request's CPU goes: syscalls per request (perf's syscall tracepoints) and user
+    # vs kernel CPU per request (/proc/PID/stat), for gatehouse or, with PROXY=nginx, for nginx
+    # configured as in the peer benchmark. The kernel part is the floor no user-space work
+    # can remove: it is about the same for every proxy that makes the same syscalls.
+    requests="${3:-100000}"
+    if [ "${PROXY:-gatehouse}" = nginx ]; then
+      [ "$scenario" = tcp ] && { echo "split with PROXY=nginx: http, https or h2" >&2; exit 2; }
+      mkdir -p "$OUT/proxy"
+      cat >"$OUT/proxy/nginx.conf" <<NGINX
+worker_processes 1; daemon off; master_process off; pid $OUT/proxy/nginx.pid;
+error_log $OUT/proxy/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off; client_body_temp_path $OUT/proxy/cb; proxy_temp_path $OUT/proxy/px;
+  fastcgi_temp_path $OUT/proxy/fc; uwsgi_temp_path $OUT/proxy/uw; scgi_temp_path $OUT/proxy/sc;
+  keepalive_requests 100000000; keepalive_timeout 300s; tcp_nodelay on;
+  upstream be { server $PB_B1; server $PB_B2; keepalive 512; keepalive_requests 100000000; keepalive_timeout 300s; }
+  server {
+    listen 127.0.0.1:$PB_HTTP_PORT; listen 127.0.0.1:$PB_HTTPS_PORT ssl http2;
+    ssl_certificate $PB_CERT; ssl_certificate_key $PB_KEY; ssl_protocols TLSv1.3;
+    ssl_session_tickets off; ssl_session_cache off;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+      nginx -p "$OUT/proxy" -c "$OUT/proxy/nginx.conf" &
+      target=$!
+      pids+=("$target")
+      wait_for_port "$PB_HTTP_PORT"
+    else
+      "$here/benches/peerbench-candidate.sh" &
+      pids+=($!)
+      wait_for_port "$PB_HTTP_PORT"
+      target="$(pgrep -f "gatehouse run --config $OUT" | head -1)"
+    fi
+    h2load "${proto[@]}" -n 20000 -c "$connections" -t 1 "$url" >/dev/null
+    ticks() { awk '{ print $14, $15 }' "/proc/$target/stat"; }
+    read -r user_before system_before < <(ticks)
+    perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait \
+      -p "$target" -o "$OUT/syscalls.csv" &
+    counter=$!
+    sleep 0.5
+    h2load "${proto[@]}" -n "$requests" -c "$connections" -t 1 "$url" | grep -E "^requests:"
+    kill -INT "$counter"
+    wait "$counter" || true
+    read -r user_after system_after < <(ticks)
+    hz="$(getconf CLK_TCK)"
+    awk -F, -v n="$requests" '$3 ~ /sys_enter/ { name = $3; sub(/.*:sys_enter_?/, "", name); printf "  %-12s %6.2f per request\n", (name == "" ? "all syscalls" : name), $1 / n }' "$OUT/syscalls.csv"
+    awk -v n="$requests" -v hz="$hz" -v u=$((user_after - user_before)) -v k=$((system_after - system_before)) \
+      'BEGIN { printf "  CPU per request: %.1f us = %.1f user + %.1f kernel (%.0f %% kernel)\n", (u + k) * 1e6 / hz / n, u * 1e6 / hz / n, k * 1e6 / hz / n, 100 * k / (u + k) }'
+    ;;
+  *) echo "mode is callgrind, perf or split" >&2; exit 2 ;;
 esac
