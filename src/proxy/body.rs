@@ -4,10 +4,9 @@
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::upstream::backend::InFlight;
-use crate::upstream::connections::Lease;
+use crate::upstream::http1::ResponseBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,12 +16,11 @@ use std::time::Instant;
 #[derive(Debug)]
 enum Source {
     /// A backend's body, streamed frame by frame; the in-flight guard keeps the backend's
-    /// count raised until the body ends or the client goes away. The connection goes back
-    /// to its pool only if the body was read to its end.
+    /// count raised until the body ends or the client goes away. The body gives its
+    /// connection back to the pool itself, only if it was read to its end.
     Upstream {
-        body: Incoming,
+        body: ResponseBody,
         in_flight: Option<InFlight>,
-        lease: Option<Lease>,
     },
     /// An answer gatehouse wrote itself (errors, admin).
     Local(Option<Bytes>),
@@ -44,14 +42,12 @@ pub struct ProxyBody {
 }
 
 impl ProxyBody {
-    /// A backend's body; `in_flight` is released when it ends, and the connection's
-    /// `lease` handed back if it ended complete.
-    pub fn upstream(body: Incoming, in_flight: InFlight, lease: Option<Lease>) -> Self {
+    /// A backend's body; `in_flight` is released when it ends.
+    pub fn upstream(body: ResponseBody, in_flight: InFlight) -> Self {
         ProxyBody {
             source: Source::Upstream {
                 body,
                 in_flight: Some(in_flight),
-                lease,
             },
             access: None,
         }
@@ -82,9 +78,8 @@ impl ProxyBody {
         }));
     }
 
-    /// Logs the record and lets the backend go; its connection returns to the pool only if
-    /// the body `ended` (or was read to its declared length).
-    fn finish(&mut self, ended: bool) {
+    /// Logs the record and lets the backend go.
+    fn finish(&mut self) {
         if let Some(pending) = self.access.take() {
             let Pending {
                 mut record,
@@ -94,30 +89,20 @@ impl ProxyBody {
             record.duration = started.elapsed();
             log.log(record);
         }
-        if let Source::Upstream {
-            body,
-            in_flight,
-            lease,
-        } = &mut self.source
-        {
+        if let Source::Upstream { in_flight, .. } = &mut self.source {
             in_flight.take();
-            if let Some(lease) = lease.take() {
-                if ended || body.is_end_stream() {
-                    lease.release();
-                }
-            }
         }
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::upstream::http1::Http1Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.source {
             Source::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
@@ -129,8 +114,7 @@ impl Body for ProxyBody {
                     pending.record.bytes_out += data.len() as u64;
                 }
             }
-            Poll::Ready(None) => this.finish(true),
-            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
             Poll::Pending => {}
         }
         polled
@@ -155,6 +139,6 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        self.finish(false);
+        self.finish();
     }
 }

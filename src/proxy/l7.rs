@@ -492,7 +492,7 @@ async fn forward(
         let result = sending.await;
         let upstream_duration = sent_at.elapsed();
         pool.observe_latency(index, upstream_duration);
-        let (mut response, lease) = match result {
+        let mut response = match result {
             Err(_elapsed) => {
                 pool.record_outcome(index, false);
                 return Err((
@@ -549,16 +549,21 @@ async fn forward(
             continue;
         }
 
+        if status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
+            tracing::debug!(backend = %backend.name, "101 to a request that asked no upgrade");
+            return Err((
+                ProxyError::BackendFailed,
+                outcome(Some(index), Some(upstream_duration)),
+            ));
+        }
         if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, status) {
-            let backend_upgrade = hyper::upgrade::on(&mut response);
+            let backend = response.body_mut().take_upgraded();
             connection.tunnels.spawn(async move {
                 let _in_flight = in_flight;
-                let (Ok(client), Ok(backend)) = tokio::join!(client_upgrade, backend_upgrade)
-                else {
+                let (Ok(client), Some(mut backend)) = (client_upgrade.await, backend) else {
                     return;
                 };
                 let mut client = TokioIo::new(client);
-                let mut backend = TokioIo::new(backend);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
             });
             headers::strip_hop_by_hop(response.headers_mut(), true);
@@ -569,7 +574,7 @@ async fn forward(
         }
 
         headers::strip_hop_by_hop(response.headers_mut(), false);
-        let response = response.map(|body| ProxyBody::upstream(body, in_flight, lease));
+        let response = response.map(|body| ProxyBody::upstream(body, in_flight));
         return Ok((response, outcome(Some(index), Some(upstream_duration))));
     }
     Err(last_error)

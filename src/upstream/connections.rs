@@ -1,18 +1,17 @@
 //! Keep-alive HTTP/1.1 connections to one backend.
 //!
 //! Idle connections wait in a bounded lock-free queue (no mutex, no hashing: each backend
-//! of the table holds its own queue). A request takes one, and the response body hands it
-//! back through its [`Lease`] once it was read to the end; a connection whose response was
-//! cut short is closed instead. A request that a stale idle connection could not send comes
-//! back untouched and goes out on the next connection, so a backend closing an idle
-//! connection at the wrong moment never fails a request.
+//! of the table holds its own queue). A request takes one, and the response body
+//! ([`ResponseBody`]) hands it back once it was read to the end; a connection whose response
+//! was cut short is closed instead. An idle connection the backend closed is noticed from
+//! its socket's readiness before use, and a request that a stale connection could not send
+//! comes back untouched and goes out on the next connection.
 
 use super::body::{BodyTooLarge, UpstreamBody};
 use super::connector::{ConnectError, Connector};
+use super::http1::{Connection, Http1Error, ResponseBody};
 use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,18 +24,16 @@ const MAX_IDLE_PER_BACKEND: usize = 256;
 pub enum SendError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("HTTP handshake with backend: {0}")]
-    Handshake(#[source] hyper::Error),
     #[error("backend request: {0}")]
-    Request(#[source] hyper::Error),
+    Request(#[source] Http1Error),
 }
 
 impl SendError {
-    /// A connect or request timeout rather than a refusal or reset.
+    /// A connect or I/O timeout rather than a refusal or reset.
     pub fn is_timeout(&self) -> bool {
         match self {
             SendError::Connect(error) => matches!(error, ConnectError::TimedOut),
-            SendError::Handshake(error) | SendError::Request(error) => error.is_timeout(),
+            SendError::Request(error) => error.is_timeout(),
         }
     }
 
@@ -55,7 +52,7 @@ impl SendError {
     /// The client's own body stream failed (a malformed chunk, a client gone mid-upload)
     /// after the request head went to the backend.
     pub fn is_client_body_error(&self) -> bool {
-        matches!(self, SendError::Request(error) if error.is_user()) && !self.is_body_too_large()
+        matches!(self, SendError::Request(Http1Error::ClientBody(_))) && !self.is_body_too_large()
     }
 }
 
@@ -69,7 +66,7 @@ pub struct Failed {
 
 /// An idle connection and since when it has been idle.
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    connection: Connection,
     since: Instant,
 }
 
@@ -91,33 +88,6 @@ impl std::fmt::Debug for BackendConnections {
     }
 }
 
-/// The right to hand a connection back once its response body has been read to the end.
-pub struct Lease {
-    sender: SendRequest<UpstreamBody>,
-    home: Arc<BackendConnections>,
-}
-
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease")
-            .field("address", &self.home.address)
-            .finish()
-    }
-}
-
-impl Lease {
-    /// The response was read to its end: the connection may carry the next request.
-    pub fn release(self) {
-        if !self.sender.is_closed() {
-            // A full queue drops (closes) the connection.
-            let _ = self.home.idle.push(Idle {
-                sender: self.sender,
-                since: Instant::now(),
-            });
-        }
-    }
-}
-
 impl BackendConnections {
     /// Connections to `address`, opened by `connector`, closed after `idle_timeout` unused.
     pub fn new(address: SocketAddr, connector: Arc<Connector>, idle_timeout: Duration) -> Self {
@@ -134,91 +104,63 @@ impl BackendConnections {
         self.address == address && Arc::ptr_eq(&self.connector, connector)
     }
 
+    /// A connection whose response was read to its end, ready for the next request (a full
+    /// queue closes it).
+    pub fn give_back(&self, connection: Connection) {
+        let _ = self.idle.push(Idle {
+            connection,
+            since: Instant::now(),
+        });
+    }
+
     /// Sends `request` (origin-form URI, Host set) on an idle connection, or a new one when
-    /// none is ready. With `proxy_header`, a new connection starting with that header carries
-    /// this request alone (the header names one client) and is never reused.
+    /// none is usable. With `proxy_header`, a new connection starting with that header
+    /// carries this request alone (the header names one client) and is never reused.
     ///
-    /// The lease comes back with the response unless the connection may not be reused.
+    /// The response body gives its connection back when read to its end, if it may be reused.
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<UpstreamBody>,
         proxy_header: Option<&[u8]>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), Failed> {
+    ) -> Result<Response<ResponseBody>, Failed> {
         if proxy_header.is_none() {
-            // Each idle connection is looked at once; a busy one goes back for later.
+            // Each idle connection is looked at once; a stale one is closed.
             for _ in 0..self.idle.len() {
                 let Some(idle) = self.idle.pop() else { break };
-                if idle.sender.is_closed() || idle.since.elapsed() >= self.idle_timeout {
+                if idle.since.elapsed() >= self.idle_timeout || !idle.connection.is_usable() {
                     continue;
                 }
-                if !idle.sender.is_ready() {
-                    let _ = self.idle.push(idle);
-                    continue;
-                }
-                let mut sender = idle.sender;
-                match sender.try_send_request(request).await {
-                    Ok(response) => {
-                        let lease = Lease {
-                            sender,
-                            home: self.clone(),
-                        };
-                        return Ok((response, Some(lease)));
+                match idle.connection.send(request, Some(self.clone())).await {
+                    Ok(response) => return Ok(response),
+                    Err((_, Some(returned))) => request = returned,
+                    Err((error, None)) => {
+                        return Err(Failed {
+                            error: SendError::Request(error),
+                            unsent: None,
+                        })
                     }
-                    Err(mut error) => match error.take_message() {
-                        Some(returned) => request = returned,
-                        None => {
-                            return Err(Failed {
-                                error: SendError::Request(error.into_error()),
-                                unsent: None,
-                            })
-                        }
-                    },
                 }
             }
         }
-        // Opening a connection is the rare path: boxed, its large future (TCP, TLS, HTTP
-        // handshake) does not weigh on every request's future.
-        let mut sender = match Box::pin(self.open(proxy_header)).await {
-            Ok(sender) => sender,
+        // Opening a connection is the rare path: boxed, its large future (TCP, TLS) does not
+        // weigh on every request's future.
+        let stream = match Box::pin(self.connector.connect(self.address, proxy_header)).await {
+            Ok(stream) => stream,
             Err(error) => {
                 return Err(Failed {
-                    error,
+                    error: error.into(),
                     unsent: Some(request),
                 })
             }
         };
-        match sender.try_send_request(request).await {
-            Ok(response) => {
-                let lease = proxy_header.is_none().then(|| Lease {
-                    sender,
-                    home: self.clone(),
-                });
-                Ok((response, lease))
-            }
-            Err(mut error) => Err(Failed {
-                unsent: error.take_message(),
-                error: SendError::Request(error.into_error()),
-            }),
-        }
-    }
-
-    /// Opens a new connection (starting with `proxy_header`, if any) and its HTTP/1.1
-    /// handshake; the connection's own task runs until it closes or is upgraded.
-    async fn open(
-        &self,
-        proxy_header: Option<&[u8]>,
-    ) -> Result<SendRequest<UpstreamBody>, SendError> {
-        let stream = self.connector.connect(self.address, proxy_header).await?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(stream)
+        let home = proxy_header.is_none().then(|| self.clone());
+        Connection::new(stream)
+            .send(request, home)
             .await
-            .map_err(SendError::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%error, "backend connection ended with an error");
-            }
-        });
-        Ok(sender)
+            .map_err(|(error, unsent)| Failed {
+                error: SendError::Request(error),
+                unsent,
+            })
     }
 
     /// Closes connections idle for longer than the idle timeout, or already closed by the
@@ -226,7 +168,7 @@ impl BackendConnections {
     pub fn close_expired(&self) {
         for _ in 0..self.idle.len() {
             let Some(idle) = self.idle.pop() else { break };
-            if !idle.sender.is_closed() && idle.since.elapsed() < self.idle_timeout {
+            if idle.since.elapsed() < self.idle_timeout && idle.connection.is_usable() {
                 let _ = self.idle.push(idle);
             }
         }

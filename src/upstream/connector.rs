@@ -3,7 +3,6 @@
 
 use crate::config::{PoolConfig, UpstreamTls};
 use crate::metrics::Metrics;
-use hyper_util::rt::TokioIo;
 use prometheus::Histogram;
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
@@ -11,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The CA bundle used when a pool's `tls` names no `ca` (Debian's system bundle).
@@ -95,7 +94,7 @@ impl Connector {
                     .map_err(ConnectError::ProxyHeader)?;
             }
             let Some(tls) = &self.tls else {
-                return Ok(UpstreamStream::Plain(TokioIo::new(stream)));
+                return Ok(UpstreamStream::Plain(stream));
             };
             let server_name = match &tls.server_name {
                 Some(name) => name.clone(),
@@ -106,7 +105,7 @@ impl Connector {
                 .connect(server_name, stream)
                 .await
                 .map_err(ConnectError::Tls)?;
-            Ok(UpstreamStream::Tls(Box::new(TokioIo::new(stream))))
+            Ok(UpstreamStream::Tls(Box::new(stream)))
         };
         let stream = tokio::time::timeout(self.connect_timeout, connecting)
             .await
@@ -141,15 +140,30 @@ fn tls_connector(tls: &UpstreamTls) -> Result<UpstreamTlsConnector, String> {
 
 /// A connection to a backend: plain TCP or TLS over TCP.
 pub enum UpstreamStream {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-impl hyper::rt::Read for UpstreamStream {
+impl UpstreamStream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            UpstreamStream::Plain(stream) => stream,
+            UpstreamStream::Tls(stream) => stream.get_ref().0,
+        }
+    }
+
+    /// Whether TLS runs over the socket.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, UpstreamStream::Tls(_))
+    }
+}
+
+impl AsyncRead for UpstreamStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(io) => Pin::new(io).poll_read(cx, buf),
@@ -158,7 +172,7 @@ impl hyper::rt::Read for UpstreamStream {
     }
 }
 
-impl hyper::rt::Write for UpstreamStream {
+impl AsyncWrite for UpstreamStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod body;
 pub mod connections;
 pub mod connector;
+pub mod http1;
 pub mod publisher;
 pub mod retry;
 pub mod table;

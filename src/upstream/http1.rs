@@ -1,0 +1,977 @@
+//! gatehouse's own HTTP/1.1 client for backend connections.
+//!
+//! hyper's client runs each connection as a task of its own and hands it every request over
+//! a channel: per request a channel send, a task wake-up and a dispatcher pass — about a third
+//! of a proxied request's instructions (docs/benchmarks.md). Here the request's own future
+//! writes the head, streams the body and reads the response head; the response body owns the
+//! connection while it streams and gives it back to its pool once read to its end.
+//!
+//! Response framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; chunked when
+//! it is the last transfer coding; otherwise Content-Length (repeated values must agree); or
+//! until the backend closes. Anything unusual (Transfer-Encoding with Content-Length, other
+//! codings, bytes past the end, `Connection: close`, HTTP/1.0 without keep-alive) closes the
+//! connection after the response instead of reusing it.
+
+use super::body::UpstreamBody;
+use super::connections::BackendConnections;
+use super::connector::UpstreamStream;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// Longest response head accepted (hyper's default limit).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// Headers per response head (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// Read size for heads and small bodies.
+const READ_SMALL: usize = 8 * 1024;
+/// Read size while a large body streams.
+const READ_LARGE: usize = 64 * 1024;
+/// Longest chunk-size line (extensions included).
+const MAX_CHUNK_LINE: usize = 4096;
+/// Longest trailer section (trailers are read and dropped).
+const MAX_TRAILERS: usize = 64 * 1024;
+
+/// Why an exchange with a backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Http1Error {
+    #[error("writing to backend: {0}")]
+    Write(#[source] io::Error),
+    #[error("reading from backend: {0}")]
+    Read(#[source] io::Error),
+    #[error("backend closed the connection before responding")]
+    ClosedBeforeResponse,
+    #[error("backend closed the connection inside the response")]
+    Truncated,
+    #[error("malformed response from backend: {0}")]
+    Malformed(&'static str),
+    #[error("client request body: {0}")]
+    ClientBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Http1Error {
+    /// An I/O timeout (not the request timeout, which is applied around the exchange).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Http1Error::Write(e) | Http1Error::Read(e) if e.kind() == io::ErrorKind::TimedOut)
+    }
+}
+
+/// An open HTTP/1.1 connection to a backend.
+pub struct Connection {
+    stream: UpstreamStream,
+    /// Bytes read and not yet consumed (none while the connection idles).
+    read: BytesMut,
+    /// The request head being written; its capacity is kept for the next request.
+    head: Vec<u8>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("buffered", &self.read.len())
+            .finish()
+    }
+}
+
+/// A failed exchange, with the request when none of it was sent.
+pub type SendFailure = (Http1Error, Option<Request<UpstreamBody>>);
+
+impl Connection {
+    /// A connection over a freshly opened stream.
+    pub fn new(stream: UpstreamStream) -> Self {
+        Connection {
+            stream,
+            read: BytesMut::new(),
+            head: Vec::new(),
+        }
+    }
+
+    /// Whether an idle connection can carry a request: the backend has not closed it (nor,
+    /// on plain TCP, sent anything unasked). No syscall unless the reactor saw the socket
+    /// become readable.
+    pub fn is_usable(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut peeked = tokio::io::ReadBuf::new(&mut byte);
+        match self.stream.tcp().poll_peek(&mut cx, &mut peeked) {
+            Poll::Pending => true,
+            Poll::Ready(Ok(0) | Err(_)) => false,
+            // TLS may deliver a session ticket late; a close alert shows on first use.
+            Poll::Ready(Ok(_)) => self.stream.is_tls(),
+        }
+    }
+
+    /// Sends `request` (origin-form URI, Host set) and reads the response head. The body
+    /// streams from the returned response and gives the connection to `home` when it ends
+    /// cleanly (`None`: the connection is closed after this response).
+    ///
+    /// A request without a body whose head could not be written comes back with the error,
+    /// so it can go out on another connection; a request with a body is consumed (its head
+    /// waits for the body's first bytes, which are then gone).
+    pub async fn send(
+        mut self,
+        request: Request<UpstreamBody>,
+        home: Option<Arc<BackendConnections>>,
+    ) -> Result<Response<ResponseBody>, SendFailure> {
+        let chunked = encode_head(&request, &mut self.head);
+        let (parts, body) = request.into_parts();
+        let mut upload = None;
+        if body.is_end_stream() {
+            let written = match self.stream.write_all(&self.head).await {
+                Ok(()) => self.stream.flush().await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = written {
+                // A head cut short is not a request the backend could act on.
+                return Err((
+                    Http1Error::Write(error),
+                    Some(Request::from_parts(parts, body)),
+                ));
+            }
+        } else {
+            // The head goes with the body's first bytes: a body that fails at once (a
+            // malformed first chunk) sends nothing at all.
+            let head = Bytes::copy_from_slice(&self.head);
+            upload = Some(Upload::new(head, body, chunked));
+        }
+        let head_request = parts.method == Method::HEAD;
+        // The body goes up while the response head is awaited: a backend may answer (or
+        // start echoing) before it has read the whole request.
+        let head = std::future::poll_fn(|cx| {
+            if let Some(upload) = upload.as_mut() {
+                if let Poll::Ready(Err(UploadError::Client(error))) =
+                    upload.poll(&mut self.stream, cx)
+                {
+                    return Poll::Ready(Err(Http1Error::ClientBody(error)));
+                }
+            }
+            self.poll_head(cx, head_request)
+        })
+        .await;
+        let head = match head {
+            Ok(head) => head,
+            Err(error) => return Err((error, None)),
+        };
+        let mut response = Response::new(ResponseBody {
+            connection: None,
+            home: None,
+            framing: Framing::Done,
+            upload: None,
+        });
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        let body = response.body_mut();
+        body.framing = head.framing;
+        body.home = home.filter(|_| head.keep_alive);
+        body.upload = upload.filter(|upload| !upload.is_finished()).map(Box::new);
+        body.connection = Some(self);
+        body.settle();
+        Ok(response)
+    }
+
+    /// Reads until a final response head (1xx other than 101 are skipped).
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<Head, Http1Error>> {
+        loop {
+            if !self.read.is_empty() {
+                if let Some(head) = parse_head(&mut self.read, head_request)? {
+                    if head.status.is_informational()
+                        && head.status != StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        continue;
+                    }
+                    return Poll::Ready(Ok(head));
+                }
+                if self.read.len() > MAX_HEAD {
+                    return Poll::Ready(Err(Http1Error::Malformed("response head too large")));
+                }
+            }
+            self.read.reserve(READ_SMALL);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(Http1Error::Read(error))),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(if self.read.is_empty() {
+                        Http1Error::ClosedBeforeResponse
+                    } else {
+                        Http1Error::Truncated
+                    }))
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// Writes the request head into `buffer` (cleared first); true when the body goes chunked.
+fn encode_head(request: &Request<UpstreamBody>, buffer: &mut Vec<u8>) -> bool {
+    buffer.clear();
+    buffer.extend_from_slice(request.method().as_str().as_bytes());
+    buffer.push(b' ');
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |path| path.as_str());
+    buffer.extend_from_slice(target.as_bytes());
+    buffer.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in request.headers() {
+        buffer.extend_from_slice(name.as_str().as_bytes());
+        buffer.extend_from_slice(b": ");
+        buffer.extend_from_slice(value.as_bytes());
+        buffer.extend_from_slice(b"\r\n");
+    }
+    let has_length = request.headers().contains_key(header::CONTENT_LENGTH);
+    let empty = request.body().is_end_stream();
+    let chunked = !empty && !has_length;
+    if chunked {
+        buffer.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else if empty
+        && !has_length
+        && matches!(
+            *request.method(),
+            Method::POST | Method::PUT | Method::PATCH
+        )
+    {
+        buffer.extend_from_slice(b"content-length: 0\r\n");
+    }
+    buffer.extend_from_slice(b"\r\n");
+    chunked
+}
+
+/// Why a request body did not go out whole.
+enum UploadError {
+    /// The client's body failed (malformed, too large, client gone).
+    Client(Box<dyn std::error::Error + Send + Sync>),
+    /// The backend stopped taking it (it may have answered already).
+    Backend,
+}
+
+/// A request on its way up, written as the client sends its body and the backend takes it,
+/// interleaved with reading the response: the head waits for the body's first bytes, the
+/// body goes chunked when the request has no Content-Length; trailers are not sent.
+struct Upload {
+    body: UpstreamBody,
+    chunked: bool,
+    /// What is left to write: the head (until written), chunk-size line, data, CRLF.
+    pieces: [Bytes; 4],
+    state: UploadState,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum UploadState {
+    /// Waiting for the body's first frame; nothing written yet.
+    Starting,
+    Streaming,
+    /// The last bytes are written or queued in `pieces`.
+    Ending,
+    Finished,
+    /// Stopped: the connection cannot carry another request.
+    Abandoned,
+}
+
+impl Upload {
+    fn new(head: Bytes, body: UpstreamBody, chunked: bool) -> Self {
+        Upload {
+            body,
+            chunked,
+            pieces: [head, Bytes::new(), Bytes::new(), Bytes::new()],
+            state: UploadState::Starting,
+        }
+    }
+
+    /// The whole request went up.
+    fn is_finished(&self) -> bool {
+        self.state == UploadState::Finished
+    }
+
+    /// Moves the request up as far as the client and the backend allow. `Ready(Ok)` once
+    /// all of it is written; after a backend error the upload is abandoned and stays
+    /// `Pending`.
+    fn poll(
+        &mut self,
+        stream: &mut UpstreamStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), UploadError>> {
+        loop {
+            match self.state {
+                UploadState::Finished => return Poll::Ready(Ok(())),
+                UploadState::Abandoned => return Poll::Pending,
+                UploadState::Starting | UploadState::Streaming | UploadState::Ending => {}
+            }
+            let queued = self.pieces.iter().any(|piece| !piece.is_empty());
+            if queued && self.state != UploadState::Starting {
+                let slices = [
+                    io::IoSlice::new(&self.pieces[0]),
+                    io::IoSlice::new(&self.pieces[1]),
+                    io::IoSlice::new(&self.pieces[2]),
+                    io::IoSlice::new(&self.pieces[3]),
+                ];
+                match Pin::new(&mut *stream).poll_write_vectored(cx, &slices) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        self.state = UploadState::Abandoned;
+                        return Poll::Ready(Err(UploadError::Backend));
+                    }
+                    Poll::Ready(Ok(mut written)) => {
+                        for piece in &mut self.pieces {
+                            let step = written.min(piece.len());
+                            piece.advance(step);
+                            written -= step;
+                        }
+                    }
+                }
+                continue;
+            }
+            if self.state == UploadState::Ending {
+                return match Pin::new(&mut *stream).poll_flush(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok(())) => {
+                        self.state = UploadState::Finished;
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Ready(Err(_)) => {
+                        self.state = UploadState::Abandoned;
+                        Poll::Ready(Err(UploadError::Backend))
+                    }
+                };
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.state = UploadState::Ending;
+                    if self.chunked {
+                        self.pieces[1] = Bytes::from_static(b"0\r\n\r\n");
+                    }
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    self.state = UploadState::Abandoned;
+                    return Poll::Ready(Err(UploadError::Client(error)));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    self.state = UploadState::Streaming;
+                    if self.chunked {
+                        self.pieces[1] = Bytes::from(format!("{:x}\r\n", data.len()));
+                        self.pieces[3] = Bytes::from_static(b"\r\n");
+                    }
+                    self.pieces[2] = data;
+                }
+            }
+        }
+    }
+}
+
+/// A parsed response head.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    framing: Framing,
+    /// The connection may carry another request after this response.
+    keep_alive: bool,
+}
+
+/// Parses a response head at the start of `buffer` and removes it; `None` until complete.
+/// Header values share the head's bytes (no copy per value).
+fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Http1Error> {
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buffer,
+        &mut slots,
+    );
+    let length = match parsed {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Http1Error::Malformed("too many headers"))
+        }
+        Err(_) => return Err(Http1Error::Malformed("invalid response head")),
+    };
+    let status = response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(Http1Error::Malformed("invalid status code"))?;
+    let version = match response.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    // Where each header sits in the head, so its value can share the head's bytes.
+    let base = buffer.as_ptr() as usize;
+    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    let count = response.headers.len();
+    let mut framing = Framing::Length(0);
+    let mut content_length: Option<u64> = None;
+    let mut codings = 0;
+    let mut chunked_last = false;
+    let mut close = version == Version::HTTP_10;
+    for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
+        let name_start = header.name.as_ptr() as usize - base;
+        let value_start = header.value.as_ptr() as usize - base;
+        *span = [
+            name_start as u32,
+            header.name.len() as u32,
+            value_start as u32,
+            header.value.len() as u32,
+        ];
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let length = parse_content_length(header.value)
+                .ok_or(Http1Error::Malformed("invalid Content-Length"))?;
+            if content_length.is_some_and(|previous| previous != length) {
+                return Err(Http1Error::Malformed("conflicting Content-Length"));
+            }
+            content_length = Some(length);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            codings += 1;
+            chunked_last = header
+                .value
+                .rsplit(|&byte| byte == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            for token in header.value.split(|&byte| byte == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    close = false;
+                }
+            }
+        }
+    }
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if !bodiless {
+        framing = if codings > 0 {
+            // Transfer-Encoding wins over Content-Length; either oddity ends the connection.
+            if content_length.is_some() || !chunked_last {
+                close = true;
+            }
+            if chunked_last {
+                Framing::Chunked(Chunk::Size)
+            } else {
+                Framing::UntilClose
+            }
+        } else {
+            match content_length {
+                Some(length) => Framing::Length(length),
+                None => {
+                    close = true;
+                    Framing::UntilClose
+                }
+            }
+        };
+    }
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        framing = Framing::Upgrade;
+        close = true;
+    }
+    let head = buffer.split_to(length).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for [name_start, name_length, value_start, value_length] in &spans[..count] {
+        let name_start = *name_start as usize;
+        let value_start = *value_start as usize;
+        let name = HeaderName::from_bytes(&head[name_start..name_start + *name_length as usize])
+            .map_err(|_| Http1Error::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(
+            head.slice(value_start..value_start + *value_length as usize),
+        )
+        .map_err(|_| Http1Error::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    if codings > 0 {
+        // The body is decoded here and framed anew for the client: a Content-Length sent
+        // beside Transfer-Encoding would frame it wrongly.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive: !close,
+    }))
+}
+
+/// A Content-Length value: digits only (a list of equal values, as some servers send, is
+/// one value).
+fn parse_content_length(value: &[u8]) -> Option<u64> {
+    let mut length = None;
+    for part in value.split(|&byte| byte == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let parsed: u64 = std::str::from_utf8(part).ok()?.parse().ok()?;
+        if length.is_some_and(|previous| previous != parsed) {
+            return None;
+        }
+        length = Some(parsed);
+    }
+    length
+}
+
+/// How the rest of a response body is framed.
+#[derive(Debug)]
+enum Framing {
+    /// This many bytes left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the backend closes the connection.
+    UntilClose,
+    /// 101: the connection now belongs to a tunnel.
+    Upgrade,
+    Done,
+}
+
+/// Where a chunked body's decoder is.
+#[derive(Debug)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer lines (dropped) until the empty line; `seen` bytes so far.
+    Trailers {
+        seen: usize,
+    },
+}
+
+/// A backend's response body, read straight from its connection.
+pub struct ResponseBody {
+    connection: Option<Connection>,
+    /// Where the connection goes when the body ends cleanly (`None`: it is closed).
+    home: Option<Arc<BackendConnections>>,
+    framing: Framing,
+    /// The rest of the request body, when the response came before all of it went up
+    /// (boxed: rare, and large).
+    upload: Option<Box<Upload>>,
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("framing", &self.framing)
+            .finish()
+    }
+}
+
+/// The stream of an upgraded (101) backend connection, starting with any bytes the backend
+/// sent after its response head.
+pub type Upgraded = crate::proxy_protocol::Prefixed<UpstreamStream>;
+
+impl ResponseBody {
+    /// A 101 response's connection, for the tunnel (once).
+    pub fn take_upgraded(&mut self) -> Option<Upgraded> {
+        if !matches!(self.framing, Framing::Upgrade) {
+            return None;
+        }
+        self.framing = Framing::Done;
+        let connection = self.connection.take()?;
+        Some(crate::proxy_protocol::Prefixed::new(
+            connection.read.freeze(),
+            connection.stream,
+        ))
+    }
+
+    /// A body already at its end hands the connection back at once.
+    fn settle(&mut self) {
+        if matches!(self.framing, Framing::Length(0)) {
+            self.framing = Framing::Done;
+            self.release();
+        }
+    }
+
+    /// The body was read to its end: the connection goes home if it is clean (and the
+    /// request went up whole).
+    fn release(&mut self) {
+        let Some(connection) = self.connection.take() else {
+            return;
+        };
+        let uploaded = self.upload.take().is_none_or(|upload| upload.is_finished());
+        if let Some(home) = self.home.take() {
+            if uploaded && connection.read.is_empty() {
+                home.give_back(connection);
+            }
+        }
+    }
+
+    /// Fails the body; the connection is closed.
+    fn fail(&mut self, error: Http1Error) -> Poll<Option<Result<Frame<Bytes>, Http1Error>>> {
+        self.connection = None;
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Http1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Http1Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(connection) = this.connection.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if let Some(upload) = this.upload.as_mut() {
+                match upload.poll(&mut connection.stream, cx) {
+                    Poll::Ready(Err(UploadError::Client(error))) => {
+                        return this.fail(Http1Error::ClientBody(error))
+                    }
+                    Poll::Ready(Ok(())) => this.upload = None,
+                    Poll::Ready(Err(UploadError::Backend)) | Poll::Pending => {}
+                }
+            }
+            let wanted = match &mut this.framing {
+                Framing::Done | Framing::Upgrade => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    this.framing = Framing::Done;
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) => {
+                    if !connection.read.is_empty() {
+                        let take = (*left).min(connection.read.len() as u64);
+                        *left -= take;
+                        let data = connection.read.split_to(take as usize).freeze();
+                        if *left == 0 {
+                            this.framing = Framing::Done;
+                            this.release();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if *left > READ_SMALL as u64 {
+                        READ_LARGE
+                    } else {
+                        READ_SMALL
+                    }
+                }
+                Framing::UntilClose => {
+                    if !connection.read.is_empty() {
+                        let data = connection.read.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    READ_LARGE
+                }
+                Framing::Chunked(chunk) => match decode_chunked(chunk, &mut connection.read) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::End) => {
+                        this.framing = Framing::Done;
+                        this.release();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => READ_SMALL,
+                    Err(error) => return this.fail(error),
+                },
+            };
+            connection.read.reserve(wanted);
+            let polled = tokio_util::io::poll_read_buf(
+                Pin::new(&mut connection.stream),
+                cx,
+                &mut connection.read,
+            );
+            match polled {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return this.fail(Http1Error::Read(error)),
+                Poll::Ready(Ok(0)) => {
+                    if matches!(this.framing, Framing::UntilClose) {
+                        this.framing = Framing::Done;
+                        this.connection = None;
+                        return Poll::Ready(None);
+                    }
+                    return this.fail(Http1Error::Truncated);
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(
+            self.framing,
+            Framing::Done | Framing::Upgrade | Framing::Length(0)
+        )
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(left) => SizeHint::with_exact(left),
+            Framing::Done | Framing::Upgrade => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// What the chunked decoder found in the buffered bytes.
+enum Decoded {
+    Data(Bytes),
+    End,
+    NeedMore,
+}
+
+/// Advances a chunked body over `buffer`: strict CRLF line endings, hex sizes without
+/// overflow, extensions ignored, trailers read and dropped.
+fn decode_chunked(chunk: &mut Chunk, buffer: &mut BytesMut) -> Result<Decoded, Http1Error> {
+    loop {
+        match chunk {
+            Chunk::Size => {
+                let Some(end) = buffer.iter().position(|&byte| byte == b'\n') else {
+                    if buffer.len() > MAX_CHUNK_LINE {
+                        return Err(Http1Error::Malformed("chunk size line too long"));
+                    }
+                    return Ok(Decoded::NeedMore);
+                };
+                let size = parse_chunk_size(&buffer[..end])?;
+                buffer.advance(end + 1);
+                *chunk = if size == 0 {
+                    Chunk::Trailers { seen: 0 }
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(left) => {
+                if buffer.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let take = (*left).min(buffer.len() as u64);
+                *left -= take;
+                let data = buffer.split_to(take as usize).freeze();
+                if *left == 0 {
+                    *chunk = Chunk::DataEnd;
+                }
+                return Ok(Decoded::Data(data));
+            }
+            Chunk::DataEnd => {
+                if buffer.len() < 2 {
+                    return Ok(Decoded::NeedMore);
+                }
+                if &buffer[..2] != b"\r\n" {
+                    return Err(Http1Error::Malformed("chunk data not followed by CRLF"));
+                }
+                buffer.advance(2);
+                *chunk = Chunk::Size;
+            }
+            Chunk::Trailers { seen } => {
+                let Some(end) = buffer.iter().position(|&byte| byte == b'\n') else {
+                    if *seen + buffer.len() > MAX_TRAILERS {
+                        return Err(Http1Error::Malformed("trailers too long"));
+                    }
+                    return Ok(Decoded::NeedMore);
+                };
+                if end == 0 || buffer[end - 1] != b'\r' {
+                    return Err(Http1Error::Malformed("trailer line without CRLF"));
+                }
+                let empty = end == 1;
+                *seen += end + 1;
+                buffer.advance(end + 1);
+                if empty {
+                    return Ok(Decoded::End);
+                }
+                if *seen > MAX_TRAILERS {
+                    return Err(Http1Error::Malformed("trailers too long"));
+                }
+            }
+        }
+    }
+}
+
+/// A chunk-size line without its LF: hex digits, optional whitespace and `;extensions`, CR.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, Http1Error> {
+    let invalid = Http1Error::Malformed("invalid chunk size");
+    let Some(line) = line.strip_suffix(b"\r") else {
+        return Err(invalid);
+    };
+    let digits_end = line
+        .iter()
+        .position(|byte| !byte.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    if digits_end == 0 || digits_end > 16 {
+        return Err(invalid);
+    }
+    let rest = line[digits_end..].trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(invalid);
+    }
+    let digits = std::str::from_utf8(&line[..digits_end])
+        .map_err(|_| Http1Error::Malformed("invalid chunk size"))?;
+    u64::from_str_radix(digits, 16).map_err(|_| invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_of(text: &[u8], head_request: bool) -> Head {
+        let mut buffer = BytesMut::from(text);
+        parse_head(&mut buffer, head_request)
+            .expect("valid")
+            .expect("complete")
+    }
+
+    #[test]
+    fn frames_responses_as_rfc_9112_says() {
+        let head = head_of(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false);
+        assert!(matches!(head.framing, Framing::Length(5)) && head.keep_alive);
+        let head = head_of(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true);
+        assert!(matches!(head.framing, Framing::Length(0)) && head.keep_alive);
+        let head = head_of(b"HTTP/1.1 204 No Content\r\n\r\n", false);
+        assert!(matches!(head.framing, Framing::Length(0)) && head.keep_alive);
+        let head = head_of(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert!(matches!(head.framing, Framing::Chunked(_)) && head.keep_alive);
+        let head = head_of(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            false,
+        );
+        assert!(matches!(head.framing, Framing::Chunked(_)) && !head.keep_alive);
+        assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
+        let head = head_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false);
+        assert!(matches!(head.framing, Framing::UntilClose) && !head.keep_alive);
+        let head = head_of(b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert!(matches!(head.framing, Framing::UntilClose) && !head.keep_alive);
+        let head = head_of(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(!head.keep_alive);
+        let head = head_of(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false);
+        assert!(!head.keep_alive);
+        let head = head_of(
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(head.keep_alive);
+        let head = head_of(b"HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\n\r\n", false);
+        assert!(matches!(head.framing, Framing::Length(7)));
+    }
+
+    #[test]
+    fn refuses_ambiguous_or_broken_heads() {
+        for text in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+        ] {
+            let mut buffer = BytesMut::from(text);
+            assert!(
+                parse_head(&mut buffer, false).is_err(),
+                "{}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
+        assert!(parse_head(&mut partial, false)
+            .expect("valid so far")
+            .is_none());
+    }
+
+    #[test]
+    fn header_values_share_the_head_and_the_body_stays_buffered() {
+        let mut buffer = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nX-A: one\r\nx-a: two\r\nServer: s\r\n\r\nbody"[..],
+        );
+        let head = parse_head(&mut buffer, false)
+            .expect("valid")
+            .expect("complete");
+        let values: Vec<_> = head.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["one", "two"]);
+        assert_eq!(head.headers["server"], "s");
+        assert_eq!(&buffer[..], b"body");
+    }
+
+    fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, bool), Http1Error> {
+        let mut chunk = Chunk::Size;
+        let mut buffer = BytesMut::new();
+        let mut out = Vec::new();
+        for part in [&input[..split], &input[split..]] {
+            buffer.extend_from_slice(part);
+            loop {
+                match decode_chunked(&mut chunk, &mut buffer)? {
+                    Decoded::Data(data) => out.extend_from_slice(&data),
+                    Decoded::End => return Ok((out, buffer.is_empty())),
+                    Decoded::NeedMore => break,
+                }
+            }
+        }
+        Ok((out, false))
+    }
+
+    #[test]
+    fn decodes_chunked_bodies_across_any_split() {
+        let input = b"5;ext=1\r\nhello\r\n1A \r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\n";
+        for split in 0..=input.len() {
+            let (out, clean) = decode_all(input, split).expect("valid");
+            assert_eq!(out, b"helloabcdefghijklmnopqrstuvwxyz", "split at {split}");
+            assert!(clean);
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_chunks() {
+        for input in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"g\r\n",
+            b"\r\n",
+            b"11111111111111111\r\n",
+            b"5 x\r\nhello\r\n",
+            b"0\r\nX-T: 1\n\r\n",
+        ] {
+            assert!(
+                decode_all(input, input.len()).is_err(),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn encodes_heads_with_the_right_framing() {
+        let mut buffer = Vec::new();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/a?b=1")
+            .header("host", "h")
+            .body(UpstreamBody::empty())
+            .expect("request");
+        assert!(!encode_head(&request, &mut buffer));
+        assert_eq!(
+            buffer,
+            b"POST /a?b=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 0\r\n\r\n"
+        );
+        let request = Request::builder()
+            .uri("/")
+            .body(UpstreamBody::empty())
+            .expect("request");
+        assert!(!encode_head(&request, &mut buffer));
+        assert_eq!(buffer, b"GET / HTTP/1.1\r\n\r\n");
+    }
+}

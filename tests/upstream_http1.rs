@@ -1,0 +1,287 @@
+//! gatehouse's own HTTP/1.1 client (src/upstream/http1.rs) against a raw backend that
+//! answers each path with scripted bytes: chunked bodies, bodies delimited by close,
+//! interim responses, conflicting or over-long framing, and chunked uploads. The client must
+//! hand the client exactly the body, and reuse a backend connection only after a clean
+//! response.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend that answers each request by its path with raw scripted bytes, and counts the
+/// connections it accepted. It records every request head and body it read.
+struct ScriptedBackend {
+    address: SocketAddr,
+    opened: Arc<AtomicUsize>,
+    received: Arc<Mutex<Vec<u8>>>,
+}
+
+impl ScriptedBackend {
+    async fn start() -> ScriptedBackend {
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = ScriptedBackend {
+            address: socket.local_addr().unwrap(),
+            opened: Arc::default(),
+            received: Arc::default(),
+        };
+        let (opened, received) = (backend.opened.clone(), backend.received.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = socket.accept().await {
+                opened.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream, received.clone()));
+            }
+        });
+        backend
+    }
+
+    fn opened(&self) -> usize {
+        self.opened.load(Ordering::SeqCst)
+    }
+
+    fn received(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().unwrap()).into_owned()
+    }
+}
+
+/// The raw answer to `path`, and whether the backend closes the connection after it.
+fn script(path: &str) -> (&'static [u8], bool) {
+    match path {
+        "/chunked" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n",
+            false,
+        ),
+        "/until-close" => (b"HTTP/1.1 200 OK\r\n\r\nuntil close", true),
+        "/continue" => (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+        "/conflict" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            false,
+        ),
+        "/extra" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nleaked",
+            false,
+        ),
+        "/bad-chunk" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokzz\r\n",
+            false,
+        ),
+        "/keep-alive-off" => (
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        ),
+        _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+    }
+}
+
+/// Reads requests (heads, Content-Length and chunked bodies) and answers each by script.
+async fn serve(mut stream: TcpStream, received: Arc<Mutex<Vec<u8>>>) {
+    let mut pending = Vec::new();
+    let mut buffer = [0u8; 16384];
+    loop {
+        let end = loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buffer[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        let body_end = if head.contains("transfer-encoding: chunked") {
+            loop {
+                if let Some(at) = pending[end..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                    break end + at + 5;
+                }
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => pending.extend_from_slice(&buffer[..n]),
+                }
+            }
+        } else {
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(0);
+            while pending.len() < end + length {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => pending.extend_from_slice(&buffer[..n]),
+                }
+            }
+            end + length
+        };
+        received
+            .lock()
+            .unwrap()
+            .extend_from_slice(&pending[..body_end]);
+        pending.drain(..body_end);
+        let (answer, close) = script(&path);
+        if stream.write_all(answer).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+async fn gatehouse_for(
+    backend: &ScriptedBackend,
+) -> ((TestDir, Arc<gatehouse::server::Gatehouse>), SocketAddr) {
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("a", backend.address)],
+        "",
+        "    retries: { attempts: 1 }\n",
+    )
+    .await;
+    ((dir, gatehouse), web)
+}
+
+#[tokio::test]
+async fn chunked_and_interim_responses_arrive_whole_on_one_connection() {
+    let backend = ScriptedBackend::start().await;
+    let (_running, web) = gatehouse_for(&backend).await;
+    for _ in 0..3 {
+        let answer = get(web, "app", "/chunked").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.text(), "hello, world");
+        let answer = get(web, "app", "/continue").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.text(), "ok", "1xx answers are skipped");
+    }
+    assert_eq!(
+        backend.opened(),
+        1,
+        "clean responses leave the connection reusable"
+    );
+}
+
+#[tokio::test]
+async fn a_body_delimited_by_close_arrives_whole_and_its_connection_is_not_reused() {
+    let backend = ScriptedBackend::start().await;
+    let (_running, web) = gatehouse_for(&backend).await;
+    let answer = get(web, "app", "/until-close").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "until close");
+    let answer = get(web, "app", "/keep-alive-off").await;
+    assert_eq!(answer.text(), "ok");
+    let answer = get(web, "app", "/").await;
+    assert_eq!(answer.text(), "ok");
+    assert_eq!(
+        backend.opened(),
+        3,
+        "neither a close-delimited body nor `Connection: close` leaves its connection"
+    );
+}
+
+#[tokio::test]
+async fn conflicting_or_overlong_framing_never_reaches_the_next_request() {
+    let backend = ScriptedBackend::start().await;
+    let (_running, web) = gatehouse_for(&backend).await;
+    let answer = get(web, "app", "/conflict").await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    let answer = get(web, "app", "/extra").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "ok");
+    let answer = get(web, "app", "/").await;
+    assert_eq!(
+        answer.text(),
+        "ok",
+        "bytes past a response never answer the next request"
+    );
+    assert_eq!(backend.opened(), 3);
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_cut_off_and_its_connection_dropped() {
+    let backend = ScriptedBackend::start().await;
+    let (_running, web) = gatehouse_for(&backend).await;
+    let request = Request::get(format!("http://{web}/bad-chunk"))
+        .header("host", "app")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    // hyper may not have flushed the head when the body fails: either way, the client
+    // must see a failure, never a clean end.
+    let response = tokio::time::timeout(DEADLINE, http_client().request(request))
+        .await
+        .unwrap();
+    if let Ok(response) = response {
+        let body = tokio::time::timeout(DEADLINE, response.into_body().collect())
+            .await
+            .unwrap();
+        assert!(
+            body.is_err(),
+            "the client sees the body fail, not a clean end"
+        );
+    }
+    let answer = get(web, "app", "/").await;
+    assert_eq!(answer.text(), "ok");
+    assert_eq!(backend.opened(), 2);
+}
+
+#[tokio::test]
+async fn an_upload_without_length_goes_up_chunked_and_the_connection_stays() {
+    let backend = ScriptedBackend::start().await;
+    let (_running, web) = gatehouse_for(&backend).await;
+    for round in 0..2 {
+        let frames = ["first,", "second,", "third"].map(|part| Bytes::from_static(part.as_bytes()));
+        let request = Request::post(format!("http://{web}/upload"))
+            .header("host", "app")
+            .body(Frames(frames.into()))
+            .unwrap();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let response = tokio::time::timeout(DEADLINE, client.request(request))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "round {round}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+    let seen = backend.received();
+    assert_eq!(
+        seen.matches("transfer-encoding: chunked\r\n").count(),
+        2,
+        "{seen}"
+    );
+    let decoded: String = seen
+        .split("\r\n")
+        .filter(|line| line.contains("first") || line.contains("second") || line.contains("third"))
+        .collect();
+    assert_eq!(decoded, "first,second,thirdfirst,second,third");
+    assert_eq!(backend.opened(), 1);
+}
+
+/// A request body of several frames and no declared length (so it goes chunked).
+struct Frames(std::collections::VecDeque<Bytes>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(
+            self.0
+                .pop_front()
+                .map(|data| Ok(http_body::Frame::data(data))),
+        )
+    }
+}
