@@ -421,7 +421,8 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
     let mut content_length: Option<u64> = None;
     let mut codings = 0;
     let mut chunked_last = false;
-    let mut close = version == Version::HTTP_10;
+    let mut close = false;
+    let mut keep_alive_asked = false;
     for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
         let name_start = header.name.as_ptr() as usize - base;
         let value_start = header.value.as_ptr() as usize - base;
@@ -448,14 +449,13 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
         } else if header.name.eq_ignore_ascii_case("connection") {
             for token in header.value.split(|&byte| byte == b',') {
                 let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    close = false;
-                }
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_asked |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         }
     }
+    // HTTP/1.0 keeps a connection only when it says so; `close` always wins.
+    close |= version == Version::HTTP_10 && !keep_alive_asked;
     let bodiless = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -866,6 +866,11 @@ mod tests {
             false,
         );
         assert!(head.keep_alive);
+        let head = head_of(
+            b"HTTP/1.0 200 OK\r\nConnection: close, keep-alive\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(!head.keep_alive);
         let head = head_of(b"HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\n\r\n", false);
         assert!(matches!(head.framing, Framing::Length(7)));
     }
