@@ -229,7 +229,10 @@ pub fn new_request_id() -> HeaderValue {
             b'a' + nibble - 10
         };
     }
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // Owned in one allocation that clones share (the id goes to the backend and back to the
+    // client): `from_bytes` would copy it, and the first clone allocate again.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Refuses HTTP/1 message framing that two parsers could read differently (request

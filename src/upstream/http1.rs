@@ -36,6 +36,8 @@ const READ_SMALL: usize = 8 * 1024;
 const READ_LARGE: usize = 64 * 1024;
 /// Longest chunk-size line (extensions included).
 const MAX_CHUNK_LINE: usize = 4096;
+/// A header span's name length marking a header consumed here (no header name is empty).
+const CONSUMED: u32 = 0;
 /// Longest trailer section (trailers are read and dropped).
 const MAX_TRAILERS: usize = 64 * 1024;
 
@@ -388,7 +390,9 @@ struct Head {
 }
 
 /// Parses a response head at the start of `buffer` and removes it; `None` until complete.
-/// Header values share the head's bytes (no copy per value).
+/// Header values share the head's bytes (no copy per value). Transfer-Encoding, Keep-Alive
+/// and a Connection that only says close or keep-alive describe this connection and are
+/// consumed here, so the usual response needs no hop-by-hop stripping afterwards.
 fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Http1Error> {
     let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
@@ -446,11 +450,24 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
                 .rsplit(|&byte| byte == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // Decoded here and framed anew for the client: not passed on.
+            span[1] = CONSUMED;
+        } else if header.name.eq_ignore_ascii_case("keep-alive") {
+            span[1] = CONSUMED;
         } else if header.name.eq_ignore_ascii_case("connection") {
+            let mut names_others = false;
             for token in header.value.split(|&byte| byte == b',') {
                 let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_asked |= token.eq_ignore_ascii_case(b"keep-alive");
+                let is_close = token.eq_ignore_ascii_case(b"close");
+                let is_keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+                close |= is_close;
+                keep_alive_asked |= is_keep_alive;
+                names_others |= !(is_close || is_keep_alive || token.is_empty());
+            }
+            // Only about this connection: consumed here. Naming other headers (or an
+            // upgrade), it stays for the hop-by-hop stripping to act on.
+            if !names_others {
+                span[1] = CONSUMED;
             }
         }
     }
@@ -488,6 +505,9 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
     let head = buffer.split_to(length).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     for [name_start, name_length, value_start, value_length] in &spans[..count] {
+        if *name_length == CONSUMED {
+            continue;
+        }
         let name_start = *name_start as usize;
         let value_start = *value_start as usize;
         let name = HeaderName::from_bytes(&head[name_start..name_start + *name_length as usize])
@@ -896,6 +916,29 @@ mod tests {
         assert!(parse_head(&mut partial, false)
             .expect("valid so far")
             .is_none());
+    }
+
+    #[test]
+    fn headers_about_this_connection_are_consumed() {
+        let head = head_of(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n",
+            false,
+        );
+        assert_eq!(head.headers.len(), 1, "{:?}", head.headers);
+        let head = head_of(
+            b"HTTP/1.1 200 OK\r\nConnection: close, x-a\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(
+            head.headers.contains_key(header::CONNECTION),
+            "left for the stripping"
+        );
+        let head = head_of(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            false,
+        );
+        assert!(head.headers.contains_key(header::CONNECTION));
+        assert!(head.headers.contains_key(header::UPGRADE));
     }
 
     #[test]
