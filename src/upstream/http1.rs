@@ -32,6 +32,8 @@ const MAX_HEAD: usize = 8192 + 4096 * 100;
 const MAX_HEADERS: usize = 100;
 /// Read size for heads and small bodies.
 const READ_SMALL: usize = 8 * 1024;
+/// Spare bytes at the end of the read buffer that are worth a read of their own.
+const MIN_SPARE: usize = 2048;
 /// Read size while a large body streams.
 const READ_LARGE: usize = 64 * 1024;
 /// Longest chunk-size line (extensions included).
@@ -199,7 +201,7 @@ impl Connection {
                     return Poll::Ready(Err(Http1Error::Malformed("response head too large")));
                 }
             }
-            self.read.reserve(READ_SMALL);
+            make_room(&mut self.read, READ_SMALL);
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(Http1Error::Read(error))),
@@ -213,6 +215,15 @@ impl Connection {
                 Poll::Ready(Ok(_)) => {}
             }
         }
+    }
+}
+
+/// Room for the next read. The spare end of the current buffer is used while it holds a
+/// small read: responses whose heads and bodies are still referenced elsewhere (frozen parts
+/// of the same allocation) then do not force a new allocation for every response.
+fn make_room(buffer: &mut BytesMut, wanted: usize) {
+    if buffer.capacity() - buffer.len() < wanted.min(MIN_SPARE) {
+        buffer.reserve(wanted);
     }
 }
 
@@ -707,7 +718,7 @@ impl Body for ResponseBody {
                     Err(error) => return this.fail(error),
                 },
             };
-            connection.read.reserve(wanted);
+            make_room(&mut connection.read, wanted);
             let polled = tokio_util::io::poll_read_buf(
                 Pin::new(&mut connection.stream),
                 cx,
