@@ -1012,6 +1012,43 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever a backend sends, parsing its head and decoding a chunked body end in a
+        /// value or an error, never a panic.
+        #[test]
+        fn arbitrary_backend_bytes_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            split in 0usize..400,
+        ) {
+            let mut buffer = BytesMut::from(&bytes[..]);
+            let _ = parse_head(&mut buffer, false);
+            let mut framed = b"HTTP/1.1 200 OK\r\n".to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = parse_head(&mut BytesMut::from(&framed[..]), true);
+            let _ = decode_all(&bytes, split.min(bytes.len()));
+        }
+
+        /// Any body, chunked in any sizes and delivered in any two reads, decodes to itself.
+        #[test]
+        fn chunked_bodies_round_trip(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..64), 0..8),
+            split in 0usize..2000,
+        ) {
+            let mut encoded = Vec::new();
+            for chunk in &chunks {
+                encoded.extend_from_slice(format!("{:X}\r\n", chunk.len()).as_bytes());
+                encoded.extend_from_slice(chunk);
+                encoded.extend_from_slice(b"\r\n");
+            }
+            encoded.extend_from_slice(b"0\r\n\r\n");
+            let (decoded, clean) = decode_all(&encoded, split.min(encoded.len())).expect("valid");
+            proptest::prop_assert_eq!(decoded, chunks.concat());
+            proptest::prop_assert!(clean);
+        }
+    }
+
     #[test]
     fn encodes_heads_with_the_right_framing() {
         let mut buffer = Vec::new();
