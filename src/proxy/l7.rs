@@ -275,9 +275,11 @@ async fn handle(request: Request<Incoming>, connection: &Connection) -> Response
     }
     target.duration.observe(started.elapsed().as_secs_f64());
     if let Some(id) = &outcome.request_id {
-        response
-            .headers_mut()
-            .insert(headers::X_REQUEST_ID, id.clone());
+        // Unique per request: HTTP/2 sends it as a never-indexed literal, so it does not
+        // push the headers that repeat (server, content-type, ...) out of the HPACK table.
+        let mut id = id.clone();
+        id.set_sensitive(true);
+        response.headers_mut().insert(headers::X_REQUEST_ID, id);
     }
     if let Some(hsts) = &listener.config.hsts {
         response
