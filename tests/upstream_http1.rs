@@ -76,6 +76,10 @@ fn script(path: &str) -> (&'static [u8], bool) {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokzz\r\n",
             false,
         ),
+        "/switch" => (
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+            true,
+        ),
         "/keep-alive-off" => (
             b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
             false,
@@ -193,6 +197,12 @@ async fn conflicting_or_overlong_framing_never_reaches_the_next_request() {
     let (_running, web) = gatehouse_for(&backend).await;
     let answer = get(web, "app", "/conflict").await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    let answer = get(web, "app", "/switch").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::BAD_GATEWAY,
+        "101 to a request that asked no upgrade"
+    );
     let answer = get(web, "app", "/extra").await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.text(), "ok");
@@ -202,7 +212,7 @@ async fn conflicting_or_overlong_framing_never_reaches_the_next_request() {
         "ok",
         "bytes past a response never answer the next request"
     );
-    assert_eq!(backend.opened(), 3);
+    assert_eq!(backend.opened(), 4);
 }
 
 #[tokio::test]

@@ -99,9 +99,22 @@ impl BackendConnections {
         }
     }
 
-    /// Whether these connections serve `address` through `connector` (a reload may keep them).
-    pub fn serves(&self, address: SocketAddr, connector: &Arc<Connector>) -> bool {
-        self.address == address && Arc::ptr_eq(&self.connector, connector)
+    /// `existing` while it still serves `address` through `connector` (a table rebuild or a
+    /// reload keeps the connections warm), else new connections.
+    pub fn kept_or_new(
+        existing: Option<&Arc<Self>>,
+        address: SocketAddr,
+        connector: Arc<Connector>,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
+        match existing {
+            Some(existing)
+                if existing.address == address && Arc::ptr_eq(&existing.connector, &connector) =>
+            {
+                existing.clone()
+            }
+            _ => Arc::new(BackendConnections::new(address, connector, idle_timeout)),
+        }
     }
 
     /// A connection whose response was read to its end, ready for the next request (a full

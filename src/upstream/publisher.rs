@@ -171,18 +171,14 @@ impl BackendFacts for Carried {
             }
         };
         let key = key(&pool.name, &backend.name);
-        match self.connections.get(&key) {
-            Some(existing) if existing.serves(backend.address, &connector) => Ok(existing.clone()),
-            _ => {
-                let connections = Arc::new(BackendConnections::new(
-                    backend.address,
-                    connector,
-                    pool.timeouts.idle,
-                ));
-                self.connections.insert(key, connections.clone());
-                Ok(connections)
-            }
-        }
+        let connections = BackendConnections::kept_or_new(
+            self.connections.get(&key),
+            backend.address,
+            connector,
+            pool.timeouts.idle,
+        );
+        self.connections.insert(key, connections.clone());
+        Ok(connections)
     }
 
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics {

@@ -542,17 +542,15 @@ impl BackendFacts for StaticFacts {
                 connector
             }
         };
-        let connections = self
-            .connections
-            .entry((pool.name.clone(), backend.name.clone()))
-            .or_insert_with(|| {
-                Arc::new(BackendConnections::new(
-                    backend.address,
-                    connector,
-                    pool.timeouts.idle,
-                ))
-            });
-        Ok(connections.clone())
+        let key = (pool.name.clone(), backend.name.clone());
+        let connections = BackendConnections::kept_or_new(
+            self.connections.get(&key),
+            backend.address,
+            connector,
+            pool.timeouts.idle,
+        );
+        self.connections.insert(key, connections.clone());
+        Ok(connections)
     }
 
     fn listener_metrics(&mut self, listener: &str) -> ListenerMetrics {
