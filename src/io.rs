@@ -37,6 +37,12 @@ impl<T, O> Observed<T, O> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// The observer, for tests that feed it bytes directly.
+    #[cfg(test)]
+    pub fn into_observer(self) -> O {
+        self.observer
+    }
 }
 
 impl<T: AsyncRead + Unpin, O: Observer + Unpin> AsyncRead for Observed<T, O> {

@@ -68,6 +68,7 @@ pub struct Metrics {
     request_duration: HistogramVec,
     connections_total: IntCounterVec,
     connections_active: IntGaugeVec,
+    connections_idle: IntGaugeVec,
     bytes_received: IntCounterVec,
     bytes_sent: IntCounterVec,
     rejected_total: IntCounterVec,
@@ -122,6 +123,11 @@ impl Metrics {
             connections_active: gauge_vec(
                 "gatehouse_connections_active",
                 "Client connections currently open.",
+                &["listener"],
+            )?,
+            connections_idle: gauge_vec(
+                "gatehouse_connections_idle",
+                "Open HTTP/1 keep-alive connections idle between requests, their HTTP state released.",
                 &["listener"],
             )?,
             bytes_received: counter_vec(
@@ -204,6 +210,7 @@ impl Metrics {
             Box::new(metrics.request_duration.clone()),
             Box::new(metrics.connections_total.clone()),
             Box::new(metrics.connections_active.clone()),
+            Box::new(metrics.connections_idle.clone()),
             Box::new(metrics.bytes_received.clone()),
             Box::new(metrics.bytes_sent.clone()),
             Box::new(metrics.rejected_total.clone()),
@@ -279,6 +286,7 @@ impl Metrics {
         ListenerMetrics {
             connections_total: self.connections_total.with_label_values(&[listener]),
             connections_active: self.connections_active.with_label_values(&[listener]),
+            connections_idle: self.connections_idle.with_label_values(&[listener]),
             bytes_received: self.bytes_received.with_label_values(&[listener]),
             bytes_sent: self.bytes_sent.with_label_values(&[listener]),
             tls_handshake_errors: self.tls_handshake_errors.with_label_values(&[listener]),
@@ -309,6 +317,8 @@ impl Metrics {
 pub struct ListenerMetrics {
     pub connections_total: IntCounter,
     pub connections_active: IntGauge,
+    /// Keep-alive connections parked between requests (see `proxy::park`).
+    pub connections_idle: IntGauge,
     pub bytes_received: IntCounter,
     pub bytes_sent: IntCounter,
     pub tls_handshake_errors: IntCounter,

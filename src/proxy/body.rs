@@ -1,13 +1,16 @@
 //! The response body handed to hyper: a backend's streamed body or a short local answer,
 //! carrying the request's access-log record until the last byte is sent (or the client
-//! leaves), so the logged byte count and duration are exact.
+//! leaves), so the logged byte count and duration are exact, and telling the client
+//! connection when its answer is complete (the idle check of `park` needs it).
 
+use super::l7::Connection;
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::upstream::backend::InFlight;
 use crate::upstream::http1::ResponseBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -39,6 +42,8 @@ struct Pending {
 pub struct ProxyBody {
     source: Source,
     access: Option<Box<Pending>>,
+    /// The client connection whose `answered` count this body raises when it is done.
+    answers: Option<Arc<Connection>>,
 }
 
 impl ProxyBody {
@@ -50,6 +55,7 @@ impl ProxyBody {
                 in_flight: Some(in_flight),
             },
             access: None,
+            answers: None,
         }
     }
 
@@ -58,6 +64,7 @@ impl ProxyBody {
         ProxyBody {
             source: Source::Local(Some(bytes.into())),
             access: None,
+            answers: None,
         }
     }
 
@@ -66,6 +73,7 @@ impl ProxyBody {
         ProxyBody {
             source: Source::Local(None),
             access: None,
+            answers: None,
         }
     }
 
@@ -78,7 +86,13 @@ impl ProxyBody {
         }));
     }
 
-    /// Logs the record and lets the backend go.
+    /// Counts this response as answered on `connection` once the body is done.
+    pub fn answers(mut self, connection: Arc<Connection>) -> Self {
+        self.answers = Some(connection);
+        self
+    }
+
+    /// Logs the record, lets the backend go and counts the answer.
     fn finish(&mut self) {
         if let Some(pending) = self.access.take() {
             let Pending {
@@ -91,6 +105,9 @@ impl ProxyBody {
         }
         if let Source::Upstream { in_flight, .. } = &mut self.source {
             in_flight.take();
+        }
+        if let Some(connection) = self.answers.take() {
+            connection.answered.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

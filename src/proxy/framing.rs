@@ -18,16 +18,20 @@ const MAX_HEAD: usize = 1 << 20;
 /// Headers parsed per head.
 const MAX_HEADERS: usize = 256;
 
-/// What the tracker learned, read by the request handler.
+/// What the tracker learned, read by the request handler and by the connection's idle check.
 #[derive(Debug)]
 pub struct Verdict {
     first_ambiguous: AtomicU64,
+    /// Requests read whole when the stream stands between two requests (nothing of the next
+    /// one read yet); `u64::MAX` mid-message or once the tracker stopped following.
+    settled: AtomicU64,
 }
 
 impl Default for Verdict {
     fn default() -> Self {
         Verdict {
             first_ambiguous: AtomicU64::new(u64::MAX),
+            settled: AtomicU64::new(0),
         }
     }
 }
@@ -37,6 +41,16 @@ impl Verdict {
     /// had ambiguous framing.
     pub fn is_ambiguous(&self, request_index: u64) -> bool {
         self.first_ambiguous.load(Ordering::Acquire) <= request_index
+    }
+
+    /// How many requests were read whole, if every byte read so far belongs to them: the
+    /// connection stands exactly between two requests. `None` mid-request, after an upgrade
+    /// or HTTP/2 preface, or on bytes the tracker could not follow.
+    pub fn settled_requests(&self) -> Option<u64> {
+        match self.settled.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            requests => Some(requests),
+        }
     }
 }
 
@@ -266,6 +280,11 @@ impl Tracker {
 impl Observer for Tracker {
     fn read(&mut self, bytes: &[u8]) {
         self.feed(bytes);
+        let settled = match &self.state {
+            State::Head(partial) if partial.is_empty() => self.requests,
+            _ => u64::MAX,
+        };
+        self.verdict.settled.store(settled, Ordering::Relaxed);
     }
 
     fn wrote(&mut self, _count: usize) {}
@@ -300,6 +319,34 @@ mod tests {
             tracker.feed(chunk);
         }
         (verdict, tracker.requests)
+    }
+
+    #[test]
+    fn knows_when_the_stream_stands_between_requests() {
+        let (mut tracker, verdict) = {
+            let (guarded, verdict) = guard(());
+            (guarded.into_observer(), verdict)
+        };
+        assert_eq!(verdict.settled_requests(), Some(0));
+        let steps: [(&[u8], Option<u64>); 6] = [
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Some(1)),
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab",
+                None,
+            ),
+            (b"cd", Some(2)),
+            (b"GET /next HTTP/1.1\r\n", None),
+            (b"Host: x\r\n\r\n", Some(3)),
+            (
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+                None,
+            ),
+        ];
+        for (bytes, expected) in steps {
+            tracker.read(bytes);
+            let text = String::from_utf8_lossy(bytes);
+            assert_eq!(verdict.settled_requests(), expected, "after {text:?}");
+        }
     }
 
     #[test]

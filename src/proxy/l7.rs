@@ -9,8 +9,9 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::framing::Verdict;
 use super::headers;
+use super::park;
 use crate::access_log::AccessRecord;
-use crate::config::ProxyProtocolVersion;
+use crate::config::{Limits, ProxyProtocolVersion};
 use crate::io::Reclaimable;
 use crate::metrics::Rejection;
 use crate::proxy_protocol;
@@ -62,6 +63,8 @@ pub struct Connection {
     pub framing: Option<Arc<Verdict>>,
     /// Requests handled so far on this connection (HTTP/1 handles them in order).
     pub requests: AtomicU64,
+    /// Responses sent to their end (or abandoned) so far.
+    pub answered: AtomicU64,
     pub table: SharedTable,
     /// Tracks upgraded tunnels so shutdown can wait for them.
     pub tunnels: TaskTracker,
@@ -87,16 +90,102 @@ pub enum Negotiated {
 
 /// Serves HTTP on `io` until the client leaves or `shutdown` asks the connection to finish
 /// its in-flight requests and close.
+///
+/// An HTTP/1 connection that idles between requests parks (see [`park`]): its hyper session
+/// ends, the socket stays open, and the client's next request starts a fresh session.
 pub async fn serve<I>(
     io: I,
     connection: Arc<Connection>,
     listener: &ListenerTable,
-    negotiated: Negotiated,
+    mut negotiated: Negotiated,
     shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = listener.config.limits;
+    let service_connection = connection.clone();
+    let service = service_fn(move |request| {
+        let connection = service_connection.clone();
+        async move {
+            let response = handle(request, &connection).await;
+            Ok::<_, Infallible>(response.map(|body| body.answers(connection)))
+        }
+    });
+    let activity = Arc::new(park::Activity::default());
+    let mut stream = park::Watched::new(io, activity.clone());
+    loop {
+        let builder = session_builder(limits, negotiated);
+        let (io, reclaim) = Reclaimable::new(stream);
+        let mut watch = park::IdleWatch::new(activity.clone(), &connection);
+        // Boxed: a parked connection keeps none of the session's room.
+        let mut served =
+            Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service.clone()));
+        let check = tokio::time::sleep(park::CHECK_PERIOD);
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(check, cancelled);
+        let mut parking = false;
+        let result = loop {
+            tokio::select! {
+                result = served.as_mut() => break result,
+                () = &mut cancelled => {
+                    served.as_mut().graceful_shutdown();
+                    break served.as_mut().await;
+                }
+                () = check.as_mut(), if !parking => {
+                    parking = connection
+                        .framing
+                        .as_ref()
+                        .is_some_and(|verdict| watch.park(&connection, verdict));
+                    if parking {
+                        served.as_mut().graceful_shutdown();
+                    } else {
+                        check.as_mut().reset(tokio::time::Instant::now() + park::CHECK_PERIOD);
+                    }
+                }
+            }
+        };
+        drop(served);
+        if let Err(error) = result {
+            let timed_out = record_connection_error(listener, &*error);
+            let reclaimed = if timed_out {
+                tokio::time::timeout(Duration::from_secs(1), reclaim)
+                    .await
+                    .ok()
+            } else {
+                None
+            };
+            if let Some(Ok(stream)) = reclaimed {
+                // hyper closes a connection whose request head is late without a word; the
+                // stream came back when hyper dropped it: say 408, then close.
+                answer_late_request(stream, listener).await;
+            }
+            return;
+        }
+        if !parking || shutdown.is_cancelled() {
+            return;
+        }
+        let Ok(parked) = reclaim.await else {
+            return;
+        };
+        stream = parked;
+        let deadline = watch.quiet_since() + limits.header_timeout;
+        listener.metrics.connections_idle.inc();
+        let waited = park::wait_for_request(&mut stream, deadline, &shutdown).await;
+        listener.metrics.connections_idle.dec();
+        match waited {
+            park::Wait::Spoke => negotiated = Negotiated::Http1,
+            park::Wait::Ended => return,
+            park::Wait::Late => {
+                listener.metrics.reject(Rejection::HeaderTimeout);
+                answer_late_request(stream, listener).await;
+                return;
+            }
+        }
+    }
+}
+
+/// hyper's settings for one session on a client connection.
+fn session_builder(limits: Limits, negotiated: Negotiated) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -113,42 +202,10 @@ pub async fn serve<I>(
         .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let builder = match negotiated {
+    match negotiated {
         Negotiated::Http1 => builder.http1_only(),
         Negotiated::Http2 => builder.http2_only(),
         Negotiated::Detect => builder,
-    };
-    let service_connection = connection.clone();
-    let service = service_fn(move |request| {
-        let connection = service_connection.clone();
-        async move { Ok::<_, Infallible>(handle(request, &connection).await) }
-    });
-    let (io, reclaim) = Reclaimable::new(io);
-    let result = {
-        let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(served);
-        tokio::select! {
-            result = served.as_mut() => result,
-            () = shutdown.cancelled() => {
-                served.as_mut().graceful_shutdown();
-                served.await
-            }
-        }
-    };
-    if let Err(error) = result {
-        let timed_out = record_connection_error(listener, &*error);
-        let reclaimed = if timed_out {
-            tokio::time::timeout(Duration::from_secs(1), reclaim)
-                .await
-                .ok()
-        } else {
-            None
-        };
-        if let Some(Ok(stream)) = reclaimed {
-            // hyper closes a connection whose request head is late without a word; the
-            // stream came back when hyper dropped it: say 408, then close.
-            answer_late_request(stream, listener).await;
-        }
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! `l7` serves a client connection with hyper and forwards each request to a backend chosen
 //! from the published table; `headers` owns header rewriting; `body` the response body type;
-//! `error` the mapping from failures to statuses. None of these take a lock.
+//! `error` the mapping from failures to statuses; `framing` the independent check of HTTP/1
+//! request framing; `park` lets idle keep-alive connections give hyper's state back. None of
+//! these take a lock.
 
 pub mod body;
 pub mod error;
@@ -10,3 +12,4 @@ pub mod framing;
 pub mod headers;
 pub mod l4;
 pub mod l7;
+pub mod park;

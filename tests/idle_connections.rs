@@ -1,0 +1,195 @@
+//! Idle keep-alive HTTP/1 connections park — hyper's per-connection state is released while
+//! the socket stays open — and serve what the client sends next exactly as before: a whole
+//! request, a head split across the pause, pipelined requests, a body. A parked connection
+//! still gets 408 when its next head is late, and a slow response never parks half-way.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use gatehouse::server::Gatehouse;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// `gatehouse_connections_idle{listener="web"}`.
+async fn idle(gatehouse: &Gatehouse) -> f64 {
+    let text = metrics_text(gatehouse).await;
+    metric(&text, "gatehouse_connections_idle", &[("listener", "web")]).unwrap_or(-1.0)
+}
+
+/// Reads from `stream` into `received` until `done` holds for the text read so far.
+async fn read_until(stream: &mut TcpStream, received: &mut Vec<u8>, done: impl Fn(&str) -> bool) {
+    let reading = async {
+        let mut buffer = [0u8; 4096];
+        while !done(&String::from_utf8_lossy(received)) {
+            let n = stream.read(&mut buffer).await.unwrap();
+            assert!(
+                n > 0,
+                "closed early: {:?}",
+                String::from_utf8_lossy(received)
+            );
+            received.extend_from_slice(&buffer[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reading)
+        .await
+        .expect("the answer arrives");
+}
+
+async fn connect(web: SocketAddr) -> TcpStream {
+    TcpStream::connect(web).await.unwrap()
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_parks_and_serves_what_follows() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
+    let mut client = connect(web).await;
+    let mut received = Vec::new();
+    let answers = |n: usize| move |text: &str| text.matches("backend=b").count() == n;
+
+    client
+        .write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, &mut received, answers(1)).await;
+    eventually("the idle connection parks", async || {
+        idle(&gatehouse).await == 1.0
+    })
+    .await;
+
+    // A head split across the pause: its first bytes wake the connection, the rest follows
+    // with a pipelined request behind it.
+    client.write_all(b"GET /two HTTP/1.1\r\nHo").await.unwrap();
+    eventually("the connection wakes", async || {
+        idle(&gatehouse).await == 0.0
+    })
+    .await;
+    client
+        .write_all(b"st: x\r\n\r\nGET /three HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, &mut received, answers(3)).await;
+    eventually("it parks again", async || idle(&gatehouse).await == 1.0).await;
+
+    client
+        .write_all(b"POST /four HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    read_until(&mut client, &mut received, answers(4)).await;
+
+    let text = String::from_utf8_lossy(&received);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 4, "{text}");
+    assert!(!text.to_ascii_lowercase().contains("connection: close"));
+    let seen = backend.requests();
+    let paths: Vec<&str> = seen.iter().map(|request| request.uri.as_str()).collect();
+    assert_eq!(paths, ["/one", "/two", "/three", "/four"]);
+    assert_eq!(seen[3].body_len, 5);
+    let metrics = metrics_text(&gatehouse).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "gatehouse_connections_total",
+            &[("listener", "web")]
+        ),
+        Some(1.0),
+        "every request came over the one connection"
+    );
+}
+
+#[tokio::test]
+async fn a_parked_connection_still_answers_408_when_its_next_head_is_late() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("b", backend.address)],
+        ", limits: { header_timeout: 1500ms }",
+        "",
+    )
+    .await;
+    let mut client = connect(web).await;
+    let mut received = Vec::new();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, &mut received, |text| {
+        text.contains("backend=b")
+    })
+    .await;
+    eventually("the idle connection parks", async || {
+        idle(&gatehouse).await == 1.0
+    })
+    .await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest))
+        .await
+        .expect("the connection closes")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 408"), "{rest:?}");
+    let metrics = metrics_text(&gatehouse).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "gatehouse_rejected_total",
+            &[("listener", "web"), ("reason", "header_timeout")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(idle(&gatehouse).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_slow_response_never_parks_half_way() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
+    let mut client = connect(web).await;
+    let mut received = Vec::new();
+    // Three chunks 600 ms apart: the connection is silent for more than two idle checks
+    // while the response is still open.
+    client
+        .write_all(b"GET /stream?chunks=3&ms=600 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let reading = async {
+        let mut buffer = [0u8; 4096];
+        while !String::from_utf8_lossy(&received).contains("\r\n0\r\n\r\n") {
+            tokio::select! {
+                n = client.read(&mut buffer) => {
+                    let n = n.unwrap();
+                    assert!(n > 0, "closed early");
+                    received.extend_from_slice(&buffer[..n]);
+                }
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    assert_eq!(idle(&gatehouse).await, 0.0, "parked with a response open");
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reading)
+        .await
+        .expect("the whole stream arrives");
+    let text = String::from_utf8_lossy(&received);
+    assert!(
+        text.contains("chunk 0") && text.contains("chunk 1") && text.contains("chunk 2"),
+        "{text}"
+    );
+    eventually("the connection parks once the response ended", async || {
+        idle(&gatehouse).await == 1.0
+    })
+    .await;
+    client
+        .write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, &mut received, |text| {
+        text.contains("backend=b")
+    })
+    .await;
+}
