@@ -25,9 +25,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -120,18 +122,38 @@ pub async fn serve<I>(
         // Boxed: a parked connection keeps none of the session's room.
         let mut served =
             Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service.clone()));
+        let parkable = connection.framing.is_some();
         let check = tokio::time::sleep(park::CHECK_PERIOD);
         let cancelled = shutdown.cancelled();
         tokio::pin!(check, cancelled);
+        let mut check_armed = false;
         let mut parking = false;
         let result = loop {
-            tokio::select! {
-                result = served.as_mut() => break result,
-                () = &mut cancelled => {
+            let event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = served.as_mut().poll(cx) {
+                    return Poll::Ready(SessionEvent::Ended(result));
+                }
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(SessionEvent::ShuttingDown);
+                }
+                // A polled timer wakes the task when it fires: until then, on the wake-ups of
+                // every request, looking at its flag is enough.
+                if parkable && !parking && (!check_armed || check.is_elapsed()) {
+                    check_armed = true;
+                    if check.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(SessionEvent::IdleCheck);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                SessionEvent::Ended(result) => break result,
+                SessionEvent::ShuttingDown => {
                     served.as_mut().graceful_shutdown();
                     break served.as_mut().await;
                 }
-                () = check.as_mut(), if !parking => {
+                SessionEvent::IdleCheck => {
                     parking = connection
                         .framing
                         .as_ref()
@@ -139,7 +161,10 @@ pub async fn serve<I>(
                     if parking {
                         served.as_mut().graceful_shutdown();
                     } else {
-                        check.as_mut().reset(tokio::time::Instant::now() + park::CHECK_PERIOD);
+                        check
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + park::CHECK_PERIOD);
+                        check_armed = false;
                     }
                 }
             }
@@ -182,6 +207,13 @@ pub async fn serve<I>(
             }
         }
     }
+}
+
+/// What ended a wait on a client connection's hyper session.
+enum SessionEvent<R> {
+    Ended(R),
+    ShuttingDown,
+    IdleCheck,
 }
 
 /// hyper's settings for one session on a client connection.
