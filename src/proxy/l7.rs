@@ -18,7 +18,7 @@ use crate::proxy_protocol;
 use crate::upstream::body::UpstreamBody;
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::{ListenerTable, Target};
-use http::{header, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, request, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -517,10 +517,12 @@ async fn forward(
         }
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-    let (upstream, replayable) =
+    let (mut head, body, replayable) =
         upstream_request(request, upgrade, bytes_in, target.max_body_bytes)
             .map_err(|error| (error, Outcome::default()))?;
-    let mut next = Some(upstream);
+    // The head stays here, lent to each attempt; the body goes with an attempt and comes
+    // back only if none of the request was sent. A replay sends the head again, bodiless.
+    let mut next = Some(body);
     let proxy_header = pool
         .config
         .send_proxy_protocol
@@ -559,25 +561,20 @@ async fn forward(
         tried[attempt] = index;
         let backend = &pool.backends[index];
         let last_attempt = attempt + 1 == attempts;
-        // Scoped so the moved-from request does not take room in this future while it waits.
-        let (spare, sending) = {
-            let Some(mut upstream) = next.take() else {
-                break;
-            };
-            if host.is_none() {
-                upstream
-                    .headers_mut()
-                    .insert(header::HOST, backend.host.clone());
-            }
-            // A request without a body may be sent again after the backend saw it: keep its
-            // head.
-            let spare = (replayable && !last_attempt).then(|| copy_head(&upstream));
-            let sending = backend.connections.send(upstream, proxy_header.as_deref());
-            (
-                spare,
-                tokio::time::timeout(pool.config.timeouts.request, sending),
-            )
+        let Some(body) = next.take() else {
+            break;
         };
+        if host.is_none() {
+            head.headers.insert(header::HOST, backend.host.clone());
+        }
+        // A request without a body may be sent again after the backend saw it.
+        let may_replay = replayable && !last_attempt;
+        let sending = tokio::time::timeout(
+            pool.config.timeouts.request,
+            backend
+                .connections
+                .send(&head, body, proxy_header.as_deref()),
+        );
         let in_flight = backend.stats.start();
         let sent_at = Instant::now();
         let result = sending.await;
@@ -617,7 +614,9 @@ async fn forward(
                 };
                 last_error = (kind, outcome(Some(index), Some(upstream_duration)));
                 // Unsent, the request goes on as it is; sent, only a replayable one goes on.
-                next = failed.unsent.or(spare);
+                next = failed
+                    .unsent
+                    .or_else(|| may_replay.then(UpstreamBody::empty));
                 if last_attempt {
                     return Err(last_error);
                 }
@@ -631,12 +630,12 @@ async fn forward(
             status,
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
         );
-        if retry_status && spare.is_some() && pool.select(&context, &tried[..=attempt]).is_some() {
+        if retry_status && may_replay && pool.select(&context, &tried[..=attempt]).is_some() {
             last_error = (
                 ProxyError::BackendFailed,
                 outcome(Some(index), Some(upstream_duration)),
             );
-            next = spare;
+            next = Some(UpstreamBody::empty());
             continue;
         }
 
@@ -671,14 +670,15 @@ async fn forward(
     Err(last_error)
 }
 
-/// The request as it goes to a backend: origin-form, HTTP/1.1, the client's body streamed
-/// (counted into `bytes_in`, held to `max_body_bytes`); and whether it may be replayed.
+/// The request as it goes to a backend: its head (origin-form, HTTP/1.1), the client's body
+/// streamed (counted into `bytes_in`, held to `max_body_bytes`), and whether it may be
+/// replayed.
 fn upstream_request(
     request: Request<Incoming>,
     upgrade: bool,
     bytes_in: Option<Arc<AtomicU64>>,
     max_body_bytes: Option<u64>,
-) -> Result<(Request<UpstreamBody>, bool), ProxyError> {
+) -> Result<(request::Parts, UpstreamBody, bool), ProxyError> {
     let (mut parts, body) = request.into_parts();
     if let Some(limit) = max_body_bytes {
         let declared = parts
@@ -704,17 +704,7 @@ fn upstream_request(
     }
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
-    Ok((Request::from_parts(parts, body), replayable))
-}
-
-/// A bodiless copy of `request`'s head, to send it again elsewhere.
-fn copy_head(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
-    let mut copy = Request::new(UpstreamBody::empty());
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    copy
+    Ok((parts, body, replayable))
 }
 
 /// The whole `source()` chain, for logs.

@@ -11,7 +11,7 @@ use super::body::{BodyTooLarge, UpstreamBody};
 use super::connector::{ConnectError, Connector};
 use super::http1::{Connection, Http1Error, ResponseBody};
 use crossbeam_queue::ArrayQueue;
-use http::{Request, Response};
+use http::{request, Response};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,12 +56,12 @@ impl SendError {
     }
 }
 
-/// A failed send: what went wrong, and the request itself when none of it was sent (so it
-/// can go to another backend as it is, body included).
+/// A failed send: what went wrong, and the request's body when none of the request was
+/// sent (so the request can go to another backend as it is, body included).
 #[derive(Debug)]
 pub struct Failed {
     pub error: SendError,
-    pub unsent: Option<Request<UpstreamBody>>,
+    pub unsent: Option<UpstreamBody>,
 }
 
 /// An idle connection and since when it has been idle.
@@ -126,14 +126,15 @@ impl BackendConnections {
         });
     }
 
-    /// Sends `request` (origin-form URI, Host set) on an idle connection, or a new one when
-    /// none is usable. With `proxy_header`, a new connection starting with that header
+    /// Sends the request `head` (origin-form URI, Host set; borrowed, so the caller can send
+    /// it again) with `body` on an idle connection, or a new one when none is usable. With `proxy_header`, a new connection starting with that header
     /// carries this request alone (the header names one client) and is never reused.
     ///
     /// The response body gives its connection back when read to its end, if it may be reused.
     pub async fn send(
         self: &Arc<Self>,
-        mut request: Request<UpstreamBody>,
+        head: &request::Parts,
+        mut body: UpstreamBody,
         proxy_header: Option<&[u8]>,
     ) -> Result<Response<ResponseBody>, Failed> {
         if proxy_header.is_none() {
@@ -143,9 +144,9 @@ impl BackendConnections {
                 if idle.since.elapsed() >= self.idle_timeout || !idle.connection.is_usable() {
                     continue;
                 }
-                match idle.connection.send(request, Some(self.clone())).await {
+                match idle.connection.send(head, body, Some(self.clone())).await {
                     Ok(response) => return Ok(response),
-                    Err((_, Some(returned))) => request = returned,
+                    Err((_, Some(returned))) => body = returned,
                     Err((error, None)) => {
                         return Err(Failed {
                             error: SendError::Request(error),
@@ -162,13 +163,13 @@ impl BackendConnections {
             Err(error) => {
                 return Err(Failed {
                     error: error.into(),
-                    unsent: Some(request),
+                    unsent: Some(body),
                 })
             }
         };
         let home = proxy_header.is_none().then(|| self.clone());
         Connection::new(stream)
-            .send(request, home)
+            .send(head, body, home)
             .await
             .map_err(|(error, unsent)| Failed {
                 error: SendError::Request(error),

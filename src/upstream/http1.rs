@@ -17,7 +17,7 @@ use super::connections::BackendConnections;
 use super::connector::UpstreamStream;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::io;
 use std::mem::MaybeUninit;
@@ -84,8 +84,8 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// A failed exchange, with the request when none of it was sent.
-pub type SendFailure = (Http1Error, Option<Request<UpstreamBody>>);
+/// A failed exchange, with the request's body when none of the request was sent.
+pub type SendFailure = (Http1Error, Option<UpstreamBody>);
 
 impl Connection {
     /// A connection over a freshly opened stream.
@@ -112,20 +112,21 @@ impl Connection {
         }
     }
 
-    /// Sends `request` (origin-form URI, Host set) and reads the response head. The body
-    /// streams from the returned response and gives the connection to `home` when it ends
-    /// cleanly (`None`: the connection is closed after this response).
+    /// Sends the request `head` (origin-form URI, Host set) with `body` and reads the
+    /// response head. The head is only borrowed: the caller keeps it to send the request
+    /// again elsewhere. The response body streams from the returned response and gives the
+    /// connection to `home` when it ends cleanly (`None`: closed after this response).
     ///
-    /// A request without a body whose head could not be written comes back with the error,
-    /// so it can go out on another connection; a request with a body is consumed (its head
-    /// waits for the body's first bytes, which are then gone).
+    /// An empty body whose head could not be written comes back with the error, so the
+    /// request can go out on another connection; a body with bytes is consumed (the head
+    /// waits for its first bytes, which are then gone).
     pub async fn send(
         mut self,
-        request: Request<UpstreamBody>,
+        head: &request::Parts,
+        body: UpstreamBody,
         home: Option<Arc<BackendConnections>>,
     ) -> Result<Response<ResponseBody>, SendFailure> {
-        let chunked = encode_head(&request, &mut self.head);
-        let (parts, body) = request.into_parts();
+        let chunked = encode_head(head, &body, &mut self.head);
         let mut upload = None;
         if body.is_end_stream() {
             let written = match self.stream.write_all(&self.head).await {
@@ -134,10 +135,7 @@ impl Connection {
             };
             if let Err(error) = written {
                 // A head cut short is not a request the backend could act on.
-                return Err((
-                    Http1Error::Write(error),
-                    Some(Request::from_parts(parts, body)),
-                ));
+                return Err((Http1Error::Write(error), Some(body)));
             }
         } else {
             // The head goes with the body's first bytes: a body that fails at once (a
@@ -145,7 +143,7 @@ impl Connection {
             let head = Bytes::copy_from_slice(&self.head);
             upload = Some(Upload::new(head, body, chunked));
         }
-        let head_request = parts.method == Method::HEAD;
+        let head_request = head.method == Method::HEAD;
         // The body goes up while the response head is awaited: a backend may answer (or
         // start echoing) before it has read the whole request.
         let head = std::future::poll_fn(|cx| {
@@ -228,33 +226,30 @@ fn make_room(buffer: &mut BytesMut, wanted: usize) {
 }
 
 /// Writes the request head into `buffer` (cleared first); true when the body goes chunked.
-fn encode_head(request: &Request<UpstreamBody>, buffer: &mut Vec<u8>) -> bool {
+fn encode_head(request: &request::Parts, body: &UpstreamBody, buffer: &mut Vec<u8>) -> bool {
     buffer.clear();
-    buffer.extend_from_slice(request.method().as_str().as_bytes());
+    buffer.extend_from_slice(request.method.as_str().as_bytes());
     buffer.push(b' ');
     let target = request
-        .uri()
+        .uri
         .path_and_query()
         .map_or("/", |path| path.as_str());
     buffer.extend_from_slice(target.as_bytes());
     buffer.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in request.headers() {
+    for (name, value) in &request.headers {
         buffer.extend_from_slice(name.as_str().as_bytes());
         buffer.extend_from_slice(b": ");
         buffer.extend_from_slice(value.as_bytes());
         buffer.extend_from_slice(b"\r\n");
     }
-    let has_length = request.headers().contains_key(header::CONTENT_LENGTH);
-    let empty = request.body().is_end_stream();
+    let has_length = request.headers.contains_key(header::CONTENT_LENGTH);
+    let empty = body.is_end_stream();
     let chunked = !empty && !has_length;
     if chunked {
         buffer.extend_from_slice(b"transfer-encoding: chunked\r\n");
     } else if empty
         && !has_length
-        && matches!(
-            *request.method(),
-            Method::POST | Method::PUT | Method::PATCH
-        )
+        && matches!(request.method, Method::POST | Method::PUT | Method::PATCH)
     {
         buffer.extend_from_slice(b"content-length: 0\r\n");
     }
@@ -1052,22 +1047,26 @@ mod tests {
     #[test]
     fn encodes_heads_with_the_right_framing() {
         let mut buffer = Vec::new();
-        let request = Request::builder()
+        let request = http::Request::builder()
             .method(Method::POST)
             .uri("/a?b=1")
             .header("host", "h")
-            .body(UpstreamBody::empty())
-            .expect("request");
-        assert!(!encode_head(&request, &mut buffer));
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        assert!(!encode_head(&request, &UpstreamBody::empty(), &mut buffer));
         assert_eq!(
             buffer,
             b"POST /a?b=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 0\r\n\r\n"
         );
-        let request = Request::builder()
+        let request = http::Request::builder()
             .uri("/")
-            .body(UpstreamBody::empty())
-            .expect("request");
-        assert!(!encode_head(&request, &mut buffer));
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        assert!(!encode_head(&request, &UpstreamBody::empty(), &mut buffer));
         assert_eq!(buffer, b"GET / HTTP/1.1\r\n\r\n");
     }
 }
