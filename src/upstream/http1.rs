@@ -30,6 +30,10 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Headers per response head (hyper's default).
 const MAX_HEADERS: usize = 100;
+/// Room in a response's header map. hyper reuses the map of each response it sends for the
+/// next request it reads on that connection, where gatehouse then adds its forwarding
+/// headers: sized for both, the map does not grow (rehash, reallocate) on every request.
+const HEADER_SLOTS: usize = 12;
 /// Read size for heads and small bodies.
 const READ_SMALL: usize = 8 * 1024;
 /// Spare bytes at the end of the read buffer that are worth a read of their own.
@@ -509,7 +513,7 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
         close = true;
     }
     let head = buffer.split_to(length).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = HeaderMap::with_capacity(count.max(HEADER_SLOTS));
     for [name_start, name_length, value_start, value_length] in &spans[..count] {
         if *name_length == CONSUMED {
             continue;
