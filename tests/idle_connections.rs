@@ -291,3 +291,63 @@ async fn a_parked_connection_can_upgrade_to_a_websocket_tunnel() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_head_begun_while_parked_must_still_arrive_by_the_parked_deadline() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("b", backend.address)],
+        ", limits: { header_timeout: 2s }",
+        "",
+    )
+    .await;
+    let mut client = connect(web).await;
+    let mut received = Vec::new();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, &mut received, |text| {
+        text.contains("backend=b")
+    })
+    .await;
+    let answered = std::time::Instant::now();
+    eventually("the idle connection parks", async || {
+        idle(&gatehouse).await == 1.0
+    })
+    .await;
+    // Half a head one second into the two the idle connection has: the rest never comes.
+    // The time is the behaviour under test, so this waits for it.
+    tokio::time::sleep_until((answered + Duration::from_secs(1)).into()).await;
+    client.write_all(b"GET /late HTTP/1.1\r\nHo").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest))
+        .await
+        .expect("the connection closes")
+        .unwrap();
+    let waited = answered.elapsed();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 408"), "{rest:?}");
+    // Held to the deadline counted from the pause (≈ 2 s), not a fresh 2 s from the first
+    // byte of the head (≈ 3 s).
+    assert!(
+        waited < Duration::from_millis(2600),
+        "408 after {waited:?}, the parked deadline was ≈ 2 s"
+    );
+    assert_eq!(
+        backend.requests().len(),
+        1,
+        "the late head never reached the backend"
+    );
+    let metrics = metrics_text(&gatehouse).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "gatehouse_rejected_total",
+            &[("listener", "web"), ("reason", "header_timeout")]
+        ),
+        Some(1.0)
+    );
+}

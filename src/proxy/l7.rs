@@ -115,6 +115,8 @@ pub async fn serve<I>(
     });
     let activity = Arc::new(park::Activity::default());
     let mut stream = park::Watched::new(io, activity.clone());
+    // After a park, the deadline the head of the client's next request still has to meet.
+    let mut head_deadline = None;
     loop {
         let builder = session_builder(limits, negotiated);
         let (io, reclaim) = Reclaimable::new(stream);
@@ -125,7 +127,10 @@ pub async fn serve<I>(
         let parkable = connection.framing.is_some();
         let check = tokio::time::sleep(park::CHECK_PERIOD);
         let cancelled = shutdown.cancelled();
-        tokio::pin!(check, cancelled);
+        // hyper gives a resumed session's first head a fresh `header_timeout`: the head that
+        // began while parked is held to the parked deadline instead.
+        let late = head_deadline.take().map(tokio::time::sleep_until);
+        tokio::pin!(check, cancelled, late);
         let mut check_armed = false;
         let mut parking = false;
         let result = loop {
@@ -135,6 +140,11 @@ pub async fn serve<I>(
                 }
                 if cancelled.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(SessionEvent::ShuttingDown);
+                }
+                if let Some(timer) = late.as_mut().as_pin_mut() {
+                    if !watch.handled_any(&connection) && timer.poll(cx).is_ready() {
+                        return Poll::Ready(SessionEvent::HeadLate);
+                    }
                 }
                 // A polled timer wakes the task when it fires: until then, on the wake-ups of
                 // every request, looking at its flag is enough.
@@ -149,6 +159,14 @@ pub async fn serve<I>(
             .await;
             match event {
                 SessionEvent::Ended(result) => break result,
+                SessionEvent::HeadLate => {
+                    drop(served);
+                    listener.metrics.reject(Rejection::HeaderTimeout);
+                    if let Ok(stream) = reclaim.await {
+                        answer_late_request(stream, listener).await;
+                    }
+                    return;
+                }
                 SessionEvent::ShuttingDown => {
                     served.as_mut().graceful_shutdown();
                     break served.as_mut().await;
@@ -198,7 +216,10 @@ pub async fn serve<I>(
         let waited = park::wait_for_request(&mut stream, deadline, &shutdown).await;
         listener.metrics.connections_idle.dec();
         match waited {
-            park::Wait::Spoke => negotiated = Negotiated::Http1,
+            park::Wait::Spoke => {
+                negotiated = Negotiated::Http1;
+                head_deadline = Some(deadline);
+            }
             park::Wait::Ended => return,
             park::Wait::Late => {
                 listener.metrics.reject(Rejection::HeaderTimeout);
@@ -214,6 +235,8 @@ enum SessionEvent<R> {
     Ended(R),
     ShuttingDown,
     IdleCheck,
+    /// The head begun while parked missed the parked deadline.
+    HeadLate,
 }
 
 /// hyper's settings for one session on a client connection.

@@ -181,6 +181,11 @@ impl IdleWatch {
         idle
     }
 
+    /// Whether this session has handed a request to the handler yet (its head arrived whole).
+    pub fn handled_any(&self, connection: &Connection) -> bool {
+        connection.requests.load(Ordering::Relaxed) > self.handled_before
+    }
+
     /// When the stream was last seen moving bytes (to within a check period).
     pub fn quiet_since(&self) -> Instant {
         self.quiet_since
