@@ -27,6 +27,7 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -118,93 +119,50 @@ pub async fn serve<I>(
     // After a park, the deadline the head of the client's next request still has to meet.
     let mut head_deadline = None;
     loop {
-        let builder = session_builder(limits, negotiated);
         let (io, reclaim) = Reclaimable::new(stream);
         let mut watch = park::IdleWatch::new(activity.clone(), &connection);
-        // Boxed: a parked connection keeps none of the session's room.
-        let mut served =
-            Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service.clone()));
-        let parkable = connection.framing.is_some();
-        let check = tokio::time::sleep(park::CHECK_PERIOD);
-        let cancelled = shutdown.cancelled();
-        // hyper gives a resumed session's first head a fresh `header_timeout`: the head that
-        // began while parked is held to the parked deadline instead.
-        let late = head_deadline.take().map(tokio::time::sleep_until);
-        tokio::pin!(check, cancelled, late);
-        let mut check_armed = false;
-        let mut parking = false;
-        let result = loop {
-            let event = std::future::poll_fn(|cx| {
-                if let Poll::Ready(result) = served.as_mut().poll(cx) {
-                    return Poll::Ready(SessionEvent::Ended(result));
+        let session = session_builder(limits, negotiated)
+            .serve_connection_with_upgrades(TokioIo::new(io), service.clone())
+            .into_owned();
+        // Boxed: a parked connection keeps none of a session's room (hyper's connection,
+        // the idle check's timers).
+        let end = Box::pin(drive_session(
+            session,
+            |session| session.graceful_shutdown(),
+            &connection,
+            &mut watch,
+            &shutdown,
+            head_deadline.take(),
+        ))
+        .await;
+        match end {
+            SessionEnd::Parked => {}
+            SessionEnd::Ended(Ok(())) => return,
+            SessionEnd::Ended(Err(error)) => {
+                let timed_out = record_connection_error(listener, &*error);
+                let reclaimed = if timed_out {
+                    tokio::time::timeout(Duration::from_secs(1), reclaim)
+                        .await
+                        .ok()
+                } else {
+                    None
+                };
+                if let Some(Ok(stream)) = reclaimed {
+                    // hyper closes a connection whose request head is late without a word;
+                    // the stream came back when hyper dropped it: say 408, then close.
+                    Box::pin(answer_late_request(stream, listener)).await;
                 }
-                if cancelled.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(SessionEvent::ShuttingDown);
-                }
-                if let Some(timer) = late.as_mut().as_pin_mut() {
-                    if !watch.handled_any(&connection) && timer.poll(cx).is_ready() {
-                        return Poll::Ready(SessionEvent::HeadLate);
-                    }
-                }
-                // A polled timer wakes the task when it fires: until then, on the wake-ups of
-                // every request, looking at its flag is enough.
-                if parkable && !parking && (!check_armed || check.is_elapsed()) {
-                    check_armed = true;
-                    if check.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(SessionEvent::IdleCheck);
-                    }
-                }
-                Poll::Pending
-            })
-            .await;
-            match event {
-                SessionEvent::Ended(result) => break result,
-                SessionEvent::HeadLate => {
-                    drop(served);
-                    listener.metrics.reject(Rejection::HeaderTimeout);
-                    if let Ok(stream) = reclaim.await {
-                        answer_late_request(stream, listener).await;
-                    }
-                    return;
-                }
-                SessionEvent::ShuttingDown => {
-                    served.as_mut().graceful_shutdown();
-                    break served.as_mut().await;
-                }
-                SessionEvent::IdleCheck => {
-                    parking = connection
-                        .framing
-                        .as_ref()
-                        .is_some_and(|verdict| watch.park(&connection, verdict));
-                    if parking {
-                        served.as_mut().graceful_shutdown();
-                    } else {
-                        check
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + park::CHECK_PERIOD);
-                        check_armed = false;
-                    }
-                }
+                return;
             }
-        };
-        drop(served);
-        if let Err(error) = result {
-            let timed_out = record_connection_error(listener, &*error);
-            let reclaimed = if timed_out {
-                tokio::time::timeout(Duration::from_secs(1), reclaim)
-                    .await
-                    .ok()
-            } else {
-                None
-            };
-            if let Some(Ok(stream)) = reclaimed {
-                // hyper closes a connection whose request head is late without a word; the
-                // stream came back when hyper dropped it: say 408, then close.
-                answer_late_request(stream, listener).await;
+            SessionEnd::HeadLate => {
+                listener.metrics.reject(Rejection::HeaderTimeout);
+                if let Ok(stream) = reclaim.await {
+                    Box::pin(answer_late_request(stream, listener)).await;
+                }
+                return;
             }
-            return;
         }
-        if !parking || shutdown.is_cancelled() {
+        if shutdown.is_cancelled() {
             return;
         }
         let Ok(parked) = reclaim.await else {
@@ -223,8 +181,94 @@ pub async fn serve<I>(
             park::Wait::Ended => return,
             park::Wait::Late => {
                 listener.metrics.reject(Rejection::HeaderTimeout);
-                answer_late_request(stream, listener).await;
+                Box::pin(answer_late_request(stream, listener)).await;
                 return;
+            }
+        }
+    }
+}
+
+/// How one hyper session on a client connection ended.
+enum SessionEnd<E> {
+    /// hyper ended it: the client left or closed, or an error.
+    Ended(Result<(), E>),
+    /// It ended so the connection parks; the stream is open and idle between requests.
+    Parked,
+    /// The head begun while parked missed the parked deadline.
+    HeadLate,
+}
+
+/// Drives one hyper session until it ends: the listener's shutdown ends it gracefully, and
+/// every [`park::CHECK_PERIOD`] the idle check may end it so the connection parks. Its first
+/// head is held to `head_deadline` (the parked deadline, when the session resumes a parked
+/// connection).
+async fn drive_session<F, E>(
+    session: F,
+    graceful_shutdown: impl Fn(Pin<&mut F>),
+    connection: &Connection,
+    watch: &mut park::IdleWatch,
+    shutdown: &CancellationToken,
+    head_deadline: Option<tokio::time::Instant>,
+) -> SessionEnd<E>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    let parkable = connection.framing.is_some();
+    let check = tokio::time::sleep(park::CHECK_PERIOD);
+    let cancelled = shutdown.cancelled();
+    // hyper gives a resumed session's first head a fresh `header_timeout`: the head that
+    // began while parked is held to the parked deadline instead.
+    let late = head_deadline.map(tokio::time::sleep_until);
+    tokio::pin!(session, check, cancelled, late);
+    let mut check_armed = false;
+    let mut parking = false;
+    loop {
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = session.as_mut().poll(cx) {
+                return Poll::Ready(SessionEvent::Ended(result));
+            }
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(SessionEvent::ShuttingDown);
+            }
+            if let Some(timer) = late.as_mut().as_pin_mut() {
+                if !watch.handled_any(connection) && timer.poll(cx).is_ready() {
+                    return Poll::Ready(SessionEvent::HeadLate);
+                }
+            }
+            // A polled timer wakes the task when it fires: until then, on the wake-ups of
+            // every request, looking at its flag is enough.
+            if parkable && !parking && (!check_armed || check.is_elapsed()) {
+                check_armed = true;
+                if check.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(SessionEvent::IdleCheck);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            SessionEvent::Ended(Ok(())) if parking && !shutdown.is_cancelled() => {
+                return SessionEnd::Parked
+            }
+            SessionEvent::Ended(result) => return SessionEnd::Ended(result),
+            SessionEvent::HeadLate => return SessionEnd::HeadLate,
+            SessionEvent::ShuttingDown => {
+                graceful_shutdown(session.as_mut());
+                return SessionEnd::Ended(session.as_mut().await);
+            }
+            SessionEvent::IdleCheck => {
+                parking = connection
+                    .framing
+                    .as_ref()
+                    .is_some_and(|verdict| watch.park(connection, verdict));
+                if parking {
+                    graceful_shutdown(session.as_mut());
+                } else {
+                    check
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + park::CHECK_PERIOD);
+                    check_armed = false;
+                }
             }
         }
     }
