@@ -310,7 +310,7 @@ type ClientStream = Prefixed<Observed<TcpStream, ByteCounters>>;
 /// Serves a connection once its client has spoken (or at once for TCP): TLS, then HTTP or
 /// TCP pass-through. The caller boxes this future, so a connection that has not spoken yet
 /// costs only its small waiting state; each branch is boxed in turn, so a connection holds
-/// the room of the branch it takes (1.6 KB for plain HTTP), not of the largest (9 KB, TLS).
+/// the room of the branch it takes (≈ 1 KB for plain HTTP), not of the largest (9 KB, TLS).
 async fn serve_protocol(
     stream: ClientStream,
     mut connection: l7::Connection,
