@@ -1,8 +1,8 @@
 //! Idle keep-alive HTTP/1 connections park — hyper's per-connection state is released while
 //! the socket stays open — and serve what the client sends next exactly as before: a whole
 //! request, a head split across the pause, pipelined requests, a body. A parked connection
-//! still gets 408 when its next head is late, and a slow response never parks half-way. TLS
-//! connections park the same way.
+//! still gets 408 when its next head is late, and neither a slow backend nor a slow response
+//! makes a connection park before its answer is complete. TLS connections park the same way.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -45,6 +45,25 @@ async fn read_until(
 
 async fn connect(web: SocketAddr) -> TcpStream {
     TcpStream::connect(web).await.unwrap()
+}
+
+/// A connection to `web` that sent one request, read its answer and has parked since.
+async fn parked_connection(gatehouse: &Gatehouse, web: SocketAddr) -> TcpStream {
+    let mut client = connect(web).await;
+    let mut received = Vec::new();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, &mut received, |text| {
+        text.contains("backend=b")
+    })
+    .await;
+    eventually("the idle connection parks", async || {
+        idle(gatehouse).await == 1.0
+    })
+    .await;
+    client
 }
 
 #[tokio::test]
@@ -116,20 +135,7 @@ async fn a_parked_connection_still_answers_408_when_its_next_head_is_late() {
         "",
     )
     .await;
-    let mut client = connect(web).await;
-    let mut received = Vec::new();
-    client
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut client, &mut received, |text| {
-        text.contains("backend=b")
-    })
-    .await;
-    eventually("the idle connection parks", async || {
-        idle(&gatehouse).await == 1.0
-    })
-    .await;
+    let mut client = parked_connection(&gatehouse, web).await;
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest))
         .await
@@ -249,20 +255,8 @@ async fn a_parked_connection_can_upgrade_to_a_websocket_tunnel() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
     let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
-    let mut client = connect(web).await;
+    let mut client = parked_connection(&gatehouse, web).await;
     let mut received = Vec::new();
-    client
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut client, &mut received, |text| {
-        text.contains("backend=b")
-    })
-    .await;
-    eventually("the idle connection parks", async || {
-        idle(&gatehouse).await == 1.0
-    })
-    .await;
     client
         .write_all(
             b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -350,4 +344,39 @@ async fn a_head_begun_while_parked_must_still_arrive_by_the_parked_deadline() {
         ),
         Some(1.0)
     );
+}
+
+#[tokio::test]
+async fn a_connection_waiting_for_a_slow_backend_does_not_park() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
+    let mut client = connect(web).await;
+    let mut received = Vec::new();
+    // The backend answers after 700 ms: the client connection is silent for several idle
+    // checks before the response head exists. Ending the session then would make hyper
+    // close the connection after this response (and say so in its head).
+    client
+        .write_all(b"GET /slow?ms=700 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, &mut received, |text| {
+        text.contains("backend=b")
+    })
+    .await;
+    let text = String::from_utf8_lossy(&received).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(!text.contains("connection: close"), "{text}");
+    eventually("the connection parks once answered", async || {
+        idle(&gatehouse).await == 1.0
+    })
+    .await;
+    client
+        .write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, &mut received, |text| {
+        text.matches("backend=b").count() == 2
+    })
+    .await;
 }

@@ -162,9 +162,6 @@ pub async fn serve<I>(
                 return;
             }
         }
-        if shutdown.is_cancelled() {
-            return;
-        }
         let Ok(parked) = reclaim.await else {
             return;
         };
