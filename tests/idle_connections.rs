@@ -20,29 +20,6 @@ async fn idle(gatehouse: &Gatehouse) -> f64 {
     metric(&text, "gatehouse_connections_idle", &[("listener", "web")]).unwrap_or(-1.0)
 }
 
-/// Reads from `stream` into `received` until `done` holds for the text read so far.
-async fn read_until(
-    stream: &mut (impl tokio::io::AsyncRead + Unpin),
-    received: &mut Vec<u8>,
-    done: impl Fn(&str) -> bool,
-) {
-    let reading = async {
-        let mut buffer = [0u8; 4096];
-        while !done(&String::from_utf8_lossy(received)) {
-            let n = stream.read(&mut buffer).await.unwrap();
-            assert!(
-                n > 0,
-                "closed early: {:?}",
-                String::from_utf8_lossy(received)
-            );
-            received.extend_from_slice(&buffer[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), reading)
-        .await
-        .expect("the answer arrives");
-}
-
 async fn connect(web: SocketAddr) -> TcpStream {
     TcpStream::connect(web).await.unwrap()
 }

@@ -8,6 +8,7 @@
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::framing::Verdict;
+use super::h1;
 use super::headers;
 use super::park;
 use crate::access_log::AccessRecord;
@@ -37,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// hyper refuses a read buffer below this.
-const MIN_BUF_SIZE: usize = 8192;
+pub const MIN_BUF_SIZE: usize = 8192;
 /// Concurrent HTTP/2 streams per client connection.
 const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Streams a client may open and reset before they are accepted (rapid reset,
@@ -83,6 +84,9 @@ impl Connection {
     }
 }
 
+/// A request body from a client: hyper's stream, or none (a bodiless head read by [`h1`]).
+pub type ClientBody = Option<Incoming>;
+
 /// Which HTTP version a TLS client chose by ALPN (`None`: detect from the preface).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Negotiated {
@@ -94,8 +98,11 @@ pub enum Negotiated {
 /// Serves HTTP on `io` until the client leaves or `shutdown` asks the connection to finish
 /// its in-flight requests and close.
 ///
-/// An HTTP/1 connection that idles between requests parks (see [`park`]): its hyper session
-/// ends, the socket stays open, and the client's next request starts a fresh session.
+/// HTTP/1 requests without a body are served by gatehouse's own loop ([`h1`]); anything else
+/// by a hyper session (HTTP/2, bodies, upgrades, malformed heads), which takes over the
+/// connection from the first request it must serve. A connection that idles between requests
+/// parks (see [`park`]): the session ends, the socket stays open, and the client's next
+/// request starts a fresh one.
 pub async fn serve<I>(
     io: I,
     connection: Arc<Connection>,
@@ -107,25 +114,47 @@ pub async fn serve<I>(
 {
     let limits = listener.config.limits;
     let service_connection = connection.clone();
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: Request<Incoming>| {
         let connection = service_connection.clone();
         async move {
-            let response = handle(request, &connection).await;
+            let response = handle(request.map(Some), &connection).await;
             Ok::<_, Infallible>(response.map(|body| body.answers(connection)))
         }
     });
     let activity = Arc::new(park::Activity::default());
     let mut stream = park::Watched::new(io, activity.clone());
-    // After a park, the deadline the head of the client's next request still has to meet.
+    // The deadline the head of the client's next request has to meet, once a session ended
+    // with that head begun or due.
     let mut head_deadline = None;
     loop {
+        if negotiated != Negotiated::Http2 {
+            let due = head_deadline
+                .take()
+                .unwrap_or_else(|| tokio::time::Instant::now() + limits.header_timeout);
+            // Boxed: a parked connection keeps none of a session's room.
+            let end = Box::pin(h1::serve(&mut stream, &connection, limits, &shutdown, due)).await;
+            match end {
+                h1::End::Closed => return,
+                h1::End::Late => {
+                    listener.metrics.reject(Rejection::HeaderTimeout);
+                    Box::pin(answer_late_request(stream, listener)).await;
+                    return;
+                }
+                h1::End::Idle { head_deadline: due } => {
+                    if !wait_parked(&mut stream, due, listener, &shutdown).await {
+                        return;
+                    }
+                    head_deadline = Some(due);
+                    continue;
+                }
+                h1::End::HandOff { head_deadline: due } => head_deadline = Some(due),
+            }
+        }
         let (io, reclaim) = Reclaimable::new(stream);
         let mut watch = park::IdleWatch::new(activity.clone(), &connection);
         let session = session_builder(limits, negotiated)
             .serve_connection_with_upgrades(TokioIo::new(io), service.clone())
             .into_owned();
-        // Boxed: a parked connection keeps none of a session's room (hyper's connection,
-        // the idle check's timers).
         let end = Box::pin(drive_session(
             session,
             |session| session.graceful_shutdown(),
@@ -166,21 +195,33 @@ pub async fn serve<I>(
             return;
         };
         stream = parked;
-        let deadline = watch.quiet_since() + limits.header_timeout;
-        listener.metrics.connections_idle.inc();
-        let waited = park::wait_for_request(&mut stream, deadline, &shutdown).await;
-        listener.metrics.connections_idle.dec();
-        match waited {
-            park::Wait::Spoke => {
-                negotiated = Negotiated::Http1;
-                head_deadline = Some(deadline);
-            }
-            park::Wait::Ended => return,
-            park::Wait::Late => {
-                listener.metrics.reject(Rejection::HeaderTimeout);
-                Box::pin(answer_late_request(stream, listener)).await;
-                return;
-            }
+        let due = watch.quiet_since() + limits.header_timeout;
+        if !wait_parked(&mut stream, due, listener, &shutdown).await {
+            return;
+        }
+        negotiated = Negotiated::Http1;
+        head_deadline = Some(due);
+    }
+}
+
+/// Holds a parked connection until its client's next byte (true) or its end; a connection
+/// silent past `deadline` is answered 408.
+async fn wait_parked<T: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut park::Watched<T>,
+    deadline: tokio::time::Instant,
+    listener: &ListenerTable,
+    shutdown: &CancellationToken,
+) -> bool {
+    listener.metrics.connections_idle.inc();
+    let waited = park::wait_for_request(stream, deadline, shutdown).await;
+    listener.metrics.connections_idle.dec();
+    match waited {
+        park::Wait::Spoke => true,
+        park::Wait::Ended => false,
+        park::Wait::Late => {
+            listener.metrics.reject(Rejection::HeaderTimeout);
+            Box::pin(answer_late_request(stream, listener)).await;
+            false
         }
     }
 }
@@ -343,7 +384,7 @@ fn record_connection_error(
 }
 
 /// Handles one request; never fails (every failure becomes a response).
-async fn handle(request: Request<Incoming>, connection: &Connection) -> Response<ProxyBody> {
+pub async fn handle(request: Request<ClientBody>, connection: &Connection) -> Response<ProxyBody> {
     let started = Instant::now();
     let table = connection.table.load_full();
     let Some(listener) = table.listener(&connection.listener) else {
@@ -462,7 +503,7 @@ async fn handle(request: Request<Incoming>, connection: &Connection) -> Response
 }
 
 /// The parts of an access-log line known before the request is forwarded.
-fn access_record(request: &Request<Incoming>, connection: &Connection) -> AccessRecord {
+fn access_record(request: &Request<ClientBody>, connection: &Connection) -> AccessRecord {
     let host = headers::request_host(request)
         .ok()
         .flatten()
@@ -486,12 +527,12 @@ fn access_record(request: &Request<Incoming>, connection: &Connection) -> Access
 /// A routed request: its target, the request, and the host it asked for (parsed once).
 type Routed<'t> = (
     &'t Arc<Target>,
-    Request<Incoming>,
+    Request<ClientBody>,
     Option<http::HeaderValue>,
 );
 
 /// Checks the request head and finds its target.
-fn route(request: Request<Incoming>, listener: &ListenerTable) -> Result<Routed<'_>, ProxyError> {
+fn route(request: Request<ClientBody>, listener: &ListenerTable) -> Result<Routed<'_>, ProxyError> {
     if headers::head_size(&request) > listener.config.limits.max_header_bytes {
         return Err(ProxyError::HeaderTooLarge);
     }
@@ -542,7 +583,7 @@ fn is_idempotent(method: &Method) -> bool {
 /// 502/503 before any byte went to the client — only idempotent requests without a body are
 /// retried. Timeouts are not retried. Every retry needs a token from the pool's budget.
 async fn forward(
-    mut request: Request<Incoming>,
+    mut request: Request<ClientBody>,
     host: Option<http::HeaderValue>,
     connection: &Connection,
     listener: &ListenerTable,
@@ -738,7 +779,7 @@ async fn forward(
 /// streamed (counted into `bytes_in`, held to `max_body_bytes`), and whether it may be
 /// replayed.
 fn upstream_request(
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
     upgrade: bool,
     bytes_in: Option<Arc<AtomicU64>>,
     max_body_bytes: Option<u64>,
@@ -753,11 +794,11 @@ fn upstream_request(
             return Err(ProxyError::PayloadTooLarge);
         }
     }
-    let replayable = !upgrade && is_idempotent(&parts.method) && body.is_end_stream();
-    let body = if body.is_end_stream() {
-        UpstreamBody::empty()
-    } else {
-        UpstreamBody::streaming(body, bytes_in, max_body_bytes)
+    let body = body.filter(|body| !body.is_end_stream());
+    let replayable = !upgrade && is_idempotent(&parts.method) && body.is_none();
+    let body = match body {
+        Some(body) => UpstreamBody::streaming(body, bytes_in, max_body_bytes),
+        None => UpstreamBody::empty(),
     };
     // Origin-form towards the backend; the server's extensions stay behind.
     if parts.uri.authority().is_some() || parts.uri.path_and_query().is_none() {

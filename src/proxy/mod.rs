@@ -3,12 +3,14 @@
 //! `l7` serves a client connection with hyper and forwards each request to a backend chosen
 //! from the published table; `headers` owns header rewriting; `body` the response body type;
 //! `error` the mapping from failures to statuses; `framing` the independent check of HTTP/1
-//! request framing; `park` lets idle keep-alive connections give hyper's state back. None of
+//! request framing; `h1` gatehouse's own server loop for bodiless HTTP/1.1 requests; `park`
+//! lets idle keep-alive connections give a session's state back. None of
 //! these take a lock.
 
 pub mod body;
 pub mod error;
 pub mod framing;
+pub mod h1;
 pub mod headers;
 pub mod l4;
 pub mod l7;

@@ -75,6 +75,11 @@ impl<T> Watched<T> {
             activity,
         }
     }
+
+    /// Has `bytes`, read already, read again first (by the session taking over).
+    pub fn replay(&mut self, bytes: Bytes) {
+        self.inner.set_prefix(bytes);
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
@@ -210,6 +215,8 @@ pub async fn wait_for_request<T: AsyncRead + Unpin>(
     deadline: Instant,
     shutdown: &CancellationToken,
 ) -> Wait {
+    // The session that parked is gone: a shutdown of the stream closes it again.
+    stream.activity.parking.store(false, Ordering::Relaxed);
     let mut first = [0u8; 1];
     let read = std::future::poll_fn(|cx| {
         let mut buf = ReadBuf::new(&mut first);
@@ -223,7 +230,7 @@ pub async fn wait_for_request<T: AsyncRead + Unpin>(
     };
     match waited {
         Ok(Ok(1..)) => {
-            stream.inner.set_prefix(Bytes::copy_from_slice(&first));
+            stream.replay(Bytes::copy_from_slice(&first));
             Wait::Spoke
         }
         Ok(Ok(0) | Err(_)) => Wait::Ended,

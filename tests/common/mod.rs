@@ -590,6 +590,29 @@ pub async fn raw_exchange(address: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&received).into_owned()
 }
 
+/// Reads from `stream` into `received` until `done` holds for the text read so far.
+pub async fn read_until(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    received: &mut Vec<u8>,
+    done: impl Fn(&str) -> bool,
+) {
+    let reading = async {
+        let mut buffer = [0u8; 4096];
+        while !done(&String::from_utf8_lossy(received)) {
+            let n = stream.read(&mut buffer).await.unwrap();
+            assert!(
+                n > 0,
+                "closed early: {:?}",
+                String::from_utf8_lossy(received)
+            );
+            received.extend_from_slice(&buffer[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reading)
+        .await
+        .expect("the answer arrives");
+}
+
 /// Reads one metric sample's value from the text exposition.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()

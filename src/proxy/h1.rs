@@ -1,0 +1,587 @@
+//! gatehouse's own HTTP/1.1 server loop for the common request: a complete HTTP/1.1 head
+//! without a body.
+//!
+//! hyper's HTTP/1 server was the largest share of a proxied request's user-space
+//! instructions, and its per-session buffers (8 KiB to read, 8 KiB to write, the slot of the
+//! request future) are what a burst of keep-alive connections leaves behind
+//! (docs/benchmarks.md). This loop reads heads into one small buffer, parses each once with
+//! httparse into a request whose URI and header values share the buffer's bytes, hands it to
+//! the same handler hyper's sessions use, and writes the response head together with the
+//! body's first bytes.
+//!
+//! Everything else goes to hyper: a head that is not simple (a body, `Expect`, `Upgrade`,
+//! HEAD, CONNECT, HTTP/1.0, an HTTP/2 preface), a malformed or over-long head. The bytes read
+//! so far are replayed to a hyper session, which answers exactly as it always did (400, 431,
+//! 414, h2c, uploads, upgrades); so the hostile-input boundary stays where it was, and this
+//! loop only ever serves heads that parse cleanly.
+
+use super::body::ProxyBody;
+use super::l7::{self, ClientBody, Connection};
+use super::park::{self, Watched};
+use crate::config::Limits;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use std::cell::RefCell;
+use std::future::Future;
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Headers per request head (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// A session's first read buffer: room for the usual head (nginx: 1 KiB).
+const READ_BUFFER: usize = 2048;
+/// Headers gatehouse adds on the way to a backend (`X-Forwarded-*`, `X-Request-Id`, ...).
+const ADDED_HEADERS: usize = 6;
+/// Body frames this large are written from their own buffer instead of being copied.
+const COPY_LIMIT: usize = 8 * 1024;
+/// Bytes gathered before they are written, even while more of the body is ready.
+const WRITE_BATCH: usize = 64 * 1024;
+/// A write buffer grown past this by one response is not kept for the next.
+const KEEP_WRITE_BUFFER: usize = 16 * 1024;
+/// Time allowed to say goodbye (TLS close_notify) when closing.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a session of this loop ended.
+#[derive(Debug)]
+pub enum End {
+    /// The client closed or left, a read or write failed, or the connection closes after a
+    /// response (`Connection: close`, a malformed body, shutdown).
+    Closed,
+    /// Quiet between requests for a check period: the connection parks until
+    /// `head_deadline`.
+    Idle { head_deadline: Instant },
+    /// A head this loop does not serve: its bytes are replayed on the stream, for a hyper
+    /// session to serve by `head_deadline`.
+    HandOff { head_deadline: Instant },
+    /// The next head did not arrive whole by its deadline.
+    Late,
+}
+
+/// Serves simple requests on `stream` until one is not simple, the connection idles, or it
+/// ends. The first head is due by `head_deadline`; each next one `limits.header_timeout`
+/// after the previous response ended.
+pub async fn serve<T>(
+    stream: &mut Watched<T>,
+    connection: &Arc<Connection>,
+    limits: Limits,
+    shutdown: &CancellationToken,
+    mut head_deadline: Instant,
+) -> End
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let max_head = limits.max_header_bytes.max(l7::MIN_BUF_SIZE);
+    let mut read = BytesMut::with_capacity(READ_BUFFER);
+    let mut write = Vec::new();
+    // One timer for the session, moved only when it fires: per request the deadlines are
+    // two stored instants.
+    let timer = tokio::time::sleep_until(head_deadline);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(timer, cancelled);
+    // When the previous response ended with nothing of the next request read.
+    let mut idle_since = None;
+    loop {
+        let head = loop {
+            if !read.is_empty() {
+                match parse(&mut read) {
+                    Parsed::Simple(head) => break head,
+                    Parsed::Partial if read.len() <= max_head => {}
+                    Parsed::Partial | Parsed::Other => {
+                        stream.replay(read.freeze());
+                        return End::HandOff { head_deadline };
+                    }
+                }
+            }
+            if read.capacity() - read.len() < READ_BUFFER / 4 {
+                read.reserve(read.capacity().max(READ_BUFFER));
+            }
+            let event = std::future::poll_fn(|cx| {
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut read) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Event::Ended),
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::Read),
+                    Poll::Pending => {}
+                }
+                if read.is_empty() && cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Ended);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Event::Read => idle_since = None,
+                Event::Ended => return End::Closed,
+                Event::Timer => {
+                    let now = Instant::now();
+                    let park_at = idle_since
+                        .filter(|_| read.is_empty())
+                        .map(|since| since + park::CHECK_PERIOD);
+                    if park_at.is_some_and(|at| now >= at) {
+                        return End::Idle { head_deadline };
+                    }
+                    if now >= head_deadline {
+                        return End::Late;
+                    }
+                    let next = park_at.map_or(head_deadline, |at| at.min(head_deadline));
+                    timer.as_mut().reset(next);
+                }
+            }
+        };
+        let handling = l7::handle(head.request, connection);
+        tokio::pin!(handling);
+        // Like hyper, a client that closes while its request is in flight abandons it: the
+        // request is dropped (its backend exchange with it). Bytes of a next request that
+        // arrive meanwhile are kept.
+        let handled = std::future::poll_fn(|cx| {
+            if let Poll::Ready(response) = handling.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            if read.is_empty() && read.capacity() > 0 {
+                let polled = tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut read);
+                if let Poll::Ready(Ok(0) | Err(_)) = polled {
+                    return Poll::Ready(None);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some(response) = handled else {
+            return End::Closed;
+        };
+        let response = response.map(|body| body.answers(connection.clone()));
+        let closing = head.close || shutdown.is_cancelled() || says_close(response.headers());
+        let written = write_response(stream, &mut write, response, closing).await;
+        if written.is_err() || closing {
+            if written.is_ok() {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+            }
+            return End::Closed;
+        }
+        if write.capacity() > KEEP_WRITE_BUFFER {
+            write = Vec::new();
+        }
+        let now = Instant::now();
+        head_deadline = now + limits.header_timeout;
+        if read.is_empty() {
+            idle_since = Some(now);
+            // The timer is left early, never late: on a busy connection it is already due
+            // before this park check and is not touched.
+            let park_at = now + park::CHECK_PERIOD;
+            if timer.deadline() > park_at {
+                timer.as_mut().reset(park_at);
+            }
+        }
+    }
+}
+
+/// What woke a session waiting for the bytes of a head.
+enum Event {
+    Read,
+    Ended,
+    Timer,
+}
+
+/// A request head read by this loop.
+struct Head {
+    request: Request<ClientBody>,
+    /// The client asked to close the connection after this request.
+    close: bool,
+}
+
+/// What the start of the read buffer holds.
+// Returned once per head and taken apart at once: boxing the head would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    /// A whole simple head, removed from the buffer.
+    Simple(Head),
+    /// The start of a head.
+    Partial,
+    /// Something hyper serves: another kind of request, or bytes that are not a valid head.
+    Other,
+}
+
+/// Parses the head at the start of `read`. A simple head is removed from the buffer, its URI
+/// and header values sharing the buffer's bytes; anything else leaves the buffer as it was.
+fn parse(read: &mut BytesMut) -> Parsed {
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let length = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        read,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    if parsed.version != Some(1) {
+        return Parsed::Other;
+    }
+    let method = match parsed.method.map(str::as_bytes).map(Method::from_bytes) {
+        Some(Ok(method)) if method != Method::CONNECT && method != Method::HEAD => method,
+        _ => return Parsed::Other,
+    };
+    let Some(path) = parsed.path else {
+        return Parsed::Other;
+    };
+    let base = read.as_ptr() as usize;
+    let path = span(base, path.as_bytes());
+    // Where each header's name and value sit in the head, so values can share its bytes.
+    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    let mut close = false;
+    for (header_span, header) in spans.iter_mut().zip(parsed.headers.iter()) {
+        let name = header.name.as_bytes();
+        if ["content-length", "transfer-encoding", "expect", "upgrade"]
+            .iter()
+            .any(|other| name.eq_ignore_ascii_case(other.as_bytes()))
+        {
+            return Parsed::Other;
+        }
+        if name.eq_ignore_ascii_case(b"connection") {
+            close |= header
+                .value
+                .split(|&byte| byte == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+        let [name_start, name_length] = span(base, name);
+        let [value_start, value_length] = span(base, header.value);
+        *header_span = [name_start, name_length, value_start, value_length];
+    }
+    let count = parsed.headers.len();
+    let head = read.split_to(length).freeze();
+    match build(&head, method, path, &spans[..count]) {
+        Some(request) => Parsed::Simple(Head { request, close }),
+        None => {
+            // Not valid after all (hyper says why): put the head back as it was.
+            let mut whole = BytesMut::with_capacity(head.len() + read.len());
+            whole.extend_from_slice(&head);
+            whole.extend_from_slice(read);
+            *read = whole;
+            Parsed::Other
+        }
+    }
+}
+
+/// Where `part` starts in the buffer at `base`, and its length (heads are far below 4 GiB).
+fn span(base: usize, part: &[u8]) -> [u32; 2] {
+    [(part.as_ptr() as usize - base) as u32, part.len() as u32]
+}
+
+/// The request of a parsed head; `None` when its target or a header is not valid for `http`.
+fn build(
+    head: &Bytes,
+    method: Method,
+    [path_start, path_length]: [u32; 2],
+    spans: &[[u32; 4]],
+) -> Option<Request<ClientBody>> {
+    let part = |start: u32, length: u32| start as usize..(start + length) as usize;
+    let uri = Uri::from_maybe_shared(head.slice(part(path_start, path_length))).ok()?;
+    let mut headers = HeaderMap::with_capacity(spans.len() + ADDED_HEADERS);
+    for &[name_start, name_length, value_start, value_length] in spans {
+        let name = HeaderName::from_bytes(&head[part(name_start, name_length)]).ok()?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(part(value_start, value_length))).ok()?;
+        headers.append(name, value);
+    }
+    let mut request = Request::new(None);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Some(request)
+}
+
+/// Whether a response's `Connection` header says close.
+fn says_close(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&byte| byte == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
+/// How a response's body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (1xx, 204, 304).
+    None,
+    /// As many bytes as its Content-Length says.
+    Length,
+    Chunked,
+}
+
+/// Writes `response` to the client: the head with the body's first bytes in one write, then
+/// the rest as it comes, flushed whenever the body has to wait.
+async fn write_response<T: AsyncWrite + Unpin>(
+    stream: &mut T,
+    out: &mut Vec<u8>,
+    response: Response<ProxyBody>,
+    closing: bool,
+) -> io::Result<()> {
+    let (parts, mut body) = response.into_parts();
+    out.clear();
+    let framing = encode_head(&parts, &body, closing, out);
+    if framing != Framing::None && !body.is_end_stream() {
+        loop {
+            let polled = if out.is_empty() {
+                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx).map(Some)).await
+            } else {
+                std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                    Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                    Poll::Pending => Poll::Ready(None),
+                })
+                .await
+            };
+            let Some(frame) = polled else {
+                // The body has to wait: what is gathered goes out now.
+                stream.write_all(out).await?;
+                stream.flush().await?;
+                out.clear();
+                continue;
+            };
+            let data = match frame {
+                None => break,
+                Some(Err(error)) => return Err(io::Error::other(error)),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    _ => continue,
+                },
+            };
+            if framing == Framing::Chunked {
+                // Writing to a Vec cannot fail.
+                let _ = write!(out, "{:x}\r\n", data.len());
+            }
+            if data.len() >= COPY_LIMIT {
+                let mut both = (&out[..]).chain(data);
+                stream.write_all_buf(&mut both).await?;
+                out.clear();
+            } else {
+                out.extend_from_slice(&data);
+            }
+            if framing == Framing::Chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+            if out.len() >= WRITE_BATCH {
+                stream.write_all(out).await?;
+                out.clear();
+            }
+        }
+        if framing == Framing::Chunked {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+    drop(body);
+    if !out.is_empty() {
+        stream.write_all(out).await?;
+    }
+    stream.flush().await
+}
+
+/// Writes the status line and headers into `out`, adding `Date`, the body's framing and
+/// `Connection: close` when `closing`; returns the framing.
+fn encode_head(
+    parts: &http::response::Parts,
+    body: &ProxyBody,
+    closing: bool,
+    out: &mut Vec<u8>,
+) -> Framing {
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    let mut has_length = false;
+    let mut has_connection = false;
+    for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING {
+            // The body is framed here.
+            continue;
+        }
+        has_date |= name == header::DATE;
+        has_length |= name == header::CONTENT_LENGTH;
+        has_connection |= name == header::CONNECTION;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        http_date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = if status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::None
+    } else if has_length {
+        Framing::Length
+    } else if let Some(length) = body.size_hint().exact() {
+        let _ = write!(out, "content-length: {length}\r\n");
+        Framing::Length
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    if closing && !has_connection {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+/// Appends the current time as an HTTP date, rendered once per second per thread.
+fn http_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static RENDERED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    RENDERED.with_borrow_mut(|(rendered_at, date)| {
+        if *rendered_at != second {
+            *date = httpdate::fmt_http_date(now);
+            *rendered_at = second;
+        }
+        out.extend_from_slice(date.as_bytes());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &[u8]) -> (Parsed, BytesMut) {
+        let mut read = BytesMut::from(text);
+        (parse(&mut read), read)
+    }
+
+    #[test]
+    fn serves_simple_heads_and_leaves_the_rest_for_the_next() {
+        let (head, rest) = parsed(
+            b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Close\r\nX-A: 1\r\nX-A: 2\r\n\r\nGET /next",
+        );
+        let Parsed::Simple(head) = head else {
+            panic!("a simple head");
+        };
+        assert!(head.close);
+        let request = head.request;
+        assert_eq!(request.method(), Method::GET);
+        assert_eq!(request.uri(), "/a?b=c");
+        assert_eq!(request.version(), Version::HTTP_11);
+        assert_eq!(request.headers()["host"], "x");
+        assert_eq!(request.headers().get_all("x-a").iter().count(), 2);
+        assert!(request.body().is_none());
+        assert_eq!(&rest[..], b"GET /next");
+        let (head, _) = parsed(b"DELETE http://x/y HTTP/1.1\r\n\r\n");
+        assert!(matches!(head, Parsed::Simple(head) if !head.close));
+    }
+
+    #[test]
+    fn hands_everything_else_to_hyper_untouched() {
+        let others: [&[u8]; 11] = [
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"HEAD / HTTP/1.1\r\n\r\n",
+            b"CONNECT x:443 HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+            b"\x16\x03\x01\x00\x05hello",
+        ];
+        for text in others {
+            let (head, rest) = parsed(text);
+            assert!(
+                matches!(head, Parsed::Other),
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+            assert_eq!(&rest[..], text, "the bytes stay for hyper to read");
+        }
+        // httparse takes it, `http` refuses it (hyper answers 414): the head is put back.
+        let long = format!("GET /{} HTTP/1.1\r\n\r\nGET /next", "a".repeat(70_000));
+        let (head, rest) = parsed(long.as_bytes());
+        assert!(matches!(head, Parsed::Other));
+        assert_eq!(&rest[..], long.as_bytes());
+        let (head, rest) = parsed(b"GET / HTTP/1.1\r\nHost: x");
+        assert!(matches!(head, Parsed::Partial));
+        assert_eq!(&rest[..], b"GET / HTTP/1.1\r\nHost: x");
+    }
+
+    fn head_of(response: Response<ProxyBody>, closing: bool) -> (String, Framing) {
+        let (parts, body) = response.into_parts();
+        let mut out = Vec::new();
+        let framing = encode_head(&parts, &body, closing, &mut out);
+        (String::from_utf8(out).unwrap(), framing)
+    }
+
+    #[test]
+    fn frames_each_response_once() {
+        let mut response = Response::new(ProxyBody::local("hello"));
+        response
+            .headers_mut()
+            .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+        let (head, framing) = head_of(response, false);
+        assert_eq!(framing, Framing::Length);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("\r\ncontent-length: 5\r\n"), "{head}");
+        assert!(head.contains("\r\ndate: "), "{head}");
+        assert!(!head.contains("transfer-encoding"), "{head}");
+        assert!(!head.contains("connection"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"));
+
+        let mut response = Response::new(ProxyBody::empty());
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        response
+            .headers_mut()
+            .insert(header::DATE, HeaderValue::from_static("then"));
+        let (head, framing) = head_of(response, true);
+        assert_eq!(framing, Framing::None);
+        assert_eq!(
+            head,
+            "HTTP/1.1 204 No Content\r\ndate: then\r\nconnection: close\r\n\r\n"
+        );
+
+        let mut response = Response::new(ProxyBody::empty());
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let (head, _) = head_of(response, true);
+        assert_eq!(head.matches("connection").count(), 1, "{head}");
+        assert!(says_close(&{
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONNECTION, HeaderValue::from_static("x, Close"));
+            headers
+        }));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_a_head_or_stay_put(input in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let mut read = BytesMut::from(&input[..]);
+            match parse(&mut read) {
+                Parsed::Simple(head) => proptest::prop_assert!(head.request.body().is_none()),
+                Parsed::Partial | Parsed::Other => proptest::prop_assert_eq!(&read[..], &input[..]),
+            }
+        }
+    }
+}
