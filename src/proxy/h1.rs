@@ -160,13 +160,14 @@ where
             return End::Closed;
         };
         let response = response.map(|body| body.answers(connection.clone()));
-        let closing = head.close || shutdown.is_cancelled() || says_close(response.headers());
-        let written = write_response(stream, &mut write, response, closing).await;
-        if written.is_err() || closing {
-            if written.is_ok() {
+        let closing = head.close || shutdown.is_cancelled();
+        match write_response(stream, &mut write, response, closing).await {
+            Ok(Ending::KeepAlive) => {}
+            Ok(Ending::Close) => {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+                return End::Closed;
             }
-            return End::Closed;
+            Err(_) => return End::Closed,
         }
         if write.capacity() > KEEP_WRITE_BUFFER {
             write = Vec::new();
@@ -302,14 +303,18 @@ fn build(
     Some(request)
 }
 
-/// Whether a response's `Connection` header says close.
-fn says_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|value| {
-        value
-            .as_bytes()
-            .split(|&byte| byte == b',')
-            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+/// Whether a `Connection` header value says close.
+fn says_close(value: &[u8]) -> bool {
+    value
+        .split(|&byte| byte == b',')
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+/// What becomes of the connection after a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    KeepAlive,
+    Close,
 }
 
 /// How a response's body is framed on the wire.
@@ -323,16 +328,17 @@ enum Framing {
 }
 
 /// Writes `response` to the client: the head with the body's first bytes in one write, then
-/// the rest as it comes, flushed whenever the body has to wait.
+/// the rest as it comes, flushed whenever the body has to wait. The connection closes after
+/// it when `closing` or when the response says `Connection: close`.
 async fn write_response<T: AsyncWrite + Unpin>(
     stream: &mut T,
     out: &mut Vec<u8>,
     response: Response<ProxyBody>,
     closing: bool,
-) -> io::Result<()> {
+) -> io::Result<Ending> {
     let (parts, mut body) = response.into_parts();
     out.clear();
-    let framing = encode_head(&parts, &body, closing, out);
+    let (framing, ending) = encode_head(&parts, &body, closing, out);
     if framing != Framing::None && !body.is_end_stream() {
         loop {
             let polled = if out.is_empty() {
@@ -386,17 +392,18 @@ async fn write_response<T: AsyncWrite + Unpin>(
     if !out.is_empty() {
         stream.write_all(out).await?;
     }
-    stream.flush().await
+    stream.flush().await?;
+    Ok(ending)
 }
 
 /// Writes the status line and headers into `out`, adding `Date`, the body's framing and
-/// `Connection: close` when `closing`; returns the framing.
+/// `Connection: close` when `closing`; returns the framing and whether the connection ends.
 fn encode_head(
     parts: &http::response::Parts,
     body: &ProxyBody,
-    closing: bool,
+    mut closing: bool,
     out: &mut Vec<u8>,
-) -> Framing {
+) -> (Framing, Ending) {
     let status = parts.status;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -413,7 +420,10 @@ fn encode_head(
         }
         has_date |= name == header::DATE;
         has_length |= name == header::CONTENT_LENGTH;
-        has_connection |= name == header::CONNECTION;
+        if name == header::CONNECTION {
+            has_connection = true;
+            closing |= says_close(value.as_bytes());
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -442,7 +452,12 @@ fn encode_head(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    framing
+    let ending = if closing {
+        Ending::Close
+    } else {
+        Ending::KeepAlive
+    };
+    (framing, ending)
 }
 
 /// Appends the current time as an HTTP date, rendered once per second per thread.
@@ -527,11 +542,11 @@ mod tests {
         assert_eq!(&rest[..], b"GET / HTTP/1.1\r\nHost: x");
     }
 
-    fn head_of(response: Response<ProxyBody>, closing: bool) -> (String, Framing) {
+    fn head_of(response: Response<ProxyBody>, closing: bool) -> (String, Framing, Ending) {
         let (parts, body) = response.into_parts();
         let mut out = Vec::new();
-        let framing = encode_head(&parts, &body, closing, &mut out);
-        (String::from_utf8(out).unwrap(), framing)
+        let (framing, ending) = encode_head(&parts, &body, closing, &mut out);
+        (String::from_utf8(out).unwrap(), framing, ending)
     }
 
     #[test]
@@ -540,8 +555,8 @@ mod tests {
         response
             .headers_mut()
             .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
-        let (head, framing) = head_of(response, false);
-        assert_eq!(framing, Framing::Length);
+        let (head, framing, ending) = head_of(response, false);
+        assert_eq!((framing, ending), (Framing::Length, Ending::KeepAlive));
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
         assert!(head.contains("\r\ncontent-length: 5\r\n"), "{head}");
         assert!(head.contains("\r\ndate: "), "{head}");
@@ -554,8 +569,8 @@ mod tests {
         response
             .headers_mut()
             .insert(header::DATE, HeaderValue::from_static("then"));
-        let (head, framing) = head_of(response, true);
-        assert_eq!(framing, Framing::None);
+        let (head, framing, ending) = head_of(response, true);
+        assert_eq!((framing, ending), (Framing::None, Ending::Close));
         assert_eq!(
             head,
             "HTTP/1.1 204 No Content\r\ndate: then\r\nconnection: close\r\n\r\n"
@@ -564,14 +579,10 @@ mod tests {
         let mut response = Response::new(ProxyBody::empty());
         response
             .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        let (head, _) = head_of(response, true);
+            .insert(header::CONNECTION, HeaderValue::from_static("x, Close"));
+        let (head, _, ending) = head_of(response, false);
         assert_eq!(head.matches("connection").count(), 1, "{head}");
-        assert!(says_close(&{
-            let mut headers = HeaderMap::new();
-            headers.insert(header::CONNECTION, HeaderValue::from_static("x, Close"));
-            headers
-        }));
+        assert_eq!(ending, Ending::Close, "the response says close");
     }
 
     proptest::proptest! {
