@@ -24,8 +24,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
-use std::io::{self, Write as _};
+use std::io::{self, IoSlice, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -43,8 +44,10 @@ const READ_BUFFER: usize = 2048;
 const ADDED_HEADERS: usize = 6;
 /// Body frames this large are written from their own buffer instead of being copied.
 const COPY_LIMIT: usize = 8 * 1024;
-/// Bytes gathered before they are written, even while more of the body is ready.
-const WRITE_BATCH: usize = 64 * 1024;
+/// Body bytes read ahead from the backend while the client has not taken them yet.
+const QUEUE_LIMIT: usize = 128 * 1024;
+/// Buffers handed to one vectored write.
+const MAX_SLICES: usize = 16;
 /// A write buffer grown past this by one response is not kept for the next.
 const KEEP_WRITE_BUFFER: usize = 16 * 1024;
 /// Time allowed to say goodbye (TLS close_notify) when closing.
@@ -328,8 +331,9 @@ enum Framing {
 }
 
 /// Writes `response` to the client: the head with the body's first bytes in one write, then
-/// the rest as it comes, flushed whenever the body has to wait. The connection closes after
-/// it when `closing` or when the response says `Connection: close`.
+/// the rest as it comes. While the client reads slowly, up to [`QUEUE_LIMIT`] bytes of the body
+/// are read ahead from the backend and written together (vectored). The connection closes
+/// after it when `closing` or when the response says `Connection: close`.
 async fn write_response<T: AsyncWrite + Unpin>(
     stream: &mut T,
     out: &mut Vec<u8>,
@@ -339,61 +343,175 @@ async fn write_response<T: AsyncWrite + Unpin>(
     let (parts, mut body) = response.into_parts();
     out.clear();
     let (framing, ending) = encode_head(&parts, &body, closing, out);
-    if framing != Framing::None && !body.is_end_stream() {
-        loop {
-            let polled = if out.is_empty() {
-                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx).map(Some)).await
-            } else {
-                std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
-                    Poll::Ready(frame) => Poll::Ready(Some(frame)),
-                    Poll::Pending => Poll::Ready(None),
-                })
-                .await
-            };
-            let Some(frame) = polled else {
-                // The body has to wait: what is gathered goes out now.
-                stream.write_all(out).await?;
-                stream.flush().await?;
-                out.clear();
-                continue;
-            };
-            let data = match frame {
-                None => break,
-                Some(Err(error)) => return Err(io::Error::other(error)),
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) if !data.is_empty() => data,
-                    _ => continue,
-                },
-            };
-            if framing == Framing::Chunked {
-                // Writing to a Vec cannot fail.
-                let _ = write!(out, "{:x}\r\n", data.len());
-            }
-            if data.len() >= COPY_LIMIT {
-                let mut both = (&out[..]).chain(data);
-                stream.write_all_buf(&mut both).await?;
-                out.clear();
-            } else {
-                out.extend_from_slice(&data);
-            }
-            if framing == Framing::Chunked {
-                out.extend_from_slice(b"\r\n");
-            }
-            if out.len() >= WRITE_BATCH {
-                stream.write_all(out).await?;
-                out.clear();
-            }
-        }
-        if framing == Framing::Chunked {
-            out.extend_from_slice(b"0\r\n\r\n");
-        }
+    let chunked = framing == Framing::Chunked;
+    let mut queue = Outgoing {
+        out,
+        sent: 0,
+        frames: VecDeque::new(),
+        queued: 0,
+    };
+    let mut body_done = framing == Framing::None || body.is_end_stream();
+    if body_done && chunked {
+        queue.out.extend_from_slice(b"0\r\n\r\n");
     }
+    let mut flushed = true;
+    std::future::poll_fn(|cx| loop {
+        let mut progressed = false;
+        while !body_done && queue.len() < QUEUE_LIMIT {
+            match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(io::Error::other(error))),
+                Poll::Ready(Some(Ok(frame))) => {
+                    progressed = true;
+                    if let Ok(data) = frame.into_data() {
+                        queue.push(data, chunked);
+                    }
+                }
+                Poll::Ready(None) => {
+                    progressed = true;
+                    body_done = true;
+                    if chunked {
+                        queue.push_last_chunk();
+                    }
+                }
+            }
+        }
+        if !queue.is_empty() {
+            match queue.poll_write(stream, cx) {
+                Poll::Ready(Ok(())) => {
+                    progressed = true;
+                    flushed = false;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {}
+            }
+        }
+        if body_done && queue.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if !progressed {
+            // Waiting for the backend with everything written: what a TLS layer still
+            // holds goes out now.
+            if queue.is_empty() && !flushed {
+                if let Poll::Ready(result) = Pin::new(&mut *stream).poll_flush(cx) {
+                    result?;
+                    flushed = true;
+                }
+            }
+            return Poll::Pending;
+        }
+    })
+    .await?;
     drop(body);
-    if !out.is_empty() {
-        stream.write_all(out).await?;
-    }
     stream.flush().await?;
     Ok(ending)
+}
+
+/// Bytes of a response not yet written: the head and small frames gathered in `out` (copied:
+/// one write for the usual small response), then larger frames as they came.
+struct Outgoing<'a> {
+    out: &'a mut Vec<u8>,
+    /// Bytes of `out` already written.
+    sent: usize,
+    frames: VecDeque<Bytes>,
+    /// Bytes in `frames`.
+    queued: usize,
+}
+
+impl Outgoing<'_> {
+    fn len(&self) -> usize {
+        self.out.len() - self.sent + self.queued
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Queues a body frame, with its chunk framing when `chunked`.
+    fn push(&mut self, data: Bytes, chunked: bool) {
+        if data.is_empty() {
+            return;
+        }
+        if self.frames.is_empty() {
+            if chunked {
+                // Writing to a Vec cannot fail.
+                let _ = write!(self.out, "{:x}\r\n", data.len());
+            }
+            if data.len() < COPY_LIMIT {
+                self.out.extend_from_slice(&data);
+                if chunked {
+                    self.out.extend_from_slice(b"\r\n");
+                }
+                return;
+            }
+        } else if chunked {
+            self.push_frame(Bytes::from(format!("{:x}\r\n", data.len())));
+        }
+        self.push_frame(data);
+        if chunked {
+            self.push_frame(Bytes::from_static(b"\r\n"));
+        }
+    }
+
+    fn push_last_chunk(&mut self) {
+        if self.frames.is_empty() {
+            self.out.extend_from_slice(b"0\r\n\r\n");
+        } else {
+            self.push_frame(Bytes::from_static(b"0\r\n\r\n"));
+        }
+    }
+
+    fn push_frame(&mut self, frame: Bytes) {
+        self.queued += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    /// Writes what it can in one vectored write; ready once some bytes went out.
+    fn poll_write<T: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut T,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut count = 0;
+        if self.sent < self.out.len() {
+            slices[0] = IoSlice::new(&self.out[self.sent..]);
+            count = 1;
+        }
+        for frame in &self.frames {
+            if count == MAX_SLICES {
+                break;
+            }
+            slices[count] = IoSlice::new(frame);
+            count += 1;
+        }
+        let mut written = match Pin::new(stream).poll_write_vectored(cx, &slices[..count]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(written)) => written,
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            Poll::Pending => return Poll::Pending,
+        };
+        let from_out = (self.out.len() - self.sent).min(written);
+        self.sent += from_out;
+        written -= from_out;
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+        while written > 0 {
+            let Some(front) = self.frames.front_mut() else {
+                break;
+            };
+            let taken = front.len().min(written);
+            front.advance(taken);
+            self.queued -= taken;
+            written -= taken;
+            if front.is_empty() {
+                self.frames.pop_front();
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Writes the status line and headers into `out`, adding `Date`, the body's framing and
@@ -583,6 +701,39 @@ mod tests {
         let (head, _, ending) = head_of(response, false);
         assert_eq!(head.matches("connection").count(), 1, "{head}");
         assert_eq!(ending, Ending::Close, "the response says close");
+    }
+
+    #[tokio::test]
+    async fn queued_frames_go_out_in_order_through_partial_writes() {
+        use tokio::io::AsyncReadExt;
+        // A pipe of 7 bytes: every write is partial.
+        let (mut writer, mut reader) = tokio::io::duplex(7);
+        let reading = tokio::spawn(async move {
+            let mut all = Vec::new();
+            reader.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        let mut out = b"HEAD".to_vec();
+        let mut queue = Outgoing {
+            out: &mut out,
+            sent: 0,
+            frames: VecDeque::new(),
+            queued: 0,
+        };
+        let large = "x".repeat(COPY_LIMIT);
+        queue.push(Bytes::from_static(b"ab"), true);
+        queue.push(Bytes::from(large.clone()), true);
+        queue.push(Bytes::from_static(b"cd"), true);
+        queue.push(Bytes::new(), true);
+        queue.push_last_chunk();
+        while !queue.is_empty() {
+            std::future::poll_fn(|cx| queue.poll_write(&mut writer, cx))
+                .await
+                .unwrap();
+        }
+        drop(writer);
+        let expected = format!("HEAD2\r\nab\r\n{COPY_LIMIT:x}\r\n{large}\r\n2\r\ncd\r\n0\r\n\r\n");
+        assert_eq!(String::from_utf8(reading.await.unwrap()).unwrap(), expected);
     }
 
     proptest::proptest! {
