@@ -141,24 +141,29 @@ where
                 }
             }
         };
-        let handling = l7::handle(head.request, connection);
-        tokio::pin!(handling);
-        // Like hyper, a client that closes while its request is in flight abandons it: the
-        // request is dropped (its backend exchange with it). Bytes of a next request that
-        // arrive meanwhile are kept.
-        let handled = std::future::poll_fn(|cx| {
-            if let Poll::Ready(response) = handling.as_mut().poll(cx) {
-                return Poll::Ready(Some(response));
-            }
-            if read.is_empty() && read.capacity() > 0 {
-                let polled = tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut read);
-                if let Poll::Ready(Ok(0) | Err(_)) = polled {
-                    return Poll::Ready(None);
+        // In a block of its own, so the session's state does not hold the request's future
+        // and the response's writing side by side.
+        let handled = {
+            let handling = l7::handle(head.request, connection);
+            tokio::pin!(handling);
+            // Like hyper, a client that closes while its request is in flight abandons it:
+            // the request is dropped (its backend exchange with it). Bytes of a next request
+            // that arrive meanwhile are kept.
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(response) = handling.as_mut().poll(cx) {
+                    return Poll::Ready(Some(response));
                 }
-            }
-            Poll::Pending
-        })
-        .await;
+                if read.is_empty() && read.capacity() > 0 {
+                    let polled =
+                        tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut read);
+                    if let Poll::Ready(Ok(0) | Err(_)) = polled {
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending
+            })
+            .await
+        };
         let Some(response) = handled else {
             return End::Closed;
         };
@@ -217,6 +222,9 @@ enum Parsed {
 
 /// Parses the head at the start of `read`. A simple head is removed from the buffer, its URI
 /// and header values sharing the buffer's bytes; anything else leaves the buffer as it was.
+// Not inlined: inlined into the session's async fn, its header arrays (≈ 5 KB) would become
+// part of every session's state instead of a stack frame.
+#[inline(never)]
 fn parse(read: &mut BytesMut) -> Parsed {
     let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
