@@ -16,7 +16,9 @@ use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::ListenerTable;
 use bytes::Bytes;
 use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, TcpKeepalive, Type};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -309,48 +311,47 @@ async fn serve_connection(mut stream: ClientStream, mut accepted: Box<Accepted>)
         open,
         ..
     } = Accepted::unbox(accepted);
-    Box::pin(serve_protocol(stream, connection, &listener, shutdown)).await;
+    serve_protocol(stream, connection, &listener, shutdown).await;
     drop(open);
 }
 
 /// The stream of a client connection as the listener reads it.
 type ClientStream = Prefixed<Observed<TcpStream, ByteCounters>>;
 
-/// Serves a connection once its client has spoken (or at once for TCP): TLS, then HTTP or
-/// TCP pass-through. The caller boxes this future, so a connection that has not spoken yet
-/// costs only its small waiting state; each branch is boxed in turn, so a connection holds
+/// The future that serves a connection once its client has spoken (or at once for TCP):
+/// TLS, plain HTTP or TCP pass-through. Chosen here and boxed alone, so a connection holds
 /// the room of the branch it takes (≈ 1 KB for plain HTTP), not of the largest (TLS).
-async fn serve_protocol(
+fn serve_protocol<'l>(
     stream: ClientStream,
     mut connection: l7::Connection,
-    listener: &ListenerTable,
+    listener: &'l ListenerTable,
     shutdown: CancellationToken,
-) {
-    let Some(acceptor) = &listener.tls else {
-        match listener.config.protocol {
-            Protocol::Tcp => Box::pin(l4::serve(stream, &connection, listener)).await,
-            _ => {
-                let (stream, verdict) = framing::guard(stream);
-                connection.framing = Some(verdict);
-                let connection = Arc::new(connection);
-                Box::pin(l7::serve(
-                    stream,
-                    connection,
-                    listener,
-                    Negotiated::Detect,
-                    shutdown,
-                ))
-                .await;
-            }
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'l>> {
+    match (&listener.tls, listener.config.protocol) {
+        (Some(acceptor), _) => {
+            Box::pin(serve_tls(stream, connection, acceptor, listener, shutdown))
         }
-        return;
-    };
-    Box::pin(serve_tls(stream, connection, acceptor, listener, shutdown)).await;
+        (None, Protocol::Tcp) => {
+            Box::pin(async move { l4::serve(stream, &connection, listener).await })
+        }
+        (None, _) => {
+            let (stream, verdict) = framing::guard(stream);
+            connection.framing = Some(verdict);
+            let connection = Arc::new(connection);
+            Box::pin(l7::serve(
+                stream,
+                connection,
+                listener,
+                Negotiated::Detect,
+                shutdown,
+            ))
+        }
+    }
 }
 
-/// The TLS branch of [`serve_protocol`]: handshake, then HTTP (by ALPN) or TCP pass-through.
-/// A function of its own, so the TLS stream it holds (≈ 1.5 KB) is no part of a plain
-/// connection's state.
+/// A TLS connection once its client has spoken: handshake, then HTTP (by ALPN) or TCP
+/// pass-through. A function of its own, so the TLS stream it holds (≈ 1.5 KB) is no part of
+/// a plain connection's state.
 async fn serve_tls(
     stream: ClientStream,
     mut connection: l7::Connection,
