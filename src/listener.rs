@@ -350,7 +350,7 @@ fn serve_protocol<'l>(
 }
 
 /// A TLS connection once its client has spoken: handshake, then HTTP (by ALPN) or TCP
-/// pass-through. A function of its own, so the TLS stream it holds (≈ 1.5 KB) is no part of
+/// pass-through. A function of its own, so the room for the TLS stream (≈ 2 KB) is no part of
 /// a plain connection's state.
 async fn serve_tls(
     stream: ClientStream,
