@@ -284,6 +284,11 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         "the in-flight request finished"
     );
     assert_eq!(answer.text(), "backend=b");
+    assert_eq!(
+        answer.headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "the client is told the connection ends"
+    );
     let status = tokio::task::spawn_blocking(move || running.wait_exit())
         .await
         .unwrap();
