@@ -298,7 +298,6 @@ async fn serve_connection(mut stream: ClientStream, mut accepted: Box<Accepted>)
                     metrics.tls_handshake_errors.inc();
                     metrics.reject(Rejection::Tls);
                 } else {
-                    metrics.reject(Rejection::HeaderTimeout);
                     Box::pin(l7::answer_late_request(stream, &listener)).await;
                 }
                 return;

@@ -261,10 +261,7 @@ fn parse(read: &mut BytesMut) -> Parsed {
             return Parsed::Other;
         }
         if name.eq_ignore_ascii_case(b"connection") {
-            close |= header
-                .value
-                .split(|&byte| byte == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+            close |= says_close(header.value);
         }
         let [name_start, name_length] = span(base, name);
         let [value_start, value_length] = span(base, header.value);

@@ -136,7 +136,6 @@ pub async fn serve<I>(
             match end {
                 h1::End::Closed => return,
                 h1::End::Late => {
-                    listener.metrics.reject(Rejection::HeaderTimeout);
                     Box::pin(answer_late_request(stream, listener)).await;
                     return;
                 }
@@ -168,26 +167,16 @@ pub async fn serve<I>(
             SessionEnd::Parked => {}
             SessionEnd::Ended(Ok(())) => return,
             SessionEnd::Ended(Err(error)) => {
-                let timed_out = record_connection_error(listener, &*error);
-                let reclaimed = if timed_out {
-                    tokio::time::timeout(Duration::from_secs(1), reclaim)
-                        .await
-                        .ok()
-                } else {
-                    None
-                };
-                if let Some(Ok(stream)) = reclaimed {
+                if record_connection_error(listener, &*error) {
                     // hyper closes a connection whose request head is late without a word;
-                    // the stream came back when hyper dropped it: say 408, then close.
-                    Box::pin(answer_late_request(stream, listener)).await;
+                    // the stream comes back when hyper drops it: say 408, then close.
+                    let reclaimed = tokio::time::timeout(Duration::from_secs(1), reclaim).await;
+                    answer_late_head(reclaimed.ok().and_then(Result::ok), listener).await;
                 }
                 return;
             }
             SessionEnd::HeadLate => {
-                listener.metrics.reject(Rejection::HeaderTimeout);
-                if let Ok(stream) = reclaim.await {
-                    Box::pin(answer_late_request(stream, listener)).await;
-                }
+                answer_late_head(reclaim.await.ok(), listener).await;
                 return;
             }
         }
@@ -219,7 +208,6 @@ async fn wait_parked<T: AsyncRead + AsyncWrite + Unpin>(
         park::Wait::Spoke => true,
         park::Wait::Ended => false,
         park::Wait::Late => {
-            listener.metrics.reject(Rejection::HeaderTimeout);
             Box::pin(answer_late_request(stream, listener)).await;
             false
         }
@@ -346,14 +334,25 @@ fn session_builder(limits: Limits, negotiated: Negotiated) -> auto::Builder<Toki
     }
 }
 
-/// Answers 408 on a connection whose request head did not arrive in time, then closes it.
+/// Answers 408 on a connection whose request head did not arrive in time, then closes it;
+/// counted as a `header_timeout` rejection.
 pub async fn answer_late_request<S: AsyncWrite + Unpin>(mut stream: S, listener: &ListenerTable) {
+    listener.metrics.reject(Rejection::HeaderTimeout);
     listener.unrouted_counters.count(408);
     let answer = async {
         stream.write_all(REQUEST_TIMEOUT).await?;
         stream.shutdown().await
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
+
+/// A late head after a hyper session: answered when hyper gave the stream back, counted
+/// either way.
+async fn answer_late_head<S: AsyncWrite + Unpin>(stream: Option<S>, listener: &ListenerTable) {
+    match stream {
+        Some(stream) => Box::pin(answer_late_request(stream, listener)).await,
+        None => listener.metrics.reject(Rejection::HeaderTimeout),
+    }
 }
 
 /// The answer to a request head that did not arrive within `limits.header_timeout`.
@@ -376,7 +375,7 @@ fn record_connection_error(
         listener.metrics.reject(Rejection::BadRequest);
         listener.unrouted_counters.count(400);
     } else if error.is_timeout() {
-        listener.metrics.reject(Rejection::HeaderTimeout);
+        // Counted with its 408 (`answer_late_head`).
         return true;
     }
     tracing::debug!(%error, "client connection ended with an error");

@@ -127,8 +127,9 @@ impl BackendConnections {
     }
 
     /// Sends the request `head` (origin-form URI, Host set; borrowed, so the caller can send
-    /// it again) with `body` on an idle connection, or a new one when none is usable. With `proxy_header`, a new connection starting with that header
-    /// carries this request alone (the header names one client) and is never reused.
+    /// it again) with `body` on an idle connection, or a new one when none is usable. With
+    /// `proxy_header`, a new connection starting with that header carries this request alone
+    /// (the header names one client) and is never reused.
     ///
     /// The response body gives its connection back when read to its end, if it may be reused.
     pub async fn send(
