@@ -38,6 +38,11 @@ impl<T, O> Observed<T, O> {
         &self.inner
     }
 
+    /// The wrapped stream, unwrapped (to seat it in the waiting room).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
     /// The observer, for tests that feed it bytes directly.
     #[cfg(test)]
     pub fn into_observer(self) -> O {

@@ -32,4 +32,5 @@ pub mod reload;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod waiting_room;
 pub mod watch;

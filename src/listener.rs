@@ -7,13 +7,15 @@
 use crate::config::Protocol;
 use crate::io::{ByteCounters, Observed};
 use crate::metrics::Rejection;
-use crate::proxy::framing;
+use crate::proxy::framing::{self, FramingGuard};
 use crate::proxy::l4;
 use crate::proxy::l7::{self, Negotiated};
+use crate::proxy::park;
 use crate::proxy_protocol::{self, Prefixed};
 use crate::tls::ALPN_H2;
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::ListenerTable;
+use crate::waiting_room::{Guest, WaitingRoom};
 use bytes::Bytes;
 use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, TcpKeepalive, Type};
 use std::future::Future;
@@ -23,7 +25,6 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -68,6 +69,13 @@ impl Listener {
     pub async fn run(self) {
         let open = Arc::new(AtomicUsize::new(0));
         let per_client = Arc::new(PerClient::new());
+        let room = match WaitingRoom::open(self.shutdown.clone(), &self.tasks) {
+            Ok(room) => Some(room),
+            Err(error) => {
+                tracing::error!(listener = %self.name, %error, "no waiting room: every connection waits in a task of its own");
+                None
+            }
+        };
         loop {
             let accepted = tokio::select! {
                 accepted = self.socket.accept() => accepted,
@@ -91,35 +99,50 @@ impl Listener {
                 drop(stream);
                 continue;
             }
-            let guard = OpenConnection::new(open.clone(), &listener);
-            let connection = l7::Connection {
-                listener: self.name.clone(),
-                client: peer,
-                local: peer,
-                denied: false,
-                framing: None,
-                requests: std::sync::atomic::AtomicU64::new(0),
-                answered: std::sync::atomic::AtomicU64::new(0),
-                tls_version: None,
-                sni: None,
-                client_cert: None,
-                table: self.table.clone(),
-                tunnels: self.tasks.clone(),
-                forwarded_for: Default::default(),
-            };
-            let counters = ByteCounters {
-                received: listener.metrics.bytes_received.clone(),
-                sent: listener.metrics.bytes_sent.clone(),
-            };
-            let stream = Prefixed::new(Bytes::new(), Observed::new(stream, counters));
-            let accepted = Box::new(Accepted {
-                connection,
+            let limits = listener.config.limits;
+            let mut accepted = Box::new(Accepted {
+                connection: l7::Connection {
+                    listener: self.name.clone(),
+                    client: peer,
+                    local: peer,
+                    denied: false,
+                    framing: None,
+                    requests: std::sync::atomic::AtomicU64::new(0),
+                    answered: std::sync::atomic::AtomicU64::new(0),
+                    tls_version: None,
+                    sni: None,
+                    client_cert: None,
+                    table: self.table.clone(),
+                    tunnels: self.tasks.clone(),
+                    forwarded_for: Default::default(),
+                },
+                stay: Stay {
+                    _open: OpenConnection::new(open.clone(), &listener),
+                    client_slot: None,
+                    shutdown: self.shutdown.clone(),
+                    room: room.clone(),
+                },
                 listener,
-                shutdown: self.shutdown.clone(),
                 per_client: per_client.clone(),
-                open: guard,
             });
-            self.tasks.spawn(serve_connection(stream, accepted));
+            let proxy_protocol = accepted.listener.config.proxy_protocol;
+            // The client's own address is known now, unless a PROXY header will give it.
+            if !proxy_protocol && !accepted.admit() {
+                continue;
+            }
+            // HTTP clients (and PROXY protocol senders) speak first: until they do, the
+            // connection waits in the room, costing its seat and not a task.
+            let speaks_first = accepted.listener.config.protocol.is_http() || proxy_protocol;
+            match &room {
+                Some(room) if speaks_first => {
+                    let deadline = tokio::time::Instant::now() + limits.header_timeout;
+                    room.seat(stream, deadline, accepted);
+                }
+                _ => {
+                    let stream = client_stream(stream, &accepted.listener);
+                    self.tasks.spawn(serve_connection(stream, accepted));
+                }
+            }
         }
         tracing::info!(listener = %self.name, "stopped accepting");
     }
@@ -201,15 +224,26 @@ impl Drop for OpenConnection {
     }
 }
 
+/// What keeps a connection counted and reachable for its whole life, whichever task serves
+/// it, and while it waits in the room.
+struct Stay {
+    /// Counts the connection as open until it ends.
+    _open: OpenConnection,
+    /// Counts it against its client's cap, when the listener has one.
+    client_slot: Option<ClientSlot>,
+    /// Cancelled to ask the connection to finish.
+    shutdown: CancellationToken,
+    /// Where it waits for its client to speak (none if the room could not be opened).
+    room: Option<WaitingRoom>,
+}
+
 /// What a connection carries from accept until its client speaks, boxed: thousands of silent
-/// connections may wait at once, and the waiting task holds only this box and its stream.
+/// connections may wait at once, each costing this box and its seat in the room.
 struct Accepted {
     connection: l7::Connection,
     listener: Arc<ListenerTable>,
-    shutdown: CancellationToken,
     per_client: Arc<PerClient>,
-    /// Counts the connection as open until it ends.
-    open: OpenConnection,
+    stay: Stay,
 }
 
 impl Accepted {
@@ -218,8 +252,76 @@ impl Accepted {
     fn unbox(accepted: Box<Accepted>) -> Accepted {
         *accepted
     }
+
+    /// Applies the per-client cap, the rate limit of TCP listeners and the address ACL (which
+    /// HTTP listeners answer with 403); false, counted, when the connection is refused.
+    fn admit(&mut self) -> bool {
+        let config = &self.listener.config;
+        let metrics = &self.listener.metrics;
+        let client = self.connection.client.ip();
+        let cap = config.limits.max_connections_per_client;
+        let Ok(slot) = self.per_client.admit(client, cap) else {
+            metrics.reject(Rejection::MaxConnections);
+            return false;
+        };
+        self.stay.client_slot = slot;
+        let limited = !config.protocol.is_http()
+            && self
+                .listener
+                .rate_limiter
+                .as_ref()
+                .is_some_and(|limiter| limiter.check(client).is_err());
+        if limited {
+            metrics.reject(Rejection::RateLimit);
+            return false;
+        }
+        if !self.listener.admits(client) {
+            if !config.protocol.is_http() {
+                metrics.reject(Rejection::Acl);
+                return false;
+            }
+            self.connection.denied = true;
+        }
+        true
+    }
 }
 
+impl Guest for Accepted {
+    fn spoke(self: Box<Self>, stream: TcpStream) {
+        let stream = client_stream(stream, &self.listener);
+        let tasks = self.connection.tunnels.clone();
+        tasks.spawn(serve_connection(stream, self));
+    }
+
+    fn late(self: Box<Self>, stream: TcpStream) {
+        let listener = &self.listener;
+        let metrics = &listener.metrics;
+        if listener.config.proxy_protocol {
+            metrics.reject(Rejection::ProxyProtocol);
+        } else if listener.tls.is_some() {
+            metrics.tls_handshake_errors.inc();
+            metrics.reject(Rejection::Tls);
+        } else {
+            let stream = client_stream(stream, listener);
+            let tasks = self.connection.tunnels.clone();
+            tasks.spawn(async move { l7::answer_late_request(stream, &self.listener).await });
+        }
+    }
+}
+
+/// The stream of a client connection as the listener reads it.
+type ClientStream = Prefixed<Observed<TcpStream, ByteCounters>>;
+
+/// `stream`, its bytes counted on the listener's metrics.
+fn client_stream(stream: TcpStream, listener: &ListenerTable) -> ClientStream {
+    let counters = ByteCounters {
+        received: listener.metrics.bytes_received.clone(),
+        sent: listener.metrics.bytes_sent.clone(),
+    };
+    Prefixed::new(Bytes::new(), Observed::new(stream, counters))
+}
+
+/// Serves a connection once its client has spoken (or at once, for TCP pass-through).
 async fn serve_connection(mut stream: ClientStream, mut accepted: Box<Accepted>) {
     let socket = stream.get_ref().get_ref();
     let _ = socket.set_nodelay(true);
@@ -227,17 +329,10 @@ async fn serve_connection(mut stream: ClientStream, mut accepted: Box<Accepted>)
     if let Ok(local) = socket.local_addr() {
         accepted.connection.local = local;
     }
-    let listener = accepted.listener.clone();
-    let limits = listener.config.limits;
-    let metrics = &listener.metrics;
-    if listener.config.proxy_protocol {
-        // Boxed: the waiting state of every other connection does not make room for it.
-        match Box::pin(proxy_protocol::read_header(
-            &mut stream,
-            limits.header_timeout,
-        ))
-        .await
-        {
+    if accepted.listener.config.proxy_protocol {
+        let timeout = accepted.listener.config.limits.header_timeout;
+        // Boxed: the state of every other connection does not make room for it.
+        match Box::pin(proxy_protocol::read_header(&mut stream, timeout)).await {
             Ok((header, rest)) => {
                 if let Some((source, destination)) = header.addresses {
                     accepted.connection.client = source;
@@ -247,117 +342,190 @@ async fn serve_connection(mut stream: ClientStream, mut accepted: Box<Accepted>)
             }
             Err(error) => {
                 tracing::debug!(peer = %accepted.connection.client, %error, "refused: bad PROXY protocol header");
-                metrics.reject(Rejection::ProxyProtocol);
+                accepted.listener.metrics.reject(Rejection::ProxyProtocol);
                 return;
             }
         }
-    }
-    let client = accepted.connection.client.ip();
-    let Ok(_client_slot) = accepted
-        .per_client
-        .admit(client, limits.max_connections_per_client)
-    else {
-        metrics.reject(Rejection::MaxConnections);
-        return;
-    };
-    let limited = !listener.config.protocol.is_http()
-        && listener
-            .rate_limiter
-            .as_ref()
-            .is_some_and(|limiter| limiter.check(client).is_err());
-    if limited {
-        metrics.reject(Rejection::RateLimit);
-        return;
-    }
-    if !listener.admits(client) {
-        if !listener.config.protocol.is_http() {
-            metrics.reject(Rejection::Acl);
+        if !accepted.admit() {
             return;
-        }
-        accepted.connection.denied = true;
-    }
-    if listener.config.protocol.is_http() && stream.prefix_len() == 0 {
-        // HTTP clients speak first: until they do, a connection costs its socket and this
-        // task, not the HTTP (or TLS) machinery and its buffers.
-        let mut first = [0u8; 1];
-        let socket = stream.get_ref().get_ref();
-        // poll_peek waits in the socket's own waker slot: a smaller future than `peek`.
-        let peek = std::future::poll_fn(|cx| {
-            let mut first = tokio::io::ReadBuf::new(&mut first);
-            socket.poll_peek(cx, &mut first)
-        });
-        let spoke = tokio::select! {
-            spoke = tokio::time::timeout(limits.header_timeout, peek) => spoke,
-            () = accepted.shutdown.cancelled() => return,
-        };
-        match spoke {
-            Ok(Ok(1..)) => {}
-            Ok(Ok(0) | Err(_)) => return,
-            Err(_silent) => {
-                if listener.tls.is_some() {
-                    metrics.tls_handshake_errors.inc();
-                    metrics.reject(Rejection::Tls);
-                } else {
-                    Box::pin(l7::answer_late_request(stream, &listener)).await;
-                }
-                return;
-            }
         }
     }
     let Accepted {
         connection,
-        shutdown,
-        open,
+        listener,
+        stay,
         ..
     } = Accepted::unbox(accepted);
-    serve_protocol(stream, connection, &listener, shutdown).await;
-    drop(open);
+    serve_protocol(stream, connection, listener, stay).await;
 }
-
-/// The stream of a client connection as the listener reads it.
-type ClientStream = Prefixed<Observed<TcpStream, ByteCounters>>;
 
 /// The future that serves a connection once its client has spoken (or at once for TCP):
 /// TLS, plain HTTP or TCP pass-through. Chosen here and boxed alone, so a connection holds
 /// the room of the branch it takes (≈ 1 KB for plain HTTP), not of the largest (TLS).
-fn serve_protocol<'l>(
+fn serve_protocol(
     stream: ClientStream,
     mut connection: l7::Connection,
-    listener: &'l ListenerTable,
-    shutdown: CancellationToken,
-) -> Pin<Box<dyn Future<Output = ()> + Send + 'l>> {
+    listener: Arc<ListenerTable>,
+    stay: Stay,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     match (&listener.tls, listener.config.protocol) {
-        (Some(acceptor), _) => {
-            Box::pin(serve_tls(stream, connection, acceptor, listener, shutdown))
-        }
-        (None, Protocol::Tcp) => {
-            Box::pin(async move { l4::serve(stream, &connection, listener).await })
-        }
+        (Some(_), _) => Box::pin(serve_tls(stream, connection, listener, stay)),
+        (None, Protocol::Tcp) => Box::pin(async move {
+            l4::serve(stream, &connection, &listener).await;
+            drop(stay);
+        }),
         (None, _) => {
             let (stream, verdict) = framing::guard(stream);
             connection.framing = Some(verdict);
-            let connection = Arc::new(connection);
-            Box::pin(l7::serve(
-                stream,
-                connection,
+            Box::pin(serve_http(
+                park::Watched::new(stream),
+                Arc::new(connection),
                 listener,
+                stay,
                 Negotiated::Detect,
-                shutdown,
+                None,
             ))
         }
     }
 }
 
+/// Plain HTTP on a connection until it parks, when it is seated in the waiting room (and
+/// served again by a new task when its client speaks), or ends.
+async fn serve_http(
+    mut stream: park::Watched<FramingGuard<ClientStream>>,
+    connection: Arc<l7::Connection>,
+    listener: Arc<ListenerTable>,
+    stay: Stay,
+    mut negotiated: Negotiated,
+    mut head_deadline: Option<tokio::time::Instant>,
+) {
+    loop {
+        let served = l7::serve(
+            stream,
+            connection.clone(),
+            &listener,
+            negotiated,
+            &stay.shutdown,
+            head_deadline,
+        )
+        .await;
+        let l7::Served::Parked {
+            stream: mut parked,
+            head_deadline: due,
+        } = served
+        else {
+            return;
+        };
+        if let Some(room) = stay.room.clone() {
+            match parked.into_idle() {
+                // Nothing read is waiting to be replayed: only the socket needs to wait.
+                Ok(guarded) if guarded.get_ref().prefix_len() == 0 => {
+                    let socket = guarded.into_inner().into_parts().1.into_inner();
+                    let idle = IdleCount::new(&listener.metrics.connections_idle);
+                    let guest = ParkedHttp {
+                        connection,
+                        listener,
+                        stay,
+                        head_deadline: due,
+                        _idle: idle,
+                    };
+                    room.seat(socket, due, Box::new(guest));
+                    return;
+                }
+                Ok(guarded) => parked = park::Watched::new(guarded),
+                Err(watched) => parked = watched,
+            }
+        }
+        if !l7::wait_parked(&mut parked, due, &listener, &stay.shutdown).await {
+            return;
+        }
+        stream = parked;
+        negotiated = Negotiated::Http1;
+        head_deadline = Some(due);
+    }
+}
+
+/// A plain HTTP connection parked between requests, seated in the waiting room.
+struct ParkedHttp {
+    connection: Arc<l7::Connection>,
+    listener: Arc<ListenerTable>,
+    stay: Stay,
+    /// When the head of the client's next request is due.
+    head_deadline: tokio::time::Instant,
+    _idle: IdleCount,
+}
+
+impl Guest for ParkedHttp {
+    fn spoke(self: Box<Self>, stream: TcpStream) {
+        let ParkedHttp {
+            connection,
+            listener,
+            stay,
+            head_deadline,
+            ..
+        } = *self;
+        let stream = client_stream(stream, &listener);
+        let Some(verdict) = connection.framing.clone() else {
+            return;
+        };
+        let Some(guarded) = framing::resume(stream, verdict) else {
+            return;
+        };
+        let tasks = connection.tunnels.clone();
+        tasks.spawn(serve_http(
+            park::Watched::new(guarded),
+            connection,
+            listener,
+            stay,
+            Negotiated::Http1,
+            Some(head_deadline),
+        ));
+    }
+
+    fn late(self: Box<Self>, stream: TcpStream) {
+        let ParkedHttp {
+            connection,
+            listener,
+            stay,
+            ..
+        } = *self;
+        let stream = client_stream(stream, &listener);
+        connection.tunnels.spawn(async move {
+            l7::answer_late_request(stream, &listener).await;
+            drop(stay);
+        });
+    }
+}
+
+/// Counts a connection on the `connections_idle` gauge while it lives.
+struct IdleCount(prometheus::IntGauge);
+
+impl IdleCount {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        IdleCount(gauge.clone())
+    }
+}
+
+impl Drop for IdleCount {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// A TLS connection once its client has spoken: handshake, then HTTP (by ALPN) or TCP
 /// pass-through. A function of its own, so the room for the TLS stream (≈ 2 KB) is no part of
-/// a plain connection's state.
+/// a plain connection's state. Its parked connections wait in this task (their TLS state
+/// with them).
 async fn serve_tls(
     stream: ClientStream,
     mut connection: l7::Connection,
-    acceptor: &TlsAcceptor,
-    listener: &ListenerTable,
-    shutdown: CancellationToken,
+    listener: Arc<ListenerTable>,
+    stay: Stay,
 ) {
+    let Some(acceptor) = listener.tls.as_ref() else {
+        return;
+    };
     let metrics = &listener.metrics;
     let limits = listener.config.limits;
     let handshake = Box::pin(acceptor.accept(stream));
@@ -391,17 +559,26 @@ async fn serve_tls(
         .and_then(|chain| chain.first())
         .and_then(crate::tls::certificate_subject)
         .map(Arc::from);
+    let listener = &*listener;
+    let shutdown = stay.shutdown.clone();
     match listener.config.protocol {
         Protocol::Tls => Box::pin(l4::serve(tls, &connection, listener)).await,
         _ if negotiated == Negotiated::Http1 => {
             let (tls, verdict) = framing::guard(tls);
             connection.framing = Some(verdict);
             let connection = Arc::new(connection);
-            Box::pin(l7::serve(tls, connection, listener, negotiated, shutdown)).await;
+            Box::pin(l7::serve_all(
+                tls, connection, listener, negotiated, shutdown,
+            ))
+            .await;
         }
         _ => {
             let connection = Arc::new(connection);
-            Box::pin(l7::serve(tls, connection, listener, negotiated, shutdown)).await;
+            Box::pin(l7::serve_all(
+                tls, connection, listener, negotiated, shutdown,
+            ))
+            .await;
         }
     }
+    drop(stay);
 }

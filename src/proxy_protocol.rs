@@ -292,6 +292,11 @@ impl<T> Prefixed<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// The bytes still to replay, and the wrapped stream.
+    pub fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {

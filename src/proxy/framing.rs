@@ -304,6 +304,17 @@ pub fn guard<T>(inner: T) -> (FramingGuard<T>, Arc<Verdict>) {
     (Observed::new(inner, tracker), verdict)
 }
 
+/// Wraps `inner` again for a connection back from the waiting room, following on from the
+/// requests `verdict` counted; `None` unless the connection stood between two requests.
+pub fn resume<T>(inner: T, verdict: Arc<Verdict>) -> Option<FramingGuard<T>> {
+    let tracker = Tracker {
+        state: State::Head(Vec::new()),
+        requests: verdict.settled_requests()?,
+        verdict,
+    };
+    Some(Observed::new(inner, tracker))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,24 +95,63 @@ pub enum Negotiated {
     Detect,
 }
 
-/// Serves HTTP on `io` until the client leaves or `shutdown` asks the connection to finish
-/// its in-flight requests and close.
+/// How [`serve`] left a connection.
+pub enum Served<I> {
+    /// The connection is closed, or closes when `serve`'s stream is dropped.
+    Ended,
+    /// Idle between requests: the stream waits for the client's next request, whose head is
+    /// due by `head_deadline` (see [`park`]).
+    Parked {
+        stream: park::Watched<I>,
+        head_deadline: tokio::time::Instant,
+    },
+}
+
+/// Serves HTTP on `stream` until the client leaves, the connection idles between requests
+/// (it parks: the caller holds it until the client speaks again, then calls `serve` again
+/// with `Negotiated::Http1` and the head deadline it was given), or `shutdown` asks it to
+/// finish its in-flight requests and close.
 ///
 /// HTTP/1 requests without a body are served by gatehouse's own loop ([`h1`]); anything else
 /// by a hyper session (HTTP/2, bodies, upgrades, malformed heads), which takes over the
-/// connection from the first request it must serve. A connection that idles between requests
-/// parks (see [`park`]): the session ends, the socket stays open, and the client's next
-/// request starts a fresh one.
+/// connection from the first request it must serve until it parks. `head_deadline` holds the
+/// first request head (a resumed connection's) to the deadline it had when it parked.
 pub async fn serve<I>(
-    io: I,
+    mut stream: park::Watched<I>,
     connection: Arc<Connection>,
     listener: &ListenerTable,
-    mut negotiated: Negotiated,
-    shutdown: CancellationToken,
-) where
+    negotiated: Negotiated,
+    shutdown: &CancellationToken,
+    mut head_deadline: Option<tokio::time::Instant>,
+) -> Served<I>
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = listener.config.limits;
+    if negotiated != Negotiated::Http2 {
+        let due = head_deadline
+            .take()
+            .unwrap_or_else(|| tokio::time::Instant::now() + limits.header_timeout);
+        // Boxed: the loop's state is no part of a hyper session's.
+        let end = Box::pin(h1::serve(&mut stream, &connection, limits, shutdown, due)).await;
+        match end {
+            h1::End::Closed => return Served::Ended,
+            h1::End::Late => {
+                Box::pin(answer_late_request(stream, listener)).await;
+                return Served::Ended;
+            }
+            h1::End::Idle { head_deadline } => {
+                return Served::Parked {
+                    stream,
+                    head_deadline,
+                }
+            }
+            h1::End::HandOff { head_deadline: due } => head_deadline = Some(due),
+        }
+    }
+    let activity = stream.activity().clone();
+    let (io, reclaim) = Reclaimable::new(stream);
+    let mut watch = park::IdleWatch::new(activity, &connection);
     let service_connection = connection.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let connection = service_connection.clone();
@@ -121,81 +160,85 @@ pub async fn serve<I>(
             Ok::<_, Infallible>(response.map(|body| body.answers(connection)))
         }
     });
-    let activity = Arc::new(park::Activity::default());
-    let mut stream = park::Watched::new(io, activity.clone());
-    // The deadline the head of the client's next request has to meet, once a session ended
-    // with that head begun or due.
+    let session = session_builder(limits, negotiated)
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    let end = Box::pin(drive_session(
+        session,
+        |session| session.graceful_shutdown(),
+        &connection,
+        &mut watch,
+        shutdown,
+        head_deadline,
+    ))
+    .await;
+    match end {
+        SessionEnd::Parked => match reclaim.await {
+            Ok(stream) => Served::Parked {
+                stream,
+                head_deadline: watch.quiet_since() + limits.header_timeout,
+            },
+            Err(_) => Served::Ended,
+        },
+        SessionEnd::Ended(Ok(())) => Served::Ended,
+        SessionEnd::Ended(Err(error)) => {
+            if record_connection_error(listener, &*error) {
+                // hyper closes a connection whose request head is late without a word; the
+                // stream comes back when hyper drops it: say 408, then close.
+                let reclaimed = tokio::time::timeout(Duration::from_secs(1), reclaim).await;
+                answer_late_head(reclaimed.ok().and_then(Result::ok), listener).await;
+            }
+            Served::Ended
+        }
+        SessionEnd::HeadLate => {
+            answer_late_head(reclaim.await.ok(), listener).await;
+            Served::Ended
+        }
+    }
+}
+
+/// Serves HTTP on `io` for the connection's whole life, holding it in this task while it is
+/// parked (TLS connections, whose state is not seated in the waiting room).
+pub async fn serve_all<I>(
+    io: I,
+    connection: Arc<Connection>,
+    listener: &ListenerTable,
+    mut negotiated: Negotiated,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut stream = park::Watched::new(io);
     let mut head_deadline = None;
     loop {
-        if negotiated != Negotiated::Http2 {
-            let due = head_deadline
-                .take()
-                .unwrap_or_else(|| tokio::time::Instant::now() + limits.header_timeout);
-            // Boxed: a parked connection keeps none of a session's room.
-            let end = Box::pin(h1::serve(&mut stream, &connection, limits, &shutdown, due)).await;
-            match end {
-                h1::End::Closed => return,
-                h1::End::Late => {
-                    Box::pin(answer_late_request(stream, listener)).await;
-                    return;
-                }
-                h1::End::Idle { head_deadline: due } => {
-                    if !wait_parked(&mut stream, due, listener, &shutdown).await {
-                        return;
-                    }
-                    head_deadline = Some(due);
-                    continue;
-                }
-                h1::End::HandOff { head_deadline: due } => head_deadline = Some(due),
-            }
-        }
-        let (io, reclaim) = Reclaimable::new(stream);
-        let mut watch = park::IdleWatch::new(activity.clone(), &connection);
-        let session = session_builder(limits, negotiated)
-            .serve_connection_with_upgrades(TokioIo::new(io), service.clone())
-            .into_owned();
-        let end = Box::pin(drive_session(
-            session,
-            |session| session.graceful_shutdown(),
-            &connection,
-            &mut watch,
+        let served = serve(
+            stream,
+            connection.clone(),
+            listener,
+            negotiated,
             &shutdown,
-            head_deadline.take(),
-        ))
+            head_deadline,
+        )
         .await;
-        match end {
-            SessionEnd::Parked => {}
-            SessionEnd::Ended(Ok(())) => return,
-            SessionEnd::Ended(Err(error)) => {
-                if record_connection_error(listener, &*error) {
-                    // hyper closes a connection whose request head is late without a word;
-                    // the stream comes back when hyper drops it: say 408, then close.
-                    let reclaimed = tokio::time::timeout(Duration::from_secs(1), reclaim).await;
-                    answer_late_head(reclaimed.ok().and_then(Result::ok), listener).await;
-                }
-                return;
-            }
-            SessionEnd::HeadLate => {
-                answer_late_head(reclaim.await.ok(), listener).await;
-                return;
-            }
-        }
-        let Ok(parked) = reclaim.await else {
+        let Served::Parked {
+            stream: mut parked,
+            head_deadline: due,
+        } = served
+        else {
             return;
         };
-        stream = parked;
-        let due = watch.quiet_since() + limits.header_timeout;
-        if !wait_parked(&mut stream, due, listener, &shutdown).await {
+        if !wait_parked(&mut parked, due, listener, &shutdown).await {
             return;
         }
+        stream = parked;
         negotiated = Negotiated::Http1;
         head_deadline = Some(due);
     }
 }
 
-/// Holds a parked connection until its client's next byte (true) or its end; a connection
-/// silent past `deadline` is answered 408.
-async fn wait_parked<T: AsyncRead + AsyncWrite + Unpin>(
+/// Holds a parked connection in its task until its client's next byte (true) or its end; a
+/// connection silent past `deadline` is answered 408.
+pub async fn wait_parked<T: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut park::Watched<T>,
     deadline: tokio::time::Instant,
     listener: &ListenerTable,

@@ -70,11 +70,24 @@ pub struct Watched<T> {
 
 impl<T> Watched<T> {
     /// Wraps `inner` (nothing to replay yet).
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+    pub fn new(inner: T) -> Self {
         Watched {
             inner: Prefixed::new(Bytes::new(), inner),
-            activity,
+            activity: Arc::default(),
         }
+    }
+
+    /// What the stream did, for a session's idle check.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+
+    /// The wrapped stream, when nothing read is left to replay.
+    pub fn into_idle(self) -> Result<T, Self> {
+        if self.inner.prefix_len() > 0 {
+            return Err(self);
+        }
+        Ok(self.inner.into_parts().1)
     }
 
     /// Has `bytes`, read already, read again first (by the session taking over).
