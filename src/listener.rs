@@ -100,47 +100,41 @@ impl Listener {
                 continue;
             }
             let limits = listener.config.limits;
-            let mut accepted = Box::new(Accepted {
-                connection: l7::Connection {
-                    listener: self.name.clone(),
-                    client: peer,
-                    local: peer,
-                    denied: false,
-                    framing: None,
-                    requests: std::sync::atomic::AtomicU64::new(0),
-                    answered: std::sync::atomic::AtomicU64::new(0),
-                    tls_version: None,
-                    sni: None,
-                    client_cert: None,
-                    table: self.table.clone(),
-                    tunnels: self.tasks.clone(),
-                    forwarded_for: Default::default(),
-                },
-                stay: Stay {
-                    _open: OpenConnection::new(open.clone(), &listener),
-                    client_slot: None,
-                    shutdown: self.shutdown.clone(),
-                    room: room.clone(),
-                },
+            let local = stream.local_addr().unwrap_or(peer);
+            let speaks_http = listener.config.protocol.is_http();
+            let connection = l7::Connection::new(
+                self.name.clone(),
+                peer,
+                local,
+                speaks_http,
+                self.table.clone(),
+                self.tasks.clone(),
+            );
+            let mut client = Box::new(Client {
+                connection: Arc::new(connection),
+                _open: OpenConnection::new(open.clone(), &listener),
                 listener,
                 per_client: per_client.clone(),
+                client_slot: None,
+                shutdown: self.shutdown.clone(),
+                room: room.clone(),
+                parked: None,
             });
-            let proxy_protocol = accepted.listener.config.proxy_protocol;
+            let proxy_protocol = client.listener.config.proxy_protocol;
             // The client's own address is known now, unless a PROXY header will give it.
-            if !proxy_protocol && !accepted.admit() {
+            if !proxy_protocol && !client.admit() {
                 continue;
             }
             // HTTP clients (and PROXY protocol senders) speak first: until they do, the
             // connection waits in the room, costing its seat and not a task.
-            let speaks_first = accepted.listener.config.protocol.is_http() || proxy_protocol;
             match &room {
-                Some(room) if speaks_first => {
+                Some(room) if speaks_http || proxy_protocol => {
                     let deadline = tokio::time::Instant::now() + limits.header_timeout;
-                    room.seat(stream, deadline, accepted);
+                    room.seat(stream, deadline, client);
                 }
                 _ => {
-                    let stream = client_stream(stream, &accepted.listener);
-                    self.tasks.spawn(serve_connection(stream, accepted));
+                    let stream = client_stream(stream, &client.listener);
+                    self.tasks.spawn(serve_connection(stream, client));
                 }
             }
         }
@@ -224,9 +218,14 @@ impl Drop for OpenConnection {
     }
 }
 
-/// What keeps a connection counted and reachable for its whole life, whichever task serves
-/// it, and while it waits in the room.
-struct Stay {
+/// A client connection's own state for its whole life, boxed once when it is accepted: the
+/// task serving it holds this box, and so does the waiting room while it waits. Nothing the
+/// connection keeps is allocated later, among a request's short-lived buffers, where it
+/// would fragment the heap thousands of idle connections live in.
+struct Client {
+    connection: Arc<l7::Connection>,
+    listener: Arc<ListenerTable>,
+    per_client: Arc<PerClient>,
     /// Counts the connection as open until it ends.
     _open: OpenConnection,
     /// Counts it against its client's cap, when the listener has one.
@@ -235,39 +234,39 @@ struct Stay {
     shutdown: CancellationToken,
     /// Where it waits for its client to speak (none if the room could not be opened).
     room: Option<WaitingRoom>,
+    /// Set while it waits in the room between two requests.
+    parked: Option<Parked>,
 }
 
-/// What a connection carries from accept until its client speaks, boxed: thousands of silent
-/// connections may wait at once, each costing this box and its seat in the room.
-struct Accepted {
-    connection: l7::Connection,
-    listener: Arc<ListenerTable>,
-    per_client: Arc<PerClient>,
-    stay: Stay,
+/// A connection parked in the waiting room between two requests.
+struct Parked {
+    /// When the head of the client's next request is due.
+    head_deadline: tokio::time::Instant,
+    _idle: IdleCount,
 }
 
-impl Accepted {
-    /// Takes the facts out of their box and frees it: a box only moved out of would stay
-    /// allocated until the connection ends.
-    fn unbox(accepted: Box<Accepted>) -> Accepted {
-        *accepted
+impl Client {
+    /// The connection's facts, to fill in before its first request. Nothing shares them
+    /// yet; if something did, the connection closes (`None`).
+    fn facts(&mut self) -> Option<&mut l7::Connection> {
+        Arc::get_mut(&mut self.connection)
     }
 
     /// Applies the per-client cap, the rate limit of TCP listeners and the address ACL (which
     /// HTTP listeners answer with 403); false, counted, when the connection is refused.
     fn admit(&mut self) -> bool {
-        let config = &self.listener.config;
-        let metrics = &self.listener.metrics;
+        let listener = self.listener.clone();
+        let config = &listener.config;
+        let metrics = &listener.metrics;
         let client = self.connection.client.ip();
         let cap = config.limits.max_connections_per_client;
         let Ok(slot) = self.per_client.admit(client, cap) else {
             metrics.reject(Rejection::MaxConnections);
             return false;
         };
-        self.stay.client_slot = slot;
+        self.client_slot = slot;
         let limited = !config.protocol.is_http()
-            && self
-                .listener
+            && listener
                 .rate_limiter
                 .as_ref()
                 .is_some_and(|limiter| limiter.check(client).is_err());
@@ -275,30 +274,52 @@ impl Accepted {
             metrics.reject(Rejection::RateLimit);
             return false;
         }
-        if !self.listener.admits(client) {
+        if !listener.admits(client) {
             if !config.protocol.is_http() {
                 metrics.reject(Rejection::Acl);
                 return false;
             }
-            self.connection.denied = true;
+            let Some(facts) = self.facts() else {
+                return false;
+            };
+            facts.denied = true;
         }
         true
     }
 }
 
-impl Guest for Accepted {
-    fn spoke(self: Box<Self>, stream: TcpStream) {
+impl Guest for Client {
+    fn spoke(mut self: Box<Self>, stream: TcpStream) {
         let stream = client_stream(stream, &self.listener);
         let tasks = self.connection.tunnels.clone();
-        tasks.spawn(serve_connection(stream, self));
+        match self.parked.take() {
+            None => {
+                tasks.spawn(serve_connection(stream, self));
+            }
+            Some(parked) => {
+                let verdict = self.connection.framing.clone();
+                let Some(guarded) = verdict.and_then(|verdict| framing::guard(stream, verdict))
+                else {
+                    return;
+                };
+                tasks.spawn(serve_http(
+                    park::Watched::new(guarded),
+                    self,
+                    Negotiated::Http1,
+                    Some(parked.head_deadline),
+                ));
+            }
+        }
     }
 
-    fn late(self: Box<Self>, stream: TcpStream) {
+    fn late(mut self: Box<Self>, stream: TcpStream) {
+        // Off the idle gauge before it is answered.
+        let fresh = self.parked.take().is_none();
         let listener = &self.listener;
         let metrics = &listener.metrics;
-        if listener.config.proxy_protocol {
+        if fresh && listener.config.proxy_protocol {
             metrics.reject(Rejection::ProxyProtocol);
-        } else if listener.tls.is_some() {
+        } else if fresh && listener.tls.is_some() {
             metrics.tls_handshake_errors.inc();
             metrics.reject(Rejection::Tls);
         } else {
@@ -322,41 +343,34 @@ fn client_stream(stream: TcpStream, listener: &ListenerTable) -> ClientStream {
 }
 
 /// Serves a connection once its client has spoken (or at once, for TCP pass-through).
-async fn serve_connection(mut stream: ClientStream, mut accepted: Box<Accepted>) {
+async fn serve_connection(mut stream: ClientStream, mut client: Box<Client>) {
     let socket = stream.get_ref().get_ref();
     let _ = socket.set_nodelay(true);
     let _ = SockRef::from(socket).set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE));
-    if let Ok(local) = socket.local_addr() {
-        accepted.connection.local = local;
-    }
-    if accepted.listener.config.proxy_protocol {
-        let timeout = accepted.listener.config.limits.header_timeout;
+    if client.listener.config.proxy_protocol {
+        let timeout = client.listener.config.limits.header_timeout;
         // Boxed: the state of every other connection does not make room for it.
         match Box::pin(proxy_protocol::read_header(&mut stream, timeout)).await {
             Ok((header, rest)) => {
                 if let Some((source, destination)) = header.addresses {
-                    accepted.connection.client = source;
-                    accepted.connection.local = destination;
+                    let Some(facts) = client.facts() else {
+                        return;
+                    };
+                    facts.set_addresses(source, destination);
                 }
                 stream.set_prefix(rest);
             }
             Err(error) => {
-                tracing::debug!(peer = %accepted.connection.client, %error, "refused: bad PROXY protocol header");
-                accepted.listener.metrics.reject(Rejection::ProxyProtocol);
+                tracing::debug!(peer = %client.connection.client, %error, "refused: bad PROXY protocol header");
+                client.listener.metrics.reject(Rejection::ProxyProtocol);
                 return;
             }
         }
-        if !accepted.admit() {
+        if !client.admit() {
             return;
         }
     }
-    let Accepted {
-        connection,
-        listener,
-        stay,
-        ..
-    } = Accepted::unbox(accepted);
-    serve_protocol(stream, connection, listener, stay).await;
+    serve_protocol(stream, client).await;
 }
 
 /// The future that serves a connection once its client has spoken (or at once for TCP):
@@ -364,24 +378,21 @@ async fn serve_connection(mut stream: ClientStream, mut accepted: Box<Accepted>)
 /// the room of the branch it takes (≈ 1 KB for plain HTTP), not of the largest (TLS).
 fn serve_protocol(
     stream: ClientStream,
-    mut connection: l7::Connection,
-    listener: Arc<ListenerTable>,
-    stay: Stay,
+    client: Box<Client>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-    match (&listener.tls, listener.config.protocol) {
-        (Some(_), _) => Box::pin(serve_tls(stream, connection, listener, stay)),
-        (None, Protocol::Tcp) => Box::pin(async move {
-            l4::serve(stream, &connection, &listener).await;
-            drop(stay);
-        }),
+    match (&client.listener.tls, client.listener.config.protocol) {
+        (Some(_), _) => Box::pin(serve_tls(stream, client)),
+        (None, Protocol::Tcp) => {
+            Box::pin(async move { l4::serve(stream, &client.connection, &client.listener).await })
+        }
         (None, _) => {
-            let (stream, verdict) = framing::guard(stream);
-            connection.framing = Some(verdict);
+            let verdict = client.connection.framing.clone();
+            let Some(guarded) = verdict.and_then(|verdict| framing::guard(stream, verdict)) else {
+                return Box::pin(std::future::ready(()));
+            };
             Box::pin(serve_http(
-                park::Watched::new(stream),
-                Arc::new(connection),
-                listener,
-                stay,
+                park::Watched::new(guarded),
+                client,
                 Negotiated::Detect,
                 None,
             ))
@@ -393,107 +404,66 @@ fn serve_protocol(
 /// served again by a new task when its client speaks), or ends.
 async fn serve_http(
     mut stream: park::Watched<FramingGuard<ClientStream>>,
-    connection: Arc<l7::Connection>,
-    listener: Arc<ListenerTable>,
-    stay: Stay,
+    mut client: Box<Client>,
     mut negotiated: Negotiated,
     mut head_deadline: Option<tokio::time::Instant>,
 ) {
     loop {
         let served = l7::serve(
             stream,
-            connection.clone(),
-            &listener,
+            client.connection.clone(),
+            &client.listener,
             negotiated,
-            &stay.shutdown,
+            &client.shutdown,
             head_deadline,
         )
         .await;
         let l7::Served::Parked {
             stream: mut parked,
             head_deadline: due,
+            quiet_since,
         } = served
         else {
             return;
         };
-        if let Some(room) = stay.room.clone() {
+        let to_room = quiet_since + park::CHECK_PERIOD;
+        if client.room.is_some() && to_room < due {
+            // Quiet for a moment: the client may well come back before it is worth moving
+            // the connection to the room.
+            let waited = l7::wait_idle(&mut parked, to_room, &client.listener, &client.shutdown);
+            match waited.await {
+                park::Wait::Spoke => {
+                    stream = parked;
+                    negotiated = Negotiated::Http1;
+                    head_deadline = Some(due);
+                    continue;
+                }
+                park::Wait::Ended => return,
+                park::Wait::Late => {}
+            }
+        }
+        if let Some(room) = client.room.clone() {
             match parked.into_idle() {
                 // Nothing read is waiting to be replayed: only the socket needs to wait.
                 Ok(guarded) if guarded.get_ref().prefix_len() == 0 => {
                     let socket = guarded.into_inner().into_parts().1.into_inner();
-                    let idle = IdleCount::new(&listener.metrics.connections_idle);
-                    let guest = ParkedHttp {
-                        connection,
-                        listener,
-                        stay,
+                    client.parked = Some(Parked {
                         head_deadline: due,
-                        _idle: idle,
-                    };
-                    room.seat(socket, due, Box::new(guest));
+                        _idle: IdleCount::new(&client.listener.metrics.connections_idle),
+                    });
+                    room.seat(socket, due, client);
                     return;
                 }
                 Ok(guarded) => parked = park::Watched::new(guarded),
                 Err(watched) => parked = watched,
             }
         }
-        if !l7::wait_parked(&mut parked, due, &listener, &stay.shutdown).await {
+        if !l7::wait_parked(&mut parked, due, &client.listener, &client.shutdown).await {
             return;
         }
         stream = parked;
         negotiated = Negotiated::Http1;
         head_deadline = Some(due);
-    }
-}
-
-/// A plain HTTP connection parked between requests, seated in the waiting room.
-struct ParkedHttp {
-    connection: Arc<l7::Connection>,
-    listener: Arc<ListenerTable>,
-    stay: Stay,
-    /// When the head of the client's next request is due.
-    head_deadline: tokio::time::Instant,
-    _idle: IdleCount,
-}
-
-impl Guest for ParkedHttp {
-    fn spoke(self: Box<Self>, stream: TcpStream) {
-        let ParkedHttp {
-            connection,
-            listener,
-            stay,
-            head_deadline,
-            ..
-        } = *self;
-        let stream = client_stream(stream, &listener);
-        let Some(verdict) = connection.framing.clone() else {
-            return;
-        };
-        let Some(guarded) = framing::resume(stream, verdict) else {
-            return;
-        };
-        let tasks = connection.tunnels.clone();
-        tasks.spawn(serve_http(
-            park::Watched::new(guarded),
-            connection,
-            listener,
-            stay,
-            Negotiated::Http1,
-            Some(head_deadline),
-        ));
-    }
-
-    fn late(self: Box<Self>, stream: TcpStream) {
-        let ParkedHttp {
-            connection,
-            listener,
-            stay,
-            ..
-        } = *self;
-        let stream = client_stream(stream, &listener);
-        connection.tunnels.spawn(async move {
-            l7::answer_late_request(stream, &listener).await;
-            drop(stay);
-        });
     }
 }
 
@@ -517,12 +487,8 @@ impl Drop for IdleCount {
 /// pass-through. A function of its own, so the room for the TLS stream (≈ 2 KB) is no part of
 /// a plain connection's state. Its parked connections wait in this task (their TLS state
 /// with them).
-async fn serve_tls(
-    stream: ClientStream,
-    mut connection: l7::Connection,
-    listener: Arc<ListenerTable>,
-    stay: Stay,
-) {
+async fn serve_tls(stream: ClientStream, mut client: Box<Client>) {
+    let listener = client.listener.clone();
     let Some(acceptor) = listener.tls.as_ref() else {
         return;
     };
@@ -532,7 +498,7 @@ async fn serve_tls(
     let tls = match tokio::time::timeout(limits.header_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
-            tracing::debug!(client = %connection.client, %error, "TLS handshake failed");
+            tracing::debug!(client = %client.connection.client, %error, "TLS handshake failed");
             metrics.tls_handshake_errors.inc();
             metrics.reject(Rejection::Tls);
             return;
@@ -548,37 +514,39 @@ async fn serve_tls(
         Some(ALPN_H2) => Negotiated::Http2,
         _ => Negotiated::Http1,
     };
-    connection.tls_version = session.protocol_version().map(|version| match version {
+    let Some(facts) = client.facts() else {
+        return;
+    };
+    facts.tls_version = session.protocol_version().map(|version| match version {
         rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
         rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
         _ => "TLS",
     });
-    connection.sni = session.server_name().map(Arc::from);
-    connection.client_cert = session
+    facts.sni = session.server_name().map(Arc::from);
+    facts.client_cert = session
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(crate::tls::certificate_subject)
         .map(Arc::from);
-    let listener = &*listener;
-    let shutdown = stay.shutdown.clone();
-    match listener.config.protocol {
-        Protocol::Tls => Box::pin(l4::serve(tls, &connection, listener)).await,
-        _ if negotiated == Negotiated::Http1 => {
-            let (tls, verdict) = framing::guard(tls);
-            connection.framing = Some(verdict);
-            let connection = Arc::new(connection);
-            Box::pin(l7::serve_all(
-                tls, connection, listener, negotiated, shutdown,
-            ))
-            .await;
+    if negotiated == Negotiated::Http2 {
+        // HTTP/2 frames its requests itself: no HTTP/1 framing check.
+        facts.framing = None;
+    }
+    let connection = client.connection.clone();
+    let shutdown = client.shutdown.clone();
+    match (listener.config.protocol, &connection.framing) {
+        (Protocol::Tls, _) => Box::pin(l4::serve(tls, &connection, &listener)).await,
+        (_, Some(verdict)) => {
+            let Some(tls) = framing::guard(tls, verdict.clone()) else {
+                return;
+            };
+            let served = l7::serve_all(tls, connection, &listener, negotiated, shutdown);
+            Box::pin(served).await;
         }
-        _ => {
-            let connection = Arc::new(connection);
-            Box::pin(l7::serve_all(
-                tls, connection, listener, negotiated, shutdown,
-            ))
-            .await;
+        (_, None) => {
+            let served = l7::serve_all(tls, connection, &listener, negotiated, shutdown);
+            Box::pin(served).await;
         }
     }
-    drop(stay);
+    drop(client);
 }

@@ -293,20 +293,10 @@ impl Observer for Tracker {
 /// A client stream whose HTTP/1 framing is checked independently of hyper.
 pub type FramingGuard<T> = Observed<T, Tracker>;
 
-/// Wraps `inner`; the verdict is for the request handler.
-pub fn guard<T>(inner: T) -> (FramingGuard<T>, Arc<Verdict>) {
-    let verdict = Arc::new(Verdict::default());
-    let tracker = Tracker {
-        state: State::Head(Vec::new()),
-        requests: 0,
-        verdict: verdict.clone(),
-    };
-    (Observed::new(inner, tracker), verdict)
-}
-
-/// Wraps `inner` again for a connection back from the waiting room, following on from the
-/// requests `verdict` counted; `None` unless the connection stood between two requests.
-pub fn resume<T>(inner: T, verdict: Arc<Verdict>) -> Option<FramingGuard<T>> {
+/// Wraps `inner`, following on from the requests `verdict` (the request handler's) counted
+/// so far — none on a new connection; on one back from the waiting room, those before it
+/// parked. `None` unless the connection stands between two requests.
+pub fn guard<T>(inner: T, verdict: Arc<Verdict>) -> Option<FramingGuard<T>> {
     let tracker = Tracker {
         state: State::Head(Vec::new()),
         requests: verdict.settled_requests()?,
@@ -334,10 +324,8 @@ mod tests {
 
     #[test]
     fn knows_when_the_stream_stands_between_requests() {
-        let (mut tracker, verdict) = {
-            let (guarded, verdict) = guard(());
-            (guarded.into_observer(), verdict)
-        };
+        let verdict = Arc::new(Verdict::default());
+        let mut tracker = guard((), verdict.clone()).unwrap().into_observer();
         assert_eq!(verdict.settled_requests(), Some(0));
         let steps: [(&[u8], Option<u64>); 6] = [
             (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Some(1)),

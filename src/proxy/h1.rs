@@ -59,9 +59,12 @@ pub enum End {
     /// The client closed or left, a read or write failed, or the connection closes after a
     /// response (`Connection: close`, a malformed body, shutdown).
     Closed,
-    /// Quiet between requests for a check period: the connection parks until
-    /// `head_deadline`.
-    Idle { head_deadline: Instant },
+    /// Quiet since `quiet_since` (for [`park::LINGER`]) between requests: the connection
+    /// parks until `head_deadline`.
+    Idle {
+        head_deadline: Instant,
+        quiet_since: Instant,
+    },
     /// A head this loop does not serve: its bytes are replayed on the stream, for a hyper
     /// session to serve by `head_deadline`.
     HandOff { head_deadline: Instant },
@@ -127,11 +130,13 @@ where
                 Event::Ended => return End::Closed,
                 Event::Timer => {
                     let now = Instant::now();
-                    let park_at = idle_since
-                        .filter(|_| read.is_empty())
-                        .map(|since| since + park::CHECK_PERIOD);
-                    if park_at.is_some_and(|at| now >= at) {
-                        return End::Idle { head_deadline };
+                    let quiet_since = idle_since.filter(|_| read.is_empty());
+                    let park_at = quiet_since.map(|since| since + park::LINGER);
+                    if let Some(quiet_since) = quiet_since.filter(|_| park_at <= Some(now)) {
+                        return End::Idle {
+                            head_deadline,
+                            quiet_since,
+                        };
                     }
                     if now >= head_deadline {
                         return End::Late;
@@ -186,7 +191,7 @@ where
             idle_since = Some(now);
             // The timer is left early, never late: on a busy connection it is already due
             // before this park check and is not touched.
-            let park_at = now + park::CHECK_PERIOD;
+            let park_at = now + park::LINGER;
             if timer.deadline() > park_at {
                 timer.as_mut().reset(park_at);
             }

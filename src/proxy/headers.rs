@@ -3,6 +3,7 @@
 //! Kept free of I/O so it can be unit- and property-tested at this trust boundary.
 
 use super::error::ProxyError;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 use std::net::IpAddr;
@@ -164,7 +165,8 @@ pub fn routing_host(host: &HeaderValue) -> Option<std::borrow::Cow<'_, str>> {
 
 /// A client address as `X-Forwarded-For` carries it; rendered once per client connection.
 pub fn client_address_value(client_ip: IpAddr) -> HeaderValue {
-    HeaderValue::from_str(&client_ip.to_string())
+    // Shared from the start: cloning it into every request allocates nothing.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(client_ip.to_string()))
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 

@@ -77,6 +77,48 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection accepted from `client` on `listener`. An HTTP one gets its framing check
+    /// and its `X-Forwarded-For` value now: what a connection keeps is allocated when it
+    /// opens, not among a request's short-lived buffers (where it would fragment the heap
+    /// that thousands of idle connections live in).
+    pub fn new(
+        listener: Arc<str>,
+        client: SocketAddr,
+        local: SocketAddr,
+        http: bool,
+        table: SharedTable,
+        tunnels: TaskTracker,
+    ) -> Self {
+        let connection = Connection {
+            listener,
+            client,
+            local,
+            tls_version: None,
+            sni: None,
+            client_cert: None,
+            denied: false,
+            framing: http.then(Arc::default),
+            requests: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            table,
+            tunnels,
+            forwarded_for: std::sync::OnceLock::new(),
+        };
+        if http {
+            connection.forwarded_for();
+        }
+        connection
+    }
+
+    /// Takes the addresses a PROXY protocol header gave.
+    pub fn set_addresses(&mut self, client: SocketAddr, local: SocketAddr) {
+        self.client = client;
+        self.local = local;
+        if self.forwarded_for.take().is_some() {
+            self.forwarded_for();
+        }
+    }
+
     /// The client's address for `X-Forwarded-For` (rendered once per connection).
     fn forwarded_for(&self) -> &http::HeaderValue {
         self.forwarded_for
@@ -99,11 +141,12 @@ pub enum Negotiated {
 pub enum Served<I> {
     /// The connection is closed, or closes when `serve`'s stream is dropped.
     Ended,
-    /// Idle between requests: the stream waits for the client's next request, whose head is
-    /// due by `head_deadline` (see [`park`]).
+    /// Idle between requests since `quiet_since`: the stream waits for the client's next
+    /// request, whose head is due by `head_deadline` (see [`park`]).
     Parked {
         stream: park::Watched<I>,
         head_deadline: tokio::time::Instant,
+        quiet_since: tokio::time::Instant,
     },
 }
 
@@ -140,15 +183,46 @@ where
                 Box::pin(answer_late_request(stream, listener)).await;
                 return Served::Ended;
             }
-            h1::End::Idle { head_deadline } => {
+            h1::End::Idle {
+                head_deadline,
+                quiet_since,
+            } => {
                 return Served::Parked {
                     stream,
                     head_deadline,
+                    quiet_since,
                 }
             }
             h1::End::HandOff { head_deadline: due } => head_deadline = Some(due),
         }
     }
+    // Boxed: a hyper session's state (several KB) is no part of a connection's between
+    // requests.
+    Box::pin(serve_hyper(
+        stream,
+        connection,
+        listener,
+        negotiated,
+        shutdown,
+        head_deadline,
+    ))
+    .await
+}
+
+/// Serves `stream` with a hyper session until it ends or parks; its first head is due by
+/// `head_deadline` if given.
+async fn serve_hyper<I>(
+    stream: park::Watched<I>,
+    connection: Arc<Connection>,
+    listener: &ListenerTable,
+    negotiated: Negotiated,
+    shutdown: &CancellationToken,
+    head_deadline: Option<tokio::time::Instant>,
+) -> Served<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = listener.config.limits;
     let activity = stream.activity().clone();
     let (io, reclaim) = Reclaimable::new(stream);
     let mut watch = park::IdleWatch::new(activity, &connection);
@@ -177,6 +251,7 @@ where
             Ok(stream) => Served::Parked {
                 stream,
                 head_deadline: watch.quiet_since() + limits.header_timeout,
+                quiet_since: watch.quiet_since(),
             },
             Err(_) => Served::Ended,
         },
@@ -223,6 +298,7 @@ pub async fn serve_all<I>(
         let Served::Parked {
             stream: mut parked,
             head_deadline: due,
+            ..
         } = served
         else {
             return;
@@ -244,10 +320,7 @@ pub async fn wait_parked<T: AsyncRead + AsyncWrite + Unpin>(
     listener: &ListenerTable,
     shutdown: &CancellationToken,
 ) -> bool {
-    listener.metrics.connections_idle.inc();
-    let waited = park::wait_for_request(stream, deadline, shutdown).await;
-    listener.metrics.connections_idle.dec();
-    match waited {
+    match wait_idle(stream, deadline, listener, shutdown).await {
         park::Wait::Spoke => true,
         park::Wait::Ended => false,
         park::Wait::Late => {
@@ -255,6 +328,20 @@ pub async fn wait_parked<T: AsyncRead + AsyncWrite + Unpin>(
             false
         }
     }
+}
+
+/// Holds a parked connection in its task until its client's next byte, its end, or `until`;
+/// counted as idle meanwhile.
+pub async fn wait_idle<T: AsyncRead + Unpin>(
+    stream: &mut park::Watched<T>,
+    until: tokio::time::Instant,
+    listener: &ListenerTable,
+    shutdown: &CancellationToken,
+) -> park::Wait {
+    listener.metrics.connections_idle.inc();
+    let waited = park::wait_for_request(stream, until, shutdown).await;
+    listener.metrics.connections_idle.dec();
+    waited
 }
 
 /// How one hyper session on a client connection ended.

@@ -32,8 +32,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How often a connection's hyper session is checked for idleness: a connection parks after
-/// one to two periods without a byte read or written.
+/// one to two periods without a byte read or written. Also how long a connection quiet
+/// between requests waits in its task before it moves to the waiting room: a client that
+/// comes back sooner does not pay the move.
 pub const CHECK_PERIOD: Duration = Duration::from_millis(50);
+
+/// How long gatehouse's own HTTP/1 loop keeps its state (≈ 8 KB and a 2 KiB read buffer)
+/// after a response with nothing of the next request read. Back-to-back clients come back
+/// well within it; a connection quiet for longer gives its state back and waits holding only
+/// its stream, so a burst of requests on many connections does not leave each of them
+/// holding its buffers for a whole check period.
+pub const LINGER: Duration = Duration::from_millis(10);
 
 /// What the stream under a hyper session did, shared with the session's idle check.
 #[derive(Debug, Default)]
