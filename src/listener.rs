@@ -67,8 +67,6 @@ pub struct Listener {
 impl Listener {
     /// Accepts until `shutdown` is cancelled.
     pub async fn run(self) {
-        let open = Arc::new(AtomicUsize::new(0));
-        let per_client = Arc::new(PerClient::new());
         let room = match WaitingRoom::open(self.shutdown.clone(), &self.tasks) {
             Ok(room) => Some(room),
             Err(error) => {
@@ -76,6 +74,12 @@ impl Listener {
                 None
             }
         };
+        let gate = Arc::new(Gate {
+            open: AtomicUsize::new(0),
+            per_client: PerClient::new(),
+            shutdown: self.shutdown.clone(),
+            room,
+        });
         loop {
             let accepted = tokio::select! {
                 accepted = self.socket.accept() => accepted,
@@ -94,7 +98,7 @@ impl Listener {
                 continue;
             };
             listener.metrics.connections_total.inc();
-            if open.load(Ordering::Relaxed) >= listener.config.limits.max_connections {
+            if gate.open.load(Ordering::Relaxed) >= listener.config.limits.max_connections {
                 listener.metrics.reject(Rejection::MaxConnections);
                 drop(stream);
                 continue;
@@ -110,16 +114,7 @@ impl Listener {
                 self.table.clone(),
                 self.tasks.clone(),
             );
-            let mut client = Box::new(Client {
-                connection: Arc::new(connection),
-                _open: OpenConnection::new(open.clone(), &listener),
-                listener,
-                per_client: per_client.clone(),
-                client_slot: None,
-                shutdown: self.shutdown.clone(),
-                room: room.clone(),
-                parked: None,
-            });
+            let mut client = Client::new(connection, listener, gate.clone());
             let proxy_protocol = client.listener.config.proxy_protocol;
             // The client's own address is known now, unless a PROXY header will give it.
             if !proxy_protocol && !client.admit() {
@@ -127,7 +122,7 @@ impl Listener {
             }
             // HTTP clients (and PROXY protocol senders) speak first: until they do, the
             // connection waits in the room, costing its seat and not a task.
-            match &room {
+            match &gate.room {
                 Some(room) if speaks_http || proxy_protocol => {
                     let deadline = tokio::time::Instant::now() + limits.header_timeout;
                     room.seat(stream, deadline, client);
@@ -140,6 +135,17 @@ impl Listener {
         }
         tracing::info!(listener = %self.name, "stopped accepting");
     }
+}
+
+/// What the connections of one accepting listener share.
+struct Gate {
+    /// Connections open now, for `max_connections`.
+    open: AtomicUsize,
+    per_client: PerClient,
+    /// Cancelled to stop accepting and ask open connections to finish.
+    shutdown: CancellationToken,
+    /// Where connections wait for their client to speak (none if it could not be opened).
+    room: Option<WaitingRoom>,
 }
 
 /// Open connections per client address, in fixed hashed slots (no map, no lock). Addresses
@@ -157,99 +163,79 @@ impl PerClient {
         }
     }
 
-    /// Counts a connection from `client`; `Err` when it already has `cap` open. With no cap
-    /// (0) nothing is counted.
-    fn admit(
-        self: &Arc<Self>,
-        client: std::net::IpAddr,
-        cap: u32,
-    ) -> Result<Option<ClientSlot>, ()> {
+    /// Counts a connection from `client` in its slot, which [`PerClient::release`] gives
+    /// back; `Err` when it already has `cap` open. With no cap (0) nothing is counted.
+    fn admit(&self, client: std::net::IpAddr, cap: u32) -> Result<Option<u16>, ()> {
         if cap == 0 {
             return Ok(None);
         }
-        let index = (crate::balancer::ip_hash(client) as usize) & (Self::SLOTS - 1);
-        let previous = self.slots[index].fetch_add(1, Ordering::Relaxed);
-        let slot = ClientSlot {
-            table: self.clone(),
-            index,
-        };
-        if previous >= cap {
+        let hash = crate::balancer::ip_hash(client) as usize;
+        let index = u16::try_from(hash & (Self::SLOTS - 1)).map_err(|_| ())?;
+        let slot = &self.slots[usize::from(index)];
+        if slot.fetch_add(1, Ordering::Relaxed) >= cap {
+            slot.fetch_sub(1, Ordering::Relaxed);
             return Err(());
         }
-        Ok(Some(slot))
+        Ok(Some(index))
     }
-}
 
-/// One counted connection of a client; released on drop.
-struct ClientSlot {
-    table: Arc<PerClient>,
-    index: usize,
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        if let Some(slot) = self.table.slots.get(self.index) {
+    /// Uncounts a connection counted in slot `index`.
+    fn release(&self, index: u16) {
+        if let Some(slot) = self.slots.get(usize::from(index)) {
             slot.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
-/// Keeps the listener's open-connection count and gauge right, however the task ends.
-struct OpenConnection {
-    open: Arc<AtomicUsize>,
-    gauge: prometheus::IntGauge,
-}
-
-impl OpenConnection {
-    fn new(open: Arc<AtomicUsize>, listener: &ListenerTable) -> Self {
-        open.fetch_add(1, Ordering::Relaxed);
-        listener.metrics.connections_active.inc();
-        OpenConnection {
-            open,
-            gauge: listener.metrics.connections_active.clone(),
-        }
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-        self.gauge.dec();
-    }
-}
-
 /// A client connection's own state for its whole life, boxed once when it is accepted: the
-/// task serving it holds this box, and so does the waiting room while it waits. Nothing the
-/// connection keeps is allocated later, among a request's short-lived buffers, where it
-/// would fragment the heap thousands of idle connections live in.
+/// task serving it holds this box, and so does the waiting room while it waits. It keeps
+/// the listener's counts and gauges right however the connection ends.
 struct Client {
     connection: Arc<l7::Connection>,
+    /// The listener as it was configured when the connection was accepted.
     listener: Arc<ListenerTable>,
-    per_client: Arc<PerClient>,
-    /// Counts the connection as open until it ends.
-    _open: OpenConnection,
-    /// Counts it against its client's cap, when the listener has one.
-    client_slot: Option<ClientSlot>,
-    /// Cancelled to ask the connection to finish.
-    shutdown: CancellationToken,
-    /// Where it waits for its client to speak (none if the room could not be opened).
-    room: Option<WaitingRoom>,
-    /// Set while it waits in the room between two requests.
-    parked: Option<Parked>,
-}
-
-/// A connection parked in the waiting room between two requests.
-struct Parked {
-    /// When the head of the client's next request is due.
-    head_deadline: tokio::time::Instant,
-    _idle: IdleCount,
+    gate: Arc<Gate>,
+    /// Its slot in the per-client counts, when the listener caps them.
+    client_slot: Option<u16>,
+    /// While it waits in the room between two requests: when the head of the client's next
+    /// request is due. Such a connection counts as idle.
+    parked: Option<tokio::time::Instant>,
 }
 
 impl Client {
+    /// Counts a new connection as open.
+    fn new(connection: l7::Connection, listener: Arc<ListenerTable>, gate: Arc<Gate>) -> Box<Self> {
+        gate.open.fetch_add(1, Ordering::Relaxed);
+        listener.metrics.connections_active.inc();
+        Box::new(Client {
+            connection: Arc::new(connection),
+            listener,
+            gate,
+            client_slot: None,
+            parked: None,
+        })
+    }
+
     /// The connection's facts, to fill in before its first request. Nothing shares them
     /// yet; if something did, the connection closes (`None`).
     fn facts(&mut self) -> Option<&mut l7::Connection> {
         Arc::get_mut(&mut self.connection)
+    }
+
+    /// Marks the connection parked until `head_deadline` (counted idle).
+    fn park(&mut self, head_deadline: tokio::time::Instant) {
+        if self.parked.replace(head_deadline).is_none() {
+            self.listener.metrics.connections_idle.inc();
+        }
+    }
+
+    /// Ends a parked spell; returns its head deadline, if the connection was parked.
+    fn unpark(&mut self) -> Option<tokio::time::Instant> {
+        let parked = self.parked.take();
+        if parked.is_some() {
+            self.listener.metrics.connections_idle.dec();
+        }
+        parked
     }
 
     /// Applies the per-client cap, the rate limit of TCP listeners and the address ACL (which
@@ -260,7 +246,7 @@ impl Client {
         let metrics = &listener.metrics;
         let client = self.connection.client.ip();
         let cap = config.limits.max_connections_per_client;
-        let Ok(slot) = self.per_client.admit(client, cap) else {
+        let Ok(slot) = self.gate.per_client.admit(client, cap) else {
             metrics.reject(Rejection::MaxConnections);
             return false;
         };
@@ -288,15 +274,26 @@ impl Client {
     }
 }
 
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.unpark();
+        if let Some(slot) = self.client_slot {
+            self.gate.per_client.release(slot);
+        }
+        self.gate.open.fetch_sub(1, Ordering::Relaxed);
+        self.listener.metrics.connections_active.dec();
+    }
+}
+
 impl Guest for Client {
     fn spoke(mut self: Box<Self>, stream: TcpStream) {
         let stream = client_stream(stream, &self.listener);
         let tasks = self.connection.tunnels.clone();
-        match self.parked.take() {
+        match self.unpark() {
             None => {
                 tasks.spawn(serve_connection(stream, self));
             }
-            Some(parked) => {
+            Some(head_deadline) => {
                 let verdict = self.connection.framing.clone();
                 let Some(guarded) = verdict.and_then(|verdict| framing::guard(stream, verdict))
                 else {
@@ -306,7 +303,7 @@ impl Guest for Client {
                     park::Watched::new(guarded),
                     self,
                     Negotiated::Http1,
-                    Some(parked.head_deadline),
+                    Some(head_deadline),
                 ));
             }
         }
@@ -314,7 +311,7 @@ impl Guest for Client {
 
     fn late(mut self: Box<Self>, stream: TcpStream) {
         // Off the idle gauge before it is answered.
-        let fresh = self.parked.take().is_none();
+        let fresh = self.unpark().is_none();
         let listener = &self.listener;
         let metrics = &listener.metrics;
         if fresh && listener.config.proxy_protocol {
@@ -414,7 +411,7 @@ async fn serve_http(
             client.connection.clone(),
             &client.listener,
             negotiated,
-            &client.shutdown,
+            &client.gate.shutdown,
             head_deadline,
         )
         .await;
@@ -427,10 +424,15 @@ async fn serve_http(
             return;
         };
         let to_room = quiet_since + park::CHECK_PERIOD;
-        if client.room.is_some() && to_room < due {
+        if client.gate.room.is_some() && to_room < due {
             // Quiet for a moment: the client may well come back before it is worth moving
             // the connection to the room.
-            let waited = l7::wait_idle(&mut parked, to_room, &client.listener, &client.shutdown);
+            let waited = l7::wait_idle(
+                &mut parked,
+                to_room,
+                &client.listener,
+                &client.gate.shutdown,
+            );
             match waited.await {
                 park::Wait::Spoke => {
                     stream = parked;
@@ -442,15 +444,12 @@ async fn serve_http(
                 park::Wait::Late => {}
             }
         }
-        if let Some(room) = client.room.clone() {
+        if let Some(room) = client.gate.room.clone() {
             match parked.into_idle() {
                 // Nothing read is waiting to be replayed: only the socket needs to wait.
                 Ok(guarded) if guarded.get_ref().prefix_len() == 0 => {
                     let socket = guarded.into_inner().into_parts().1.into_inner();
-                    client.parked = Some(Parked {
-                        head_deadline: due,
-                        _idle: IdleCount::new(&client.listener.metrics.connections_idle),
-                    });
+                    client.park(due);
                     room.seat(socket, due, client);
                     return;
                 }
@@ -458,28 +457,12 @@ async fn serve_http(
                 Err(watched) => parked = watched,
             }
         }
-        if !l7::wait_parked(&mut parked, due, &client.listener, &client.shutdown).await {
+        if !l7::wait_parked(&mut parked, due, &client.listener, &client.gate.shutdown).await {
             return;
         }
         stream = parked;
         negotiated = Negotiated::Http1;
         head_deadline = Some(due);
-    }
-}
-
-/// Counts a connection on the `connections_idle` gauge while it lives.
-struct IdleCount(prometheus::IntGauge);
-
-impl IdleCount {
-    fn new(gauge: &prometheus::IntGauge) -> Self {
-        gauge.inc();
-        IdleCount(gauge.clone())
-    }
-}
-
-impl Drop for IdleCount {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
@@ -517,23 +500,25 @@ async fn serve_tls(stream: ClientStream, mut client: Box<Client>) {
     let Some(facts) = client.facts() else {
         return;
     };
-    facts.tls_version = session.protocol_version().map(|version| match version {
-        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
-        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
-        _ => "TLS",
-    });
-    facts.sni = session.server_name().map(Arc::from);
-    facts.client_cert = session
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(crate::tls::certificate_subject)
-        .map(Arc::from);
+    facts.tls = Some(Box::new(l7::TlsFacts {
+        version: session.protocol_version().map(|version| match version {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+            _ => "TLS",
+        }),
+        sni: session.server_name().map(Arc::from),
+        client_cert: session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(crate::tls::certificate_subject)
+            .map(Arc::from),
+    }));
     if negotiated == Negotiated::Http2 {
         // HTTP/2 frames its requests itself: no HTTP/1 framing check.
         facts.framing = None;
     }
     let connection = client.connection.clone();
-    let shutdown = client.shutdown.clone();
+    let shutdown = client.gate.shutdown.clone();
     match (listener.config.protocol, &connection.framing) {
         (Protocol::Tls, _) => Box::pin(l4::serve(tls, &connection, &listener)).await,
         (_, Some(verdict)) => {

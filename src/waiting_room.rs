@@ -53,8 +53,9 @@ struct Arrival {
 /// A connection in the room.
 struct Seat {
     socket: std::net::TcpStream,
-    /// Tells this seat's deadline from a deadline left behind by an earlier occupant.
-    ticket: u64,
+    /// Tells this seat's deadline from a deadline left behind by an earlier occupant (tickets
+    /// wrap after 2³² arrivals, long after any deadline left behind has come up).
+    ticket: u32,
     guest: Box<dyn Guest>,
 }
 
@@ -108,10 +109,10 @@ struct Room {
     poll: AsyncFd<mio::Poll>,
     events: mio::Events,
     seats: Slab<Seat>,
-    /// Every seat's deadline, earliest first; entries of seats already left stay until they
-    /// come up (or the heap is rebuilt).
-    deadlines: BinaryHeap<Reverse<(Instant, u64, usize)>>,
-    tickets: u64,
+    /// Every seat's deadline, earliest first, with the seat's ticket and key; entries of seats
+    /// already left stay until they come up (or the heap is rebuilt).
+    deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    tickets: u32,
     queue: mpsc::UnboundedReceiver<Arrival>,
 }
 
@@ -183,6 +184,7 @@ impl Room {
                 self.deadlines.pop();
                 budget -= 1;
                 worked = true;
+                let key = key as usize;
                 if self
                     .seats
                     .get(key)
@@ -219,10 +221,13 @@ impl Room {
             deadline,
             guest,
         } = arrival;
-        self.tickets += 1;
+        self.tickets = self.tickets.wrapping_add(1);
         let ticket = self.tickets;
         let entry = self.seats.vacant_entry();
         let key = entry.key();
+        let Ok(short_key) = u32::try_from(key) else {
+            return;
+        };
         let registered = self.poll.get_ref().registry().register(
             &mut mio::unix::SourceFd(&socket.as_raw_fd()),
             mio::Token(key),
@@ -237,14 +242,16 @@ impl Room {
             ticket,
             guest,
         });
-        self.deadlines.push(Reverse((deadline, ticket, key)));
+        self.deadlines.push(Reverse((deadline, ticket, short_key)));
     }
 
     /// Drops the deadlines of seats already left.
     fn rebuild_deadlines(&mut self) {
         let seats = &self.seats;
         self.deadlines.retain(|Reverse((_, ticket, key))| {
-            seats.get(*key).is_some_and(|seat| seat.ticket == *ticket)
+            seats
+                .get(*key as usize)
+                .is_some_and(|seat| seat.ticket == *ticket)
         });
     }
 }

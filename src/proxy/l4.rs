@@ -120,9 +120,12 @@ where
             duration: started.elapsed(),
             backend: backend.name.clone(),
             route: target.route.clone(),
-            tls_version: connection.tls_version,
-            sni: connection.sni.clone(),
-            client_cert: connection.client_cert.clone(),
+            tls_version: connection.tls.as_ref().and_then(|tls| tls.version),
+            sni: connection.tls.as_ref().and_then(|tls| tls.sni.clone()),
+            client_cert: connection
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.client_cert.clone()),
             ..AccessRecord::default()
         });
     }

@@ -56,11 +56,9 @@ pub struct Connection {
     pub client: SocketAddr,
     /// The address the client connected to (the PROXY header's destination, if any).
     pub local: SocketAddr,
-    /// The negotiated TLS version and the client's SNI, on TLS listeners.
-    pub tls_version: Option<&'static str>,
-    pub sni: Option<Arc<str>>,
-    /// The subject of the client's verified certificate (mTLS).
-    pub client_cert: Option<Arc<str>>,
+    /// What the TLS handshake said, on TLS listeners (boxed: plain connections, which may
+    /// idle by the thousand, do not keep room for it).
+    pub tls: Option<Box<TlsFacts>>,
     /// Refused by the listener's `allow`/`deny`: every request gets 403.
     pub denied: bool,
     /// The independent HTTP/1 framing check of this connection (None for HTTP/2).
@@ -74,6 +72,17 @@ pub struct Connection {
     pub tunnels: TaskTracker,
     /// `client` as `X-Forwarded-For` carries it, rendered on the first request.
     pub forwarded_for: std::sync::OnceLock<http::HeaderValue>,
+}
+
+/// What a client's TLS handshake said, for access logs and the client-certificate header.
+#[derive(Debug, Default)]
+pub struct TlsFacts {
+    /// The negotiated TLS version.
+    pub version: Option<&'static str>,
+    /// The server name the client asked for.
+    pub sni: Option<Arc<str>>,
+    /// The subject of the client's verified certificate (mTLS).
+    pub client_cert: Option<Arc<str>>,
 }
 
 impl Connection {
@@ -93,9 +102,7 @@ impl Connection {
             listener,
             client,
             local,
-            tls_version: None,
-            sni: None,
-            client_cert: None,
+            tls: None,
             denied: false,
             framing: http.then(Arc::default),
             requests: AtomicU64::new(0),
@@ -646,9 +653,12 @@ fn access_record(request: &Request<ClientBody>, connection: &Connection) -> Acce
         method: request.method().to_string(),
         host,
         path: request.uri().path().to_string(),
-        tls_version: connection.tls_version,
-        sni: connection.sni.clone(),
-        client_cert: connection.client_cert.clone(),
+        tls_version: connection.tls.as_ref().and_then(|tls| tls.version),
+        sni: connection.tls.as_ref().and_then(|tls| tls.sni.clone()),
+        client_cert: connection
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.client_cert.clone()),
         ..AccessRecord::default()
     }
 }
@@ -743,8 +753,9 @@ async fn forward(
     {
         request_headers.remove(name);
         let subject = connection
-            .client_cert
-            .as_deref()
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.client_cert.as_deref())
             .and_then(|subject| http::HeaderValue::from_str(subject).ok());
         if let Some(subject) = subject {
             request_headers.insert(name.clone(), subject);
