@@ -169,9 +169,16 @@ impl Room {
                 let registry = self.poll.get_ref().registry();
                 for event in self.events.iter() {
                     budget = budget.saturating_sub(1);
-                    if let Some(seat) = self.seats.try_remove(event.token().0) {
-                        release(registry, seat, Leaving::Spoke);
+                    let Some(seat) = self.seats.try_remove(event.token().0) else {
+                        continue;
+                    };
+                    // The commonest end of an idle connection: its client closes it. Closed
+                    // here, it costs no task (its close also leaves the epoll instance).
+                    let closed = event.is_read_closed() || event.is_error();
+                    if closed && has_nothing_to_read(&seat.socket) {
+                        continue;
                     }
+                    release(registry, seat, Leaving::Spoke);
                 }
                 worked = true;
                 break;
@@ -254,6 +261,12 @@ impl Room {
                 .is_some_and(|seat| seat.ticket == *ticket)
         });
     }
+}
+
+/// Whether a socket whose peer closed or failed holds no byte to serve: a request sent just
+/// before the close (a half-closed client) is still served.
+fn has_nothing_to_read(socket: &std::net::TcpStream) -> bool {
+    !matches!(socket.peek(&mut [0u8; 1]), Ok(1..))
 }
 
 /// Gives a seat's connection back to tokio and to its guest.
@@ -398,6 +411,30 @@ mod tests {
             "the first guest's deadline passed before"
         );
         assert!(room.left.try_recv().is_err(), "the second guest stays");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_leaves_without_its_guest_unless_it_sent_something_first() {
+        let mut room = setup().await;
+        let silent = room.seat(0, FAR).await;
+        let mut last_words = room.seat(1, FAR).await;
+        last_words.write_all(b"GET").await.unwrap();
+        last_words.shutdown().await.unwrap();
+        let (left, how, _) = room.next().await;
+        assert_eq!(
+            (left, how),
+            (1, "spoke"),
+            "a request sent before the close is served"
+        );
+        drop(silent);
+        let _witness = room.seat(2, Duration::from_millis(100)).await;
+        let (left, how, _) = room.next().await;
+        assert_eq!(
+            (left, how),
+            (2, "late"),
+            "the closed one was dropped, not let out"
+        );
+        assert!(room.left.try_recv().is_err());
     }
 
     #[tokio::test]
