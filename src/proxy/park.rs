@@ -3,11 +3,13 @@
 //! hyper's HTTP/1 server keeps a read buffer (8 KiB at least), a write buffer and the slot of
 //! the request future for a connection's whole life: ≈ 30 KiB per idle keep-alive connection,
 //! where nginx keeps ≈ 0.6 KiB (gatehouse's own loop for bodiless requests, [`super::h1`],
-//! keeps less, and parks the same way). So a connection that has been quiet between two
-//! requests for a check period ends its session without closing the socket: the stream waits
-//! for the client's next byte in a small state, and a fresh session serves what follows. A
-//! busy connection never parks (it is never quiet for a whole period), so the request path
-//! pays only a counter per read and write.
+//! keeps less, and parks sooner: after [`LINGER`]). So a connection that has been quiet
+//! between two requests ends its session without closing the socket: the stream waits for
+//! the client's next byte in a small state, and a fresh session serves what follows. A plain
+//! HTTP connection still quiet a [`CHECK_PERIOD`] after its last response moves on to its
+//! listener's waiting room (`crate::waiting_room`), where it keeps no task at all; a TLS one
+//! waits in its task, with its TLS state. A busy connection never parks (it is never quiet
+//! for long enough), so the request path pays only a counter per read and write.
 //!
 //! Ending a hyper session is safe only while hyper is idle: nothing of the next request read,
 //! every request answered to its last byte, nothing left to write. hyper does not say when it
