@@ -95,6 +95,9 @@ where
     tokio::pin!(timer, cancelled);
     // When the previous response ended with nothing of the next request read.
     let mut idle_since = None;
+    // The park check runs no earlier: a connection found busy is checked again a check
+    // period later, not at every LINGER, so a busy session's timer fires rarely.
+    let mut check_after = Instant::now();
     loop {
         let head = loop {
             if !read.is_empty() {
@@ -131,7 +134,7 @@ where
                 Event::Timer => {
                     let now = Instant::now();
                     let quiet_since = idle_since.filter(|_| read.is_empty());
-                    let park_at = quiet_since.map(|since| since + park::LINGER);
+                    let mut park_at = quiet_since.map(|since| since + park::LINGER);
                     if let Some(quiet_since) = quiet_since.filter(|_| park_at <= Some(now)) {
                         return End::Idle {
                             head_deadline,
@@ -140,6 +143,10 @@ where
                     }
                     if now >= head_deadline {
                         return End::Late;
+                    }
+                    if let Some(at) = park_at.as_mut() {
+                        check_after = now + park::CHECK_PERIOD;
+                        *at = check_after;
                     }
                     let next = park_at.map_or(head_deadline, |at| at.min(head_deadline));
                     timer.as_mut().reset(next);
@@ -191,7 +198,7 @@ where
             idle_since = Some(now);
             // The timer is left early, never late: on a busy connection it is already due
             // before this park check and is not touched.
-            let park_at = now + park::LINGER;
+            let park_at = (now + park::LINGER).max(check_after);
             if timer.deadline() > park_at {
                 timer.as_mut().reset(park_at);
             }

@@ -43,7 +43,8 @@ pub const CHECK_PERIOD: Duration = Duration::from_millis(50);
 /// after a response with nothing of the next request read. Back-to-back clients come back
 /// well within it; a connection quiet for longer gives its state back and waits holding only
 /// its stream, so a burst of requests on many connections does not leave each of them
-/// holding its buffers for a whole check period.
+/// holding its buffers for a whole check period. (A connection the check finds busy is
+/// checked again a check period later: a busy session's timer fires once per period.)
 pub const LINGER: Duration = Duration::from_millis(10);
 
 /// What the stream under a hyper session did, shared with the session's idle check.
