@@ -87,9 +87,7 @@ pub struct TlsFacts {
 
 impl Connection {
     /// A connection accepted from `client` on `listener`. An HTTP one gets its framing check
-    /// and its `X-Forwarded-For` value now: what a connection keeps is allocated when it
-    /// opens, not among a request's short-lived buffers (where it would fragment the heap
-    /// that thousands of idle connections live in).
+    /// and its `X-Forwarded-For` value now, once; its requests share them.
     pub fn new(
         listener: Arc<str>,
         client: SocketAddr,
