@@ -352,3 +352,39 @@ async fn a_connection_waiting_for_a_slow_backend_does_not_park() {
     })
     .await;
 }
+
+/// `gatehouse_connections_active{listener="web"}`.
+async fn active(gatehouse: &Gatehouse) -> f64 {
+    let text = metrics_text(gatehouse).await;
+    metric(
+        &text,
+        "gatehouse_connections_active",
+        &[("listener", "web")],
+    )
+    .unwrap_or(-1.0)
+}
+
+#[tokio::test]
+async fn connections_that_end_while_waiting_leave_the_open_and_idle_counts() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
+    // Silent since accept: they wait in the listener's waiting room, without a task.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(connect(web).await);
+    }
+    eventually("three open connections", async || {
+        active(&gatehouse).await == 3.0
+    })
+    .await;
+    let parked = parked_connection(&gatehouse, web).await;
+    assert_eq!(active(&gatehouse).await, 4.0);
+    drop(silent);
+    drop(parked);
+    eventually("no open and no idle connection left", async || {
+        active(&gatehouse).await == 0.0 && idle(&gatehouse).await == 0.0
+    })
+    .await;
+    assert_eq!(late_heads(&gatehouse).await.unwrap_or(0.0), 0.0);
+}

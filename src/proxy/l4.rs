@@ -112,21 +112,12 @@ where
         let (bytes_in, bytes_out) = outcome.unwrap_or((0, 0));
         listener.access_log.log(AccessRecord {
             time: Some(SystemTime::now() - started.elapsed()),
-            kind: "tcp",
-            listener: connection.listener.clone(),
-            client: Some(connection.client),
             bytes_in,
             bytes_out,
             duration: started.elapsed(),
             backend: backend.name.clone(),
             route: target.route.clone(),
-            tls_version: connection.tls.as_ref().and_then(|tls| tls.version),
-            sni: connection.tls.as_ref().and_then(|tls| tls.sni.clone()),
-            client_cert: connection
-                .tls
-                .as_ref()
-                .and_then(|tls| tls.client_cert.clone()),
-            ..AccessRecord::default()
+            ..connection.access_record("tcp")
         });
     }
 }

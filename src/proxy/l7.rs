@@ -124,6 +124,21 @@ impl Connection {
         }
     }
 
+    /// An access record of `kind` with what this connection says of every request on it:
+    /// listener, client, TLS facts.
+    pub fn access_record(&self, kind: &'static str) -> AccessRecord {
+        let tls = self.tls.as_deref();
+        AccessRecord {
+            kind,
+            listener: self.listener.clone(),
+            client: Some(self.client),
+            tls_version: tls.and_then(|tls| tls.version),
+            sni: tls.and_then(|tls| tls.sni.clone()),
+            client_cert: tls.and_then(|tls| tls.client_cert.clone()),
+            ..AccessRecord::default()
+        }
+    }
+
     /// The client's address for `X-Forwarded-For` (rendered once per connection).
     fn forwarded_for(&self) -> &http::HeaderValue {
         self.forwarded_for
@@ -645,19 +660,10 @@ fn access_record(request: &Request<ClientBody>, connection: &Connection) -> Acce
         .unwrap_or_default();
     AccessRecord {
         time: Some(SystemTime::now()),
-        kind: "http",
-        listener: connection.listener.clone(),
-        client: Some(connection.client),
         method: request.method().to_string(),
         host,
         path: request.uri().path().to_string(),
-        tls_version: connection.tls.as_ref().and_then(|tls| tls.version),
-        sni: connection.tls.as_ref().and_then(|tls| tls.sni.clone()),
-        client_cert: connection
-            .tls
-            .as_ref()
-            .and_then(|tls| tls.client_cert.clone()),
-        ..AccessRecord::default()
+        ..connection.access_record("http")
     }
 }
 
