@@ -103,7 +103,6 @@ impl Listener {
                 drop(stream);
                 continue;
             }
-            let limits = listener.config.limits;
             let local = stream.local_addr().unwrap_or(peer);
             let speaks_http = listener.config.protocol.is_http();
             let connection = l7::Connection::new(
@@ -124,7 +123,7 @@ impl Listener {
             // connection waits in the room, costing its seat and not a task.
             match &gate.room {
                 Some(room) if speaks_http || proxy_protocol => {
-                    let deadline = tokio::time::Instant::now() + limits.header_timeout;
+                    let deadline = client.head_deadline;
                     room.seat(stream, deadline, client);
                 }
                 _ => {
@@ -197,22 +196,28 @@ struct Client {
     gate: Arc<Gate>,
     /// Its slot in the per-client counts, when the listener caps them.
     client_slot: Option<u16>,
-    /// While it waits in the room between two requests: when the head of the client's next
-    /// request is due. Such a connection counts as idle.
-    parked: Option<tokio::time::Instant>,
+    /// When the head of the client's next request is due: the first one's counted from
+    /// accept (waiting for the first byte included), a later one's from when the connection
+    /// went quiet.
+    head_deadline: tokio::time::Instant,
+    /// Waiting in the room between two requests: counted as idle.
+    parked: bool,
 }
 
 impl Client {
-    /// Counts a new connection as open.
+    /// Counts a new connection as open; its first request head is due `header_timeout` from
+    /// now.
     fn new(connection: l7::Connection, listener: Arc<ListenerTable>, gate: Arc<Gate>) -> Box<Self> {
         gate.open.fetch_add(1, Ordering::Relaxed);
         listener.metrics.connections_active.inc();
+        let head_deadline = tokio::time::Instant::now() + listener.config.limits.header_timeout;
         Box::new(Client {
             connection: Arc::new(connection),
             listener,
             gate,
             client_slot: None,
-            parked: None,
+            head_deadline,
+            parked: false,
         })
     }
 
@@ -224,15 +229,17 @@ impl Client {
 
     /// Marks the connection parked until `head_deadline` (counted idle).
     fn park(&mut self, head_deadline: tokio::time::Instant) {
-        if self.parked.replace(head_deadline).is_none() {
+        self.head_deadline = head_deadline;
+        if !self.parked {
+            self.parked = true;
             self.listener.metrics.connections_idle.inc();
         }
     }
 
-    /// Ends a parked spell; returns its head deadline, if the connection was parked.
-    fn unpark(&mut self) -> Option<tokio::time::Instant> {
-        let parked = self.parked.take();
-        if parked.is_some() {
+    /// Ends a parked spell; whether the connection was parked.
+    fn unpark(&mut self) -> bool {
+        let parked = std::mem::take(&mut self.parked);
+        if parked {
             self.listener.metrics.connections_idle.dec();
         }
         parked
@@ -289,29 +296,26 @@ impl Guest for Client {
     fn spoke(mut self: Box<Self>, stream: TcpStream) {
         let stream = client_stream(stream, &self.listener);
         let tasks = self.connection.tunnels.clone();
-        match self.unpark() {
-            None => {
-                tasks.spawn(serve_connection(stream, self));
-            }
-            Some(head_deadline) => {
-                let verdict = self.connection.framing.clone();
-                let Some(guarded) = verdict.and_then(|verdict| framing::guard(stream, verdict))
-                else {
-                    return;
-                };
-                tasks.spawn(serve_http(
-                    park::Watched::new(guarded),
-                    self,
-                    Negotiated::Http1,
-                    Some(head_deadline),
-                ));
-            }
+        if !self.unpark() {
+            tasks.spawn(serve_connection(stream, self));
+            return;
         }
+        let verdict = self.connection.framing.clone();
+        let Some(guarded) = verdict.and_then(|verdict| framing::guard(stream, verdict)) else {
+            return;
+        };
+        let head_deadline = self.head_deadline;
+        tasks.spawn(serve_http(
+            park::Watched::new(guarded),
+            self,
+            Negotiated::Http1,
+            Some(head_deadline),
+        ));
     }
 
     fn late(mut self: Box<Self>, stream: TcpStream) {
         // Off the idle gauge before it is answered.
-        let fresh = self.unpark().is_none();
+        let fresh = !self.unpark();
         let listener = &self.listener;
         let metrics = &listener.metrics;
         if fresh && listener.config.proxy_protocol {
@@ -387,11 +391,12 @@ fn serve_protocol(
             let Some(guarded) = verdict.and_then(|verdict| framing::guard(stream, verdict)) else {
                 return Box::pin(std::future::ready(()));
             };
+            let head_deadline = client.head_deadline;
             Box::pin(serve_http(
                 park::Watched::new(guarded),
                 client,
                 Negotiated::Detect,
-                None,
+                Some(head_deadline),
             ))
         }
     }

@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -145,6 +146,34 @@ async fn a_late_or_missing_request_head_gets_408_and_is_counted() {
             &[("listener", "web"), ("reason", "header_timeout")]
         ),
         Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn the_first_request_head_is_due_header_timeout_after_accept() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (_gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("b", backend.address)],
+        ", limits: { header_timeout: 1s }",
+        "",
+    )
+    .await;
+    let opened = std::time::Instant::now();
+    let mut client = tokio::net::TcpStream::connect(web).await.unwrap();
+    // A slow client: its first byte late in the allowance does not buy a second one.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.write_all(b"G").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer));
+    read.await.unwrap().unwrap();
+    let waited = opened.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "408 after {waited:?}: the head was due 1 s after accept"
     );
 }
 
