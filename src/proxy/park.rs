@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 /// comes back sooner does not pay the move.
 pub const CHECK_PERIOD: Duration = Duration::from_millis(50);
 
-/// How long gatehouse's own HTTP/1 loop keeps its state (≈ 8 KB and a 2 KiB read buffer)
+/// How long gatehouse's own HTTP/1 loop keeps its state (≈ 4.5 KB and a 2 KiB read buffer)
 /// after a response with nothing of the next request read. Back-to-back clients come back
 /// well within it; a connection quiet for longer gives its state back and waits holding only
 /// its stream, so a burst of requests on many connections does not leave each of them
