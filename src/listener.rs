@@ -300,17 +300,9 @@ impl Guest for Client {
             tasks.spawn(serve_connection(stream, self));
             return;
         }
-        let verdict = self.connection.framing.clone();
-        let Some(guarded) = verdict.and_then(|verdict| framing::guard(stream, verdict)) else {
-            return;
-        };
-        let head_deadline = self.head_deadline;
-        tasks.spawn(serve_http(
-            park::Watched::new(guarded),
-            self,
-            Negotiated::Http1,
-            Some(head_deadline),
-        ));
+        if let Some(serving) = serve_plain_http(stream, self, Negotiated::Http1) {
+            tasks.spawn(serving);
+        }
     }
 
     fn late(mut self: Box<Self>, stream: TcpStream) {
@@ -386,20 +378,30 @@ fn serve_protocol(
         (None, Protocol::Tcp) => {
             Box::pin(async move { l4::serve(stream, &client.connection, &client.listener).await })
         }
-        (None, _) => {
-            let verdict = client.connection.framing.clone();
-            let Some(guarded) = verdict.and_then(|verdict| framing::guard(stream, verdict)) else {
-                return Box::pin(std::future::ready(()));
-            };
-            let head_deadline = client.head_deadline;
-            Box::pin(serve_http(
-                park::Watched::new(guarded),
-                client,
-                Negotiated::Detect,
-                Some(head_deadline),
-            ))
-        }
+        (None, _) => match serve_plain_http(stream, client, Negotiated::Detect) {
+            Some(serving) => Box::pin(serving),
+            None => Box::pin(std::future::ready(())),
+        },
     }
+}
+
+/// Plain HTTP on a connection whose client has spoken (first, or again after waiting in the
+/// room), its framing check following on from the requests counted so far; `None` — the
+/// connection closes — unless it stands between two requests.
+fn serve_plain_http(
+    stream: ClientStream,
+    client: Box<Client>,
+    negotiated: Negotiated,
+) -> Option<impl Future<Output = ()> + Send> {
+    let verdict = client.connection.framing.clone()?;
+    let guarded = framing::guard(stream, verdict)?;
+    let head_deadline = client.head_deadline;
+    Some(serve_http(
+        park::Watched::new(guarded),
+        client,
+        negotiated,
+        Some(head_deadline),
+    ))
 }
 
 /// Plain HTTP on a connection until it parks, when it is seated in the waiting room (and
