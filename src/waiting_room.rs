@@ -77,7 +77,7 @@ impl WaitingRoom {
             poll,
             events: mio::Events::with_capacity(EVENTS),
             seats: Slab::new(),
-            deadlines: BinaryHeap::new(),
+            deadlines: Deadlines::default(),
             tickets: 0,
             queue,
         };
@@ -109,9 +109,7 @@ struct Room {
     poll: AsyncFd<mio::Poll>,
     events: mio::Events,
     seats: Slab<Seat>,
-    /// Every seat's deadline, earliest first, with the seat's ticket and key; entries of seats
-    /// already left stay until they come up (or the heap is rebuilt).
-    deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    deadlines: Deadlines,
     tickets: u32,
     queue: mpsc::UnboundedReceiver<Arrival>,
 }
@@ -184,7 +182,7 @@ impl Room {
                 break;
             }
             let now = Instant::now();
-            while let Some(&Reverse((deadline, ticket, key))) = self.deadlines.peek() {
+            while let Some((deadline, ticket, key)) = self.deadlines.earliest() {
                 if deadline > now || budget == 0 {
                     break;
                 }
@@ -201,10 +199,13 @@ impl Room {
                     release(self.poll.get_ref().registry(), seat, Leaving::Late);
                 }
             }
-            if self.deadlines.len() > 2 * self.seats.len() + 64 {
-                self.rebuild_deadlines();
-            }
-            if let Some(&Reverse((next, _, _))) = self.deadlines.peek() {
+            let seats = &self.seats;
+            self.deadlines.bound_stale(seats.len(), |key, ticket| {
+                seats
+                    .get(key as usize)
+                    .is_some_and(|seat| seat.ticket == ticket)
+            });
+            if let Some((next, _, _)) = self.deadlines.earliest() {
                 if timer.deadline() != next {
                     timer.as_mut().reset(next);
                 }
@@ -249,17 +250,49 @@ impl Room {
             ticket,
             guest,
         });
-        self.deadlines.push(Reverse((deadline, ticket, short_key)));
+        self.deadlines.push(deadline, ticket, short_key);
+    }
+}
+
+/// Every seat's deadline, earliest first, with the seat's ticket and key. A seat that leaves
+/// early leaves its entry behind (finding it in the heap would cost more than skipping it
+/// when it comes up); the stale entries are dropped in bulk before they outnumber a quarter
+/// of the seats, so a room whose connections come and go keeps the heap it needs for its
+/// seats, not twice that — 24 bytes per waiting connection, which counts at 5,000 of them.
+#[derive(Default)]
+struct Deadlines {
+    heap: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+}
+
+impl Deadlines {
+    /// Stale entries tolerated beyond a quarter of the seats.
+    const SLACK: usize = 64;
+
+    fn push(&mut self, deadline: Instant, ticket: u32, key: u32) {
+        self.heap.push(Reverse((deadline, ticket, key)));
     }
 
-    /// Drops the deadlines of seats already left.
-    fn rebuild_deadlines(&mut self) {
-        let seats = &self.seats;
-        self.deadlines.retain(|Reverse((_, ticket, key))| {
-            seats
-                .get(*key as usize)
-                .is_some_and(|seat| seat.ticket == *ticket)
-        });
+    fn earliest(&self) -> Option<(Instant, u32, u32)> {
+        self.heap.peek().map(|&Reverse(entry)| entry)
+    }
+
+    fn pop(&mut self) {
+        self.heap.pop();
+    }
+
+    /// Drops the entries of seats already left once they are more than a quarter of the
+    /// `seats` still taken (plus [`Self::SLACK`]); `is_current(key, ticket)` says whether an
+    /// entry is a seated connection's. Amortised, each departure costs a few checks. After
+    /// a surge has left, the heap gives back what it no longer needs.
+    fn bound_stale(&mut self, seats: usize, is_current: impl Fn(u32, u32) -> bool) {
+        if self.heap.len() <= seats + seats / 4 + Self::SLACK {
+            return;
+        }
+        self.heap
+            .retain(|&Reverse((_, ticket, key))| is_current(key, ticket));
+        if self.heap.capacity() > 4 * self.heap.len() + 4 * Self::SLACK {
+            self.heap.shrink_to(2 * self.heap.len() + Self::SLACK);
+        }
     }
 }
 
@@ -448,5 +481,61 @@ mod tests {
             .expect("the connection stayed open");
         assert_eq!(closed.unwrap(), 0);
         assert!(room.left.try_recv().is_err(), "no guest was let out");
+    }
+
+    /// Connections that come and go — each leaving early, as a parked connection does when
+    /// its client speaks — leave stale deadlines behind; they stay a bounded share of the
+    /// heap, the seated ones are all kept in order, and a surge's heap is given back.
+    #[test]
+    fn stale_deadlines_stay_a_bounded_share_and_a_surge_is_given_back() {
+        use std::collections::HashMap;
+        let start = Instant::now();
+        let mut deadlines = Deadlines::default();
+        // key -> ticket of the seat that holds it now.
+        let mut seated: HashMap<u32, u32> = HashMap::new();
+        let mut ticket = 0;
+        let mut seat = |deadlines: &mut Deadlines, seated: &mut HashMap<u32, u32>, key: u32| {
+            ticket += 1;
+            seated.insert(key, ticket);
+            deadlines.push(
+                start + Duration::from_millis(u64::from(ticket)),
+                ticket,
+                key,
+            );
+        };
+        let seats = 5_000;
+        for key in 0..seats {
+            seat(&mut deadlines, &mut seated, key);
+        }
+        let full = deadlines.heap.capacity();
+        for round in 0..3 * seats {
+            let key = round % seats;
+            seated.remove(&key);
+            seat(&mut deadlines, &mut seated, key);
+            deadlines.bound_stale(seated.len(), |key, ticket| {
+                seated.get(&key) == Some(&ticket)
+            });
+            assert!(deadlines.heap.len() <= seated.len() + seated.len() / 4 + Deadlines::SLACK);
+        }
+        assert_eq!(deadlines.heap.capacity(), full, "the heap did not grow");
+
+        // The surge leaves: all but ten seats empty.
+        seated.retain(|&key, _| key < 10);
+        deadlines.bound_stale(seated.len(), |key, ticket| {
+            seated.get(&key) == Some(&ticket)
+        });
+        assert!(
+            deadlines.heap.capacity() < full / 16,
+            "{}",
+            deadlines.heap.capacity()
+        );
+        let mut order = Vec::new();
+        while let Some((deadline, ticket, key)) = deadlines.earliest() {
+            deadlines.pop();
+            assert_eq!(seated.get(&key), Some(&ticket));
+            order.push(deadline);
+        }
+        assert_eq!(order.len(), 10);
+        assert!(order.windows(2).all(|pair| pair[0] <= pair[1]));
     }
 }
