@@ -70,8 +70,10 @@ pub struct Connection {
     pub table: SharedTable,
     /// Tracks upgraded tunnels so shutdown can wait for them.
     pub tunnels: TaskTracker,
-    /// `client` as `X-Forwarded-For` carries it, rendered on the first request.
-    pub forwarded_for: std::sync::OnceLock<http::HeaderValue>,
+    /// `client` as `X-Forwarded-For` carries it, rendered once for all the requests (without
+    /// a `OnceLock` around it: 8 bytes less puts the shared facts in jemalloc's 192-byte size
+    /// class instead of the 224-byte one, and thousands of connections may be open).
+    forwarded_for: http::HeaderValue,
 }
 
 /// What a client's TLS handshake said, for access logs and the client-certificate header.
@@ -86,8 +88,8 @@ pub struct TlsFacts {
 }
 
 impl Connection {
-    /// A connection accepted from `client` on `listener`. An HTTP one gets its framing check
-    /// and its `X-Forwarded-For` value now, once; its requests share them.
+    /// A connection accepted from `client` on `listener`. It gets its `X-Forwarded-For` value
+    /// now, once, and an HTTP one its framing check; its requests share them.
     pub fn new(
         listener: Arc<str>,
         client: SocketAddr,
@@ -96,7 +98,7 @@ impl Connection {
         table: SharedTable,
         tunnels: TaskTracker,
     ) -> Self {
-        let connection = Connection {
+        Connection {
             listener,
             client,
             local,
@@ -107,21 +109,15 @@ impl Connection {
             answered: AtomicU64::new(0),
             table,
             tunnels,
-            forwarded_for: std::sync::OnceLock::new(),
-        };
-        if http {
-            connection.forwarded_for();
+            forwarded_for: headers::client_address_value(client.ip()),
         }
-        connection
     }
 
     /// Takes the addresses a PROXY protocol header gave.
     pub fn set_addresses(&mut self, client: SocketAddr, local: SocketAddr) {
         self.client = client;
         self.local = local;
-        if self.forwarded_for.take().is_some() {
-            self.forwarded_for();
-        }
+        self.forwarded_for = headers::client_address_value(client.ip());
     }
 
     /// An access record of `kind` with what this connection says of every request on it:
@@ -137,12 +133,6 @@ impl Connection {
             client_cert: tls.and_then(|tls| tls.client_cert.clone()),
             ..AccessRecord::default()
         }
-    }
-
-    /// The client's address for `X-Forwarded-For` (rendered once per connection).
-    fn forwarded_for(&self) -> &http::HeaderValue {
-        self.forwarded_for
-            .get_or_init(|| headers::client_address_value(self.client.ip()))
     }
 }
 
@@ -747,7 +737,7 @@ async fn forward(
     headers::strip_hop_by_hop(request_headers, upgrade);
     let request_id = headers::set_forwarded(
         request_headers,
-        connection.forwarded_for(),
+        &connection.forwarded_for,
         listener.is_trusted_proxy(connection.client.ip()),
         listener.config.protocol.as_str(),
         host.as_ref(),
@@ -972,4 +962,17 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = error.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every open HTTP connection — idle ones by the thousand — keeps its facts behind an
+    /// `Arc` (16 bytes of counts beside them): at 176 bytes they fill jemalloc's 192-byte size
+    /// class; one field more and each connection takes 224.
+    #[test]
+    fn the_connection_facts_fit_the_192_byte_size_class() {
+        assert!(std::mem::size_of::<Connection>() <= 176);
+    }
 }
