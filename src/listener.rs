@@ -74,6 +74,11 @@ impl Listener {
                 None
             }
         };
+        let context = Arc::new(l7::ListenerContext {
+            name: self.name.clone(),
+            table: self.table.clone(),
+            tunnels: self.tasks.clone(),
+        });
         let gate = Arc::new(Gate {
             open: AtomicUsize::new(0),
             per_client: PerClient::new(),
@@ -105,14 +110,7 @@ impl Listener {
             }
             let local = stream.local_addr().unwrap_or(peer);
             let speaks_http = listener.config.protocol.is_http();
-            let connection = l7::Connection::new(
-                self.name.clone(),
-                peer,
-                local,
-                speaks_http,
-                self.table.clone(),
-                self.tasks.clone(),
-            );
+            let connection = l7::Connection::new(context.clone(), peer, local, speaks_http);
             let mut client = Client::new(connection, listener, gate.clone());
             let proxy_protocol = client.listener.config.proxy_protocol;
             // The client's own address is known now, unless a PROXY header will give it.
@@ -295,7 +293,7 @@ impl Drop for Client {
 impl Guest for Client {
     fn spoke(mut self: Box<Self>, stream: TcpStream) {
         let stream = client_stream(stream, &self.listener);
-        let tasks = self.connection.tunnels.clone();
+        let tasks = self.connection.listener.tunnels.clone();
         if !self.unpark() {
             tasks.spawn(serve_connection(stream, self));
             return;
@@ -317,7 +315,7 @@ impl Guest for Client {
             metrics.reject(Rejection::Tls);
         } else {
             let stream = client_stream(stream, listener);
-            let tasks = self.connection.tunnels.clone();
+            let tasks = self.connection.listener.tunnels.clone();
             tasks.spawn(async move { l7::answer_late_request(stream, &self.listener).await });
         }
     }
@@ -393,8 +391,10 @@ fn serve_plain_http(
     client: Box<Client>,
     negotiated: Negotiated,
 ) -> Option<impl Future<Output = ()> + Send> {
-    let verdict = client.connection.framing.clone()?;
-    let guarded = framing::guard(stream, verdict)?;
+    if !client.connection.checks_framing {
+        return None;
+    }
+    let guarded = framing::guard(stream, client.connection.clone())?;
     let head_deadline = client.head_deadline;
     Some(serve_http(
         park::Watched::new(guarded),
@@ -522,20 +522,20 @@ async fn serve_tls(stream: ClientStream, mut client: Box<Client>) {
     }));
     if negotiated == Negotiated::Http2 {
         // HTTP/2 frames its requests itself: no HTTP/1 framing check.
-        facts.framing = None;
+        facts.checks_framing = false;
     }
     let connection = client.connection.clone();
     let shutdown = client.gate.shutdown.clone();
-    match (listener.config.protocol, &connection.framing) {
+    match (listener.config.protocol, connection.checks_framing) {
         (Protocol::Tls, _) => Box::pin(l4::serve(tls, &connection, &listener)).await,
-        (_, Some(verdict)) => {
-            let Some(tls) = framing::guard(tls, verdict.clone()) else {
+        (_, true) => {
+            let Some(tls) = framing::guard(tls, connection.clone()) else {
                 return;
             };
             let served = l7::serve_all(tls, connection, &listener, negotiated, shutdown);
             Box::pin(served).await;
         }
-        (_, None) => {
+        (_, false) => {
             let served = l7::serve_all(tls, connection, &listener, negotiated, shutdown);
             Box::pin(served).await;
         }

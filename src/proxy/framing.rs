@@ -66,12 +66,24 @@ enum State {
     Done,
 }
 
+/// Whoever keeps a connection's [`Verdict`]: the connection's shared facts (so the verdict
+/// is no allocation of its own), or a bare verdict.
+pub trait VerdictHolder: std::fmt::Debug + Send + Sync + 'static {
+    fn verdict(&self) -> &Verdict;
+}
+
+impl VerdictHolder for Verdict {
+    fn verdict(&self) -> &Verdict {
+        self
+    }
+}
+
 /// Follows request boundaries on an HTTP/1 byte stream.
 #[derive(Debug)]
 pub struct Tracker {
     state: State,
     requests: u64,
-    verdict: Arc<Verdict>,
+    holder: Arc<dyn VerdictHolder>,
 }
 
 fn line_end(buffer: &[u8]) -> Option<usize> {
@@ -264,7 +276,8 @@ impl Tracker {
         self.requests += 1;
         match framing {
             Framing::Ambiguous => {
-                self.verdict
+                self.holder
+                    .verdict()
                     .first_ambiguous
                     .fetch_min(index, Ordering::AcqRel);
                 State::Done
@@ -284,7 +297,10 @@ impl Observer for Tracker {
             State::Head(partial) if partial.is_empty() => self.requests,
             _ => u64::MAX,
         };
-        self.verdict.settled.store(settled, Ordering::Relaxed);
+        self.holder
+            .verdict()
+            .settled
+            .store(settled, Ordering::Relaxed);
     }
 
     fn wrote(&mut self, _count: usize) {}
@@ -293,14 +309,14 @@ impl Observer for Tracker {
 /// A client stream whose HTTP/1 framing is checked independently of hyper.
 pub type FramingGuard<T> = Observed<T, Tracker>;
 
-/// Wraps `inner`, following on from the requests `verdict` (the request handler's) counted
-/// so far — none on a new connection; on one back from the waiting room, those before it
-/// parked. `None` unless the connection stands between two requests.
-pub fn guard<T>(inner: T, verdict: Arc<Verdict>) -> Option<FramingGuard<T>> {
+/// Wraps `inner`, following on from the requests `holder`'s verdict (the request handler's)
+/// counted so far — none on a new connection; on one back from the waiting room, those
+/// before it parked. `None` unless the connection stands between two requests.
+pub fn guard<T>(inner: T, holder: Arc<dyn VerdictHolder>) -> Option<FramingGuard<T>> {
     let tracker = Tracker {
         state: State::Head(Vec::new()),
-        requests: verdict.settled_requests()?,
-        verdict,
+        requests: holder.verdict().settled_requests()?,
+        holder,
     };
     Some(Observed::new(inner, tracker))
 }
@@ -314,7 +330,7 @@ mod tests {
         let mut tracker = Tracker {
             state: State::Head(Vec::new()),
             requests: 0,
-            verdict: verdict.clone(),
+            holder: verdict.clone(),
         };
         for chunk in chunks {
             tracker.feed(chunk);

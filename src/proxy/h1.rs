@@ -766,14 +766,12 @@ mod tests {
             .clone();
         let limits = table.load().listener("web").unwrap().config.limits;
         let address = "127.0.0.1:1".parse().unwrap();
-        let connection = Arc::new(Connection::new(
-            "web".into(),
-            address,
-            address,
-            true,
+        let listener = Arc::new(l7::ListenerContext {
+            name: "web".into(),
             table,
-            tokio_util::task::TaskTracker::new(),
-        ));
+            tunnels: tokio_util::task::TaskTracker::new(),
+        });
+        let connection = Arc::new(Connection::new(listener, address, address, true));
         let mut stream = Watched::new(tokio::io::duplex(64).0);
         let shutdown = CancellationToken::new();
         let session = serve(&mut stream, &connection, limits, &shutdown, Instant::now());

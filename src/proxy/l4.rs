@@ -80,10 +80,10 @@ where
     if let Some(version) = pool.config.send_proxy_protocol {
         let header = match version {
             ProxyProtocolVersion::V1 => {
-                proxy_protocol::encode_v1(connection.client, connection.local)
+                proxy_protocol::encode_v1(connection.client, connection.local())
             }
             ProxyProtocolVersion::V2 => {
-                proxy_protocol::encode_v2(connection.client, connection.local)
+                proxy_protocol::encode_v2(connection.client, connection.local())
             }
         };
         if stream.write_all(&header).await.is_err() {
