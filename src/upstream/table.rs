@@ -202,8 +202,13 @@ impl Pool {
         PickContext { client_ip, hash }
     }
 
-    /// Records how long a backend took, for `least_latency`.
+    /// Records how long a backend took, for `least_latency`, the only reader of the
+    /// estimate: other pools skip it (a clock read and two `exp` per request). A pool switched
+    /// to `least_latency` by a reload starts from no estimate, which its first responses set.
     pub fn observe_latency(&self, index: usize, latency: std::time::Duration) {
+        if self.config.algorithm != Algorithm::LeastLatency {
+            return;
+        }
         if let Some(backend) = self.backends.get(index) {
             backend
                 .stats
@@ -579,5 +584,28 @@ impl BackendFacts for StaticFacts {
             format: crate::config::AccessLogFormat::Json,
         };
         AccessLog::start(&off, self.metrics.access_log_dropped.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Only `least_latency` reads a backend's latency estimate, so only its pools keep one.
+    #[tokio::test]
+    async fn only_least_latency_pools_keep_a_latency_estimate() {
+        let yaml = "listeners:\n  web: { listen: \"127.0.0.1:0\", protocol: http, pool: plain }\npools:\n  fast:\n    algorithm: least_latency\n    health_check: { type: none }\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n  plain:\n    health_check: { type: none }\n    backends:\n      - { name: b, address: \"127.0.0.1:9\" }\n";
+        let config = crate::config::parse(yaml, std::path::Path::new("test.yaml")).unwrap();
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let publisher = crate::upstream::publisher::start(Arc::new(config), metrics).unwrap();
+        let table = publisher.table().load_full();
+        let estimate = |pool: &str| {
+            let pool = table.pool(pool).unwrap();
+            pool.observe_latency(0, Duration::from_millis(5));
+            pool.backends[0].stats.latency_snapshot().0
+        };
+        assert!(estimate("fast") > 1e6, "least_latency keeps its estimate");
+        assert_eq!(estimate("plain"), 0.0, "round_robin skips it");
     }
 }
