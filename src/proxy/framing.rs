@@ -69,6 +69,7 @@ enum State {
 /// Whoever keeps a connection's [`Verdict`]: the connection's shared facts (so the verdict
 /// is no allocation of its own), or a bare verdict.
 pub trait VerdictHolder: std::fmt::Debug + Send + Sync + 'static {
+    /// The verdict the tracker writes and the request handler reads.
     fn verdict(&self) -> &Verdict;
 }
 

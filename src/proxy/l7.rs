@@ -54,6 +54,7 @@ const MAX_LOCAL_RESETS: usize = 256;
 pub struct ListenerContext {
     /// The listener's name, which finds its entry in the table.
     pub name: Arc<str>,
+    /// The published table every request reads.
     pub table: SharedTable,
     /// Tracks upgraded tunnels (and the listener's connections) so shutdown can wait for them.
     pub tunnels: TaskTracker,
