@@ -485,8 +485,10 @@ async fn serve_tls(stream: ClientStream, mut client: Box<Client>) {
     let metrics = &listener.metrics;
     let limits = listener.config.limits;
     let handshake = Box::pin(acceptor.accept(stream));
+    // Boxed once: moved on into the serve loop, the TLS stream (≈ 2 KB) would otherwise
+    // take a slot in this task's state and several in the loop's, for the connection's life.
     let tls = match tokio::time::timeout(limits.header_timeout, handshake).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(error)) => {
             tracing::debug!(client = %client.connection.client, %error, "TLS handshake failed");
             metrics.tls_handshake_errors.inc();
