@@ -356,6 +356,8 @@ pools:
     );
 }
 
+/// A head begun and not finished in time, and a client silent after its handshake (which
+/// waits for its first byte outside the HTTP/1 loop), both get 408 and count as late heads.
 #[tokio::test]
 async fn a_late_request_head_over_tls_gets_408() {
     let backend = TestBackend::start("b").await;
@@ -384,5 +386,14 @@ pools:
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    let silent = raw_tls_request(ca.client_config(&[b"http/1.1"]), secure, b"").await;
+    assert!(silent.starts_with("HTTP/1.1 408"), "{silent:?}");
     assert!(backend.requests().is_empty());
+    let text = metrics_text(&gatehouse).await;
+    let late = metric(
+        &text,
+        "gatehouse_rejected_total",
+        &[("listener", "secure"), ("reason", "header_timeout")],
+    );
+    assert_eq!(late, Some(2.0));
 }
