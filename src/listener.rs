@@ -474,9 +474,9 @@ async fn serve_http(
 }
 
 /// A TLS connection once its client has spoken: handshake, then HTTP (by ALPN) or TCP
-/// pass-through. A function of its own, so the room for the TLS stream (≈ 2 KB) is no part of
-/// a plain connection's state. Its parked connections wait in this task (their TLS state
-/// with them).
+/// pass-through. A function of its own, so its state (the handshake, the TLS stream's box)
+/// is no part of a plain connection's. Its parked connections wait in this task (their TLS
+/// state with them).
 async fn serve_tls(stream: ClientStream, mut client: Box<Client>) {
     let listener = client.listener.clone();
     let Some(acceptor) = listener.tls.as_ref() else {

@@ -334,14 +334,11 @@ pub async fn serve_all<I>(
     let mut head_deadline = None;
     if negotiated == Negotiated::Http1 {
         let due = tokio::time::Instant::now() + listener.config.limits.header_timeout;
-        match park::wait_for_request(&mut stream, due, &shutdown).await {
-            park::Wait::Spoke => head_deadline = Some(due),
-            park::Wait::Ended => return,
-            park::Wait::Late => {
-                Box::pin(answer_late_request(stream, listener)).await;
-                return;
-            }
+        let waited = park::wait_for_request(&mut stream, due, &shutdown).await;
+        if !spoke_in_time(waited, &mut stream, listener).await {
+            return;
         }
+        head_deadline = Some(due);
     }
     loop {
         let served = serve(
@@ -378,7 +375,17 @@ pub async fn wait_parked<T: AsyncRead + AsyncWrite + Unpin>(
     listener: &ListenerTable,
     shutdown: &CancellationToken,
 ) -> bool {
-    match wait_idle(stream, deadline, listener, shutdown).await {
+    let waited = wait_idle(stream, deadline, listener, shutdown).await;
+    spoke_in_time(waited, stream, listener).await
+}
+
+/// Whether a wait for the client's next byte ended with the byte; a late one is answered 408.
+async fn spoke_in_time<T: AsyncWrite + Unpin>(
+    waited: park::Wait,
+    stream: &mut park::Watched<T>,
+    listener: &ListenerTable,
+) -> bool {
+    match waited {
         park::Wait::Spoke => true,
         park::Wait::Ended => false,
         park::Wait::Late => {
