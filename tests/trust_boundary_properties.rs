@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use gatehouse::proxy::headers;
+use gatehouse::upstream::body::UpstreamBody;
+use gatehouse::upstream::http1::encode_head;
 use http::{HeaderName, HeaderValue, Request};
 use proptest::prelude::*;
 use std::net::IpAddr;
@@ -93,17 +95,39 @@ proptest! {
         request.headers_mut().insert("host", HeaderValue::from_static("portal.example.gov"));
         let _ = headers::check_framing(&request);
         headers::strip_hop_by_hop(request.headers_mut(), false);
-        let client = IpAddr::from(client);
         let host = request.headers().get("host").cloned();
-        headers::set_forwarded(request.headers_mut(), &headers::client_address_value(client), false, "https", host.as_ref());
-        let map = request.headers();
+        let client = IpAddr::from(client);
+        let client_value = headers::client_address_value(client);
+        let forwarded_for = headers::forwarded_for(request.headers(), &client_value, false);
+        let request_id = headers::request_id(request.headers());
+        let proto = HeaderValue::from_static("https");
+        let forwarded = headers::Forwarded {
+            host: host.as_ref().unwrap(),
+            forwarded_host: host.as_ref(),
+            forwarded_for: &forwarded_for,
+            proto: &proto,
+            request_id: &request_id,
+        };
+        // What the backend receives.
+        let (parts, ()) = request.into_parts();
+        let mut head = Vec::new();
+        encode_head(&parts, &forwarded, &UpstreamBody::empty(), &mut head);
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let sent: Vec<(String, &str)> = head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|line| line.split_once(": "))
+            .map(|(name, value)| (name.to_ascii_lowercase(), value))
+            .collect();
+        let values = |wanted: &str| -> Vec<&str> {
+            sent.iter().filter(|(name, _)| name == wanted).map(|(_, value)| *value).collect()
+        };
         for hop in ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-connection"] {
-            prop_assert!(!map.contains_key(hop), "{hop} survived");
+            prop_assert!(values(hop).is_empty(), "{hop} survived");
         }
-        prop_assert_eq!(map.get_all("x-forwarded-for").iter().count(), 1);
-        prop_assert_eq!(map["x-forwarded-for"].to_str().unwrap(), client.to_string());
-        prop_assert_eq!(&map["host"], "portal.example.gov");
-        prop_assert!(map.contains_key("x-request-id"));
+        prop_assert_eq!(values("x-forwarded-for"), vec![client.to_string()]);
+        prop_assert_eq!(values("host"), vec!["portal.example.gov"]);
+        prop_assert_eq!(values("x-request-id").len(), 1);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Fuzzes request-head sanitation: arbitrary header names and values go through the framing
-//! check, hop-by-hop removal and X-Forwarded-* rewriting without panicking, and no hop-by-hop
-//! header survives.
+//! check, hop-by-hop removal, X-Forwarded-* and the upstream head's encoding without
+//! panicking, and no hop-by-hop header survives.
 #![no_main]
 
 use gatehouse::proxy::headers;
+use gatehouse::upstream::body::UpstreamBody;
+use gatehouse::upstream::http1::encode_head;
 use http::{HeaderName, HeaderValue, Request};
 use libfuzzer_sys::fuzz_target;
 
@@ -24,8 +26,21 @@ fuzz_target!(|data: &[u8]| {
     let upgrade = headers::wants_upgrade(request.headers());
     headers::strip_hop_by_hop(request.headers_mut(), upgrade);
     let client = headers::client_address_value([192, 0, 2, 1].into());
-    headers::set_forwarded(request.headers_mut(), &client, true, "https", None);
+    let forwarded_for = headers::forwarded_for(request.headers(), &client, true);
+    let request_id = headers::request_id(request.headers());
+    let backend = HeaderValue::from_static("backend");
+    let proto = HeaderValue::from_static("https");
+    let forwarded = headers::Forwarded {
+        host: &backend,
+        forwarded_host: None,
+        forwarded_for: &forwarded_for,
+        proto: &proto,
+        request_id: &request_id,
+    };
     for hop in ["keep-alive", "te", "trailer", "transfer-encoding", "proxy-connection"] {
         assert!(!request.headers().contains_key(hop));
     }
+    let (parts, ()) = request.into_parts();
+    let mut head = Vec::new();
+    encode_head(&parts, &forwarded, &UpstreamBody::empty(), &mut head);
 });

@@ -40,8 +40,6 @@ use tokio_util::sync::CancellationToken;
 const MAX_HEADERS: usize = 100;
 /// A session's first read buffer: room for the usual head (nginx: 1 KiB).
 const READ_BUFFER: usize = 2048;
-/// Headers gatehouse adds on the way to a backend (`X-Forwarded-*`, `X-Request-Id`, ...).
-const ADDED_HEADERS: usize = 6;
 /// Body frames this large are written from their own buffer instead of being copied.
 const COPY_LIMIT: usize = 8 * 1024;
 /// Body bytes read ahead from the backend while the client has not taken them yet.
@@ -306,7 +304,7 @@ fn build(
 ) -> Option<Request<ClientBody>> {
     let part = |start: u32, length: u32| start as usize..(start + length) as usize;
     let uri = Uri::from_maybe_shared(head.slice(part(path_start, path_length))).ok()?;
-    let mut headers = HeaderMap::with_capacity(spans.len() + ADDED_HEADERS);
+    let mut headers = HeaderMap::with_capacity(spans.len());
     for &[name_start, name_length, value_start, value_length] in spans {
         let name = HeaderName::from_bytes(&head[part(name_start, name_length)]).ok()?;
         let value =

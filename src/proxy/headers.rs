@@ -3,6 +3,7 @@
 //! Kept free of I/O so it can be unit- and property-tested at this trust boundary.
 
 use super::error::ProxyError;
+use crate::upstream::http1::{write_header, SetHeaders};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
@@ -170,17 +171,46 @@ pub fn client_address_value(client_ip: IpAddr) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-/// Sets `X-Forwarded-For` to `client` (appended to the previous list only when the peer is
-/// a trusted proxy, else replacing it), `X-Forwarded-Proto`, `X-Forwarded-Host` and
-/// `X-Request-Id` (kept if sane, else new). Returns the request id.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    client: &HeaderValue,
-    extend_forwarded_for: bool,
-    proto: &'static str,
-    host: Option<&HeaderValue>,
-) -> HeaderValue {
-    let previous: Vec<&str> = if extend_forwarded_for {
+/// The headers gatehouse sets on a request it forwards, in place of any the client sent by
+/// those names (a client cannot forge them). They go into the upstream head as it is
+/// written ([`SetHeaders`]), never into the request's header map.
+pub struct Forwarded<'a> {
+    /// `Host`: the host the client asked for, else the backend's.
+    pub host: &'a HeaderValue,
+    /// `X-Forwarded-Host`: the host the client asked for; not sent when it named none.
+    pub forwarded_host: Option<&'a HeaderValue>,
+    /// `X-Forwarded-For`, from [`forwarded_for`].
+    pub forwarded_for: &'a HeaderValue,
+    /// `X-Forwarded-Proto`: the listener's protocol.
+    pub proto: &'a HeaderValue,
+    /// `X-Request-Id`, from [`request_id`].
+    pub request_id: &'a HeaderValue,
+}
+
+impl SetHeaders for Forwarded<'_> {
+    fn replaces(&self, name: &HeaderName) -> bool {
+        // One string match, by length then bytes.
+        matches!(
+            name.as_str(),
+            "host" | "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "x-request-id"
+        )
+    }
+
+    fn write(&self, head: &mut Vec<u8>) {
+        write_header(head, "host", self.host);
+        write_header(head, "x-forwarded-for", self.forwarded_for);
+        write_header(head, "x-forwarded-proto", self.proto);
+        if let Some(host) = self.forwarded_host {
+            write_header(head, "x-forwarded-host", host);
+        }
+        write_header(head, "x-request-id", self.request_id);
+    }
+}
+
+/// The `X-Forwarded-For` to send: the client's address (`client`), after the list the
+/// request carries only when `extend` (the client is a trusted proxy).
+pub fn forwarded_for(headers: &HeaderMap, client: &HeaderValue, extend: bool) -> HeaderValue {
+    let previous: Vec<&str> = if extend {
         headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -189,28 +219,23 @@ pub fn set_forwarded(
     } else {
         Vec::new()
     };
-    let forwarded_for = if previous.is_empty() {
-        client.clone()
-    } else {
-        let list = format!(
-            "{}, {}",
-            previous.join(", "),
-            client.to_str().unwrap_or("unknown")
-        );
-        HeaderValue::from_str(&list).unwrap_or_else(|_| client.clone())
-    };
-    headers.insert(X_FORWARDED_FOR, forwarded_for);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    match host {
-        Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
-        None => headers.remove(X_FORWARDED_HOST),
-    };
-    let id = match headers.get(&X_REQUEST_ID) {
+    if previous.is_empty() {
+        return client.clone();
+    }
+    let list = format!(
+        "{}, {}",
+        previous.join(", "),
+        client.to_str().unwrap_or("unknown")
+    );
+    HeaderValue::from_str(&list).unwrap_or_else(|_| client.clone())
+}
+
+/// The request's id: the client's `X-Request-Id` when it is sane, else a new one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
         Some(id) if is_sane_request_id(id) => id.clone(),
         _ => new_request_id(),
-    };
-    headers.insert(X_REQUEST_ID, id.clone());
-    id
+    }
 }
 
 /// Request ids are echoed into logs: accept only short, visible ASCII.
@@ -339,27 +364,79 @@ mod tests {
     #[test]
     fn forwarded_for_is_replaced_unless_trusted() {
         let ip = client_address_value("10.1.2.3".parse().unwrap());
-        let mut untrusted = map(&[("x-forwarded-for", "6.6.6.6")]);
-        set_forwarded(&mut untrusted, &ip, false, "http", None);
-        assert_eq!(untrusted["x-forwarded-for"], "10.1.2.3");
-        let mut trusted = map(&[("x-forwarded-for", "6.6.6.6")]);
-        set_forwarded(&mut trusted, &ip, true, "https", None);
-        assert_eq!(trusted["x-forwarded-for"], "6.6.6.6, 10.1.2.3");
-        assert_eq!(trusted["x-forwarded-proto"], "https");
+        let sent = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "7.7.7.7"),
+        ]);
+        assert_eq!(forwarded_for(&sent, &ip, false), "10.1.2.3");
+        assert_eq!(
+            forwarded_for(&sent, &ip, true),
+            "6.6.6.6, 7.7.7.7, 10.1.2.3"
+        );
+        assert_eq!(forwarded_for(&HeaderMap::new(), &ip, true), "10.1.2.3");
     }
 
     #[test]
     fn request_id_kept_or_generated() {
-        let ip = client_address_value("10.1.2.3".parse().unwrap());
-        let mut with_id = map(&[("x-request-id", "abc-123")]);
-        assert_eq!(
-            set_forwarded(&mut with_id, &ip, false, "http", None),
-            "abc-123"
-        );
-        let mut without = HeaderMap::new();
-        let id = set_forwarded(&mut without, &ip, false, "http", None);
+        assert_eq!(request_id(&map(&[("x-request-id", "abc-123")])), "abc-123");
+        let id = request_id(&HeaderMap::new());
         assert_eq!(id.len(), 32);
         assert_ne!(id, new_request_id());
+        let insane = map(&[("x-request-id", "a b")]);
+        assert_eq!(request_id(&insane).len(), 32);
+    }
+
+    /// The head a backend receives for a request with `headers`, with `forwarded` set on it.
+    fn sent(headers: HeaderMap, forwarded: &Forwarded) -> String {
+        let mut request = Request::new(());
+        *request.headers_mut() = headers;
+        let (parts, ()) = request.into_parts();
+        let mut head = Vec::new();
+        let body = crate::upstream::body::UpstreamBody::empty();
+        crate::upstream::http1::encode_head(&parts, forwarded, &body, &mut head);
+        String::from_utf8(head).unwrap()
+    }
+
+    #[test]
+    fn the_forwarded_headers_replace_the_clients_own() {
+        let client_sent = map(&[
+            ("Host", "portal.example.gov"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Proto", "gopher"),
+            ("X-Forwarded-Host", "evil.example"),
+            ("X-Request-Id", "abc"),
+            ("Accept", "*/*"),
+        ]);
+        let host = HeaderValue::from_static("portal.example.gov");
+        let ip = client_address_value("10.1.2.3".parse().unwrap());
+        let proto = HeaderValue::from_static("https");
+        let id = HeaderValue::from_static("abc");
+        let forwarded = Forwarded {
+            host: &host,
+            forwarded_host: Some(&host),
+            forwarded_for: &ip,
+            proto: &proto,
+            request_id: &id,
+        };
+        assert_eq!(
+            sent(client_sent.clone(), &forwarded),
+            "GET / HTTP/1.1\r\nhost: portal.example.gov\r\nx-forwarded-for: 10.1.2.3\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: portal.example.gov\r\n\
+             x-request-id: abc\r\naccept: */*\r\n\r\n"
+        );
+        // A request that named no host: the backend's goes as Host, the client's
+        // X-Forwarded-Host is not passed on.
+        let backend = HeaderValue::from_static("10.0.0.7:8080");
+        let no_host = Forwarded {
+            host: &backend,
+            forwarded_host: None,
+            ..forwarded
+        };
+        assert_eq!(
+            sent(client_sent, &no_host),
+            "GET / HTTP/1.1\r\nhost: 10.0.0.7:8080\r\nx-forwarded-for: 10.1.2.3\r\n\
+             x-forwarded-proto: https\r\nx-request-id: abc\r\naccept: */*\r\n\r\n"
+        );
     }
 
     #[test]

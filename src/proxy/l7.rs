@@ -781,16 +781,13 @@ async fn forward(
         request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers());
     let request_headers = request.headers_mut();
     headers::strip_hop_by_hop(request_headers, upgrade);
-    let request_id = headers::set_forwarded(
+    let forwarded_for = headers::forwarded_for(
         request_headers,
         &connection.forwarded_for,
         listener.is_trusted_proxy(connection.client.ip()),
-        listener.config.protocol.as_str(),
-        host.as_ref(),
     );
-    if let Some(host) = &host {
-        request_headers.insert(header::HOST, host.clone());
-    }
+    let request_id = headers::request_id(request_headers);
+    let proto = http::HeaderValue::from_static(listener.config.protocol.as_str());
     if let Some(name) = listener
         .config
         .tls
@@ -808,7 +805,7 @@ async fn forward(
         }
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-    let (mut head, body, replayable) =
+    let (head, body, replayable) =
         upstream_request(request, upgrade, bytes_in, target.max_body_bytes)
             .map_err(|error| (error, Outcome::default()))?;
     // The head stays here, lent to each attempt; the body goes with an attempt and comes
@@ -855,16 +852,20 @@ async fn forward(
         let Some(body) = next.take() else {
             break;
         };
-        if host.is_none() {
-            head.headers.insert(header::HOST, backend.host.clone());
-        }
+        let forwarded = headers::Forwarded {
+            host: host.as_ref().unwrap_or(&backend.host),
+            forwarded_host: host.as_ref(),
+            forwarded_for: &forwarded_for,
+            proto: &proto,
+            request_id: &request_id,
+        };
         // A request without a body may be sent again after the backend saw it.
         let may_replay = replayable && !last_attempt;
         let sending = tokio::time::timeout(
             pool.config.timeouts.request,
             backend
                 .connections
-                .send(&head, body, proxy_header.as_deref()),
+                .send(&head, &forwarded, body, proxy_header.as_deref()),
         );
         let in_flight = backend.stats.start();
         let sent_at = Instant::now();

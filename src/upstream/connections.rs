@@ -9,7 +9,7 @@
 
 use super::body::{BodyTooLarge, UpstreamBody};
 use super::connector::{ConnectError, Connector};
-use super::http1::{Connection, Http1Error, ResponseBody};
+use super::http1::{Connection, Http1Error, ResponseBody, SetHeaders};
 use crossbeam_queue::ArrayQueue;
 use http::{request, Response};
 use std::net::SocketAddr;
@@ -126,15 +126,16 @@ impl BackendConnections {
         });
     }
 
-    /// Sends the request `head` (origin-form URI, Host set; borrowed, so the caller can send
-    /// it again) with `body` on an idle connection, or a new one when none is usable. With
-    /// `proxy_header`, a new connection starting with that header carries this request alone
-    /// (the header names one client) and is never reused.
+    /// Sends the request `head` (origin-form URI; borrowed, so the caller can send it again)
+    /// with the headers `set` on it and `body`, on an idle connection or a new one when none
+    /// is usable. With `proxy_header`, a new connection starting with that header carries
+    /// this request alone (the header names one client) and is never reused.
     ///
     /// The response body gives its connection back when read to its end, if it may be reused.
     pub async fn send(
         self: &Arc<Self>,
         head: &request::Parts,
+        set: &dyn SetHeaders,
         mut body: UpstreamBody,
         proxy_header: Option<&[u8]>,
     ) -> Result<Response<ResponseBody>, Failed> {
@@ -145,7 +146,11 @@ impl BackendConnections {
                 if idle.since.elapsed() >= self.idle_timeout || !idle.connection.is_usable() {
                     continue;
                 }
-                match idle.connection.send(head, body, Some(self.clone())).await {
+                match idle
+                    .connection
+                    .send(head, set, body, Some(self.clone()))
+                    .await
+                {
                     Ok(response) => return Ok(response),
                     Err((_, Some(returned))) => body = returned,
                     Err((error, None)) => {
@@ -170,7 +175,7 @@ impl BackendConnections {
         };
         let home = proxy_header.is_none().then(|| self.clone());
         Connection::new(stream)
-            .send(head, body, home)
+            .send(head, set, body, home)
             .await
             .map_err(|(error, unsent)| Failed {
                 error: SendError::Request(error),
