@@ -269,12 +269,14 @@ pub fn encode_head(
     buffer.extend_from_slice(target.as_bytes());
     buffer.extend_from_slice(b" HTTP/1.1\r\n");
     set.write(buffer);
+    // Noticed on the way (a lookup in the map would hash the name again).
+    let mut has_length = false;
     for (name, value) in &request.headers {
         if !set.replaces(name) {
+            has_length |= *name == header::CONTENT_LENGTH;
             write_header(buffer, name.as_str(), value);
         }
     }
-    let has_length = request.headers.contains_key(header::CONTENT_LENGTH);
     let empty = body.is_end_stream();
     let chunked = !empty && !has_length;
     if chunked {
@@ -1130,5 +1132,24 @@ mod tests {
             &mut buffer
         ));
         assert_eq!(buffer, b"GET / HTTP/1.1\r\nhost: backend\r\n\r\n");
+        // A length the request states is not stated twice.
+        let request = http::Request::builder()
+            .method(Method::PUT)
+            .uri("/")
+            .header("content-length", "0")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        assert!(!encode_head(
+            &request,
+            &set,
+            &UpstreamBody::empty(),
+            &mut buffer
+        ));
+        assert_eq!(
+            buffer,
+            b"PUT / HTTP/1.1\r\nhost: backend\r\ncontent-length: 0\r\n\r\n"
+        );
     }
 }
