@@ -532,7 +532,16 @@ fn listener_tls(
     }
     let client_cert_header = raw.client_cert_header.as_deref().and_then(|name| {
         let parsed = http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| format!("invalid header name \"{name}\""));
+            .map_err(|_| format!("invalid header name \"{name}\""))
+            .and_then(|parsed| {
+                if crate::proxy::headers::FORWARDED_NAMES.contains(&parsed.as_str()) {
+                    Err(format!(
+                        "\"{name}\" is a header gatehouse sets itself; choose another name"
+                    ))
+                } else {
+                    Ok(parsed)
+                }
+            });
         p.check(&format!("{path}.client_cert_header"), parsed)
     });
     if let Some(ca) = &client_ca {
@@ -870,4 +879,38 @@ fn fnv1a_hex(text: &str) -> String {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     });
     format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    /// The client-certificate header is written into the request gatehouse forwards; one of
+    /// the headers gatehouse sets itself (Host, X-Forwarded-*, X-Request-Id) would be
+    /// overwritten, so such a name is refused with the reason.
+    #[test]
+    fn a_client_cert_header_may_not_be_one_gatehouse_sets() {
+        for (name, refused) in [
+            ("X-Forwarded-For", true),
+            ("host", true),
+            ("X-Request-Id", true),
+            ("X-Client-Subject", false),
+        ] {
+            let yaml = format!(
+                "listeners:\n  secure:\n    listen: \"127.0.0.1:0\"\n    protocol: https\n    pool: app\n    tls:\n      certificates: [ {{ cert: /nonexistent/c.pem, key: /nonexistent/k.pem }} ]\n      client_ca: /nonexistent/ca.pem\n      client_cert_header: {name}\npools:\n  app:\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n"
+            );
+            let error = crate::config::parse(&yaml, std::path::Path::new("/nonexistent/t.yaml"))
+                .expect_err("the certificate files do not exist");
+            let problem = error
+                .problems
+                .iter()
+                .find(|problem| problem.path == "listeners.secure.tls.client_cert_header");
+            assert_eq!(problem.is_some(), refused, "{name}: {:?}", error.problems);
+            if let Some(problem) = problem {
+                assert!(
+                    problem.message.contains("a header gatehouse sets itself"),
+                    "{}",
+                    problem.message
+                );
+            }
+        }
+    }
 }

@@ -30,8 +30,9 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Headers per response head (hyper's default).
 const MAX_HEADERS: usize = 100;
-/// Room in a response's header map for the headers gatehouse adds to it (`X-Request-Id`,
-/// HSTS): the map does not grow (rehash, reallocate) on every response.
+/// Room in a response's header map: a usual response's headers and those gatehouse adds to
+/// it (`X-Request-Id`, HSTS) fit without the map growing (rehash, reallocate). hyper also
+/// reuses the map of a response it sent for the next request on that connection.
 const HEADER_SLOTS: usize = 12;
 /// Read size for heads and small bodies.
 const READ_SMALL: usize = 8 * 1024;
