@@ -755,21 +755,7 @@ mod tests {
     /// grow by a third fails here.
     #[tokio::test]
     async fn a_session_state_stays_small() {
-        let yaml = "listeners:\n  web: { listen: \"127.0.0.1:0\", protocol: http, pool: app }\npools:\n  app:\n    health_check: { type: none }\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n";
-        let config = crate::config::parse(yaml, std::path::Path::new("test.yaml")).unwrap();
-        let metrics = crate::metrics::Metrics::new().unwrap();
-        let table = crate::upstream::publisher::start(Arc::new(config), metrics)
-            .unwrap()
-            .table()
-            .clone();
-        let limits = table.load().listener("web").unwrap().config.limits;
-        let address = "127.0.0.1:1".parse().unwrap();
-        let listener = Arc::new(l7::ListenerContext {
-            name: "web".into(),
-            table,
-            tunnels: tokio_util::task::TaskTracker::new(),
-        });
-        let connection = Arc::new(Connection::new(listener, address, address, true));
+        let (connection, limits) = l7::test_connection();
         let mut stream = Watched::new(tokio::io::duplex(64).0);
         let shutdown = CancellationToken::new();
         let session = serve(&mut stream, &connection, limits, &shutdown, Instant::now());

@@ -1031,6 +1031,28 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// A plain HTTP connection on a listener `web` (one pool, no health checks), and the
+/// listener's limits: for tests that look at the request path's state.
+#[cfg(test)]
+pub fn test_connection() -> (Arc<Connection>, Limits) {
+    let yaml = "listeners:\n  web: { listen: \"127.0.0.1:0\", protocol: http, pool: app }\npools:\n  app:\n    health_check: { type: none }\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n";
+    let config = crate::config::parse(yaml, std::path::Path::new("test.yaml")).unwrap();
+    let metrics = crate::metrics::Metrics::new().unwrap();
+    let table = crate::upstream::publisher::start(Arc::new(config), metrics)
+        .unwrap()
+        .table()
+        .clone();
+    let limits = table.load().listener("web").unwrap().config.limits;
+    let address = "127.0.0.1:1".parse().unwrap();
+    let listener = Arc::new(ListenerContext {
+        name: "web".into(),
+        table,
+        tunnels: tokio_util::task::TaskTracker::new(),
+    });
+    let connection = Arc::new(Connection::new(listener, address, address, true));
+    (connection, limits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1051,20 +1073,7 @@ mod tests {
     /// release build, 2,552 in a debug one.
     #[tokio::test]
     async fn the_request_future_fits_the_3072_byte_size_class_when_boxed() {
-        let yaml = "listeners:\n  web: { listen: \"127.0.0.1:0\", protocol: http, pool: app }\npools:\n  app:\n    health_check: { type: none }\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n";
-        let config = crate::config::parse(yaml, std::path::Path::new("test.yaml")).unwrap();
-        let metrics = crate::metrics::Metrics::new().unwrap();
-        let table = crate::upstream::publisher::start(Arc::new(config), metrics)
-            .unwrap()
-            .table()
-            .clone();
-        let address = "127.0.0.1:1".parse().unwrap();
-        let listener = Arc::new(ListenerContext {
-            name: "web".into(),
-            table,
-            tunnels: tokio_util::task::TaskTracker::new(),
-        });
-        let connection = Connection::new(listener, address, address, true);
+        let (connection, _) = test_connection();
         let handling = handle(Request::new(None), &connection);
         let size = std::mem::size_of_val(&handling);
         assert!(size <= 2688, "the request future is {size} bytes");
