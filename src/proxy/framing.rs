@@ -66,13 +66,14 @@ enum State {
     Done,
 }
 
-/// Whoever keeps a connection's [`Verdict`]: the connection's shared facts (so the verdict
-/// is no allocation of its own), or a bare verdict.
+/// Whoever keeps a connection's [`Verdict`]: the connection's shared facts, so the verdict
+/// is no allocation of its own (the tests use a bare verdict).
 pub trait VerdictHolder: std::fmt::Debug + Send + Sync + 'static {
     /// The verdict the tracker writes and the request handler reads.
     fn verdict(&self) -> &Verdict;
 }
 
+#[cfg(test)]
 impl VerdictHolder for Verdict {
     fn verdict(&self) -> &Verdict {
         self
