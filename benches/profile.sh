@@ -6,6 +6,7 @@
 #   benches/profile.sh perf [SCENARIO] [SECONDS]        # sampled call graph (perf, cpu-clock)
 #   benches/profile.sh split [SCENARIO] [REQUESTS]      # syscalls and user/kernel CPU per request
 #   PROXY=nginx benches/profile.sh split [SCENARIO]     # the same figures for nginx as the proxy
+#   PROXY=haproxy benches/profile.sh split [SCENARIO]   # ... or for HAProxy (configured as peerbench does)
 #
 # SCENARIO: http (default), https, h2, tcp. Needs nginx, h2load (nghttp2-client), valgrind or
 # perf, and a release build (`cargo build --release`). Output goes to $OUT (default
@@ -119,6 +120,46 @@ http {
 }
 NGINX
       nginx -p "$OUT/proxy" -c "$OUT/proxy/nginx.conf" &
+      target=$!
+      pids+=("$target")
+      wait_for_port "$PB_HTTP_PORT"
+    elif [ "${PROXY:-gatehouse}" = haproxy ]; then
+      mkdir -p "$OUT/proxy"
+      cat "$PB_CERT" "$PB_KEY" >"$OUT/proxy/certkey.pem"
+      cat >"$OUT/proxy/haproxy.cfg" <<HAPROXY
+global
+  nbthread 1
+  maxconn 8000
+  tune.ssl.cachesize 0
+  ssl-default-bind-options ssl-min-ver TLSv1.3 no-tls-tickets
+defaults
+  mode http
+  maxconn 8000
+  option http-keep-alive
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  timeout http-keep-alive 300s
+frontend fe_http
+  bind 127.0.0.1:$PB_HTTP_PORT
+  bind 127.0.0.1:$PB_HTTPS_PORT ssl crt $OUT/proxy/certkey.pem alpn h2,http/1.1
+  default_backend be
+backend be
+  balance roundrobin
+  http-reuse always
+  server b1 $PB_B1
+  server b2 $PB_B2
+frontend fe_tcp
+  mode tcp
+  bind 127.0.0.1:$PB_TCP_PORT
+  default_backend be_tcp
+backend be_tcp
+  mode tcp
+  balance roundrobin
+  server b1 $PB_B1
+  server b2 $PB_B2
+HAPROXY
+      haproxy -db -f "$OUT/proxy/haproxy.cfg" &
       target=$!
       pids+=("$target")
       wait_for_port "$PB_HTTP_PORT"

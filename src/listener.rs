@@ -7,7 +7,6 @@
 use crate::config::Protocol;
 use crate::io::{ByteCounters, Observed};
 use crate::metrics::Rejection;
-use crate::proxy::framing::{self, FramingGuard};
 use crate::proxy::l4;
 use crate::proxy::l7::{self, Negotiated};
 use crate::proxy::park;
@@ -298,9 +297,7 @@ impl Guest for Client {
             tasks.spawn(serve_connection(stream, self));
             return;
         }
-        if let Some(serving) = serve_plain_http(stream, self, Negotiated::Http1) {
-            tasks.spawn(serving);
-        }
+        tasks.spawn(serve_plain_http(stream, self, Negotiated::Http1));
     }
 
     fn late(mut self: Box<Self>, stream: TcpStream) {
@@ -376,38 +373,30 @@ fn serve_protocol(
         (None, Protocol::Tcp) => {
             Box::pin(async move { l4::serve(stream, &client.connection, &client.listener).await })
         }
-        (None, _) => match serve_plain_http(stream, client, Negotiated::Detect) {
-            Some(serving) => Box::pin(serving),
-            None => Box::pin(std::future::ready(())),
-        },
+        (None, _) => Box::pin(serve_plain_http(stream, client, Negotiated::Detect)),
     }
 }
 
 /// Plain HTTP on a connection whose client has spoken (first, or again after waiting in the
-/// room), its framing check following on from the requests counted so far; `None` — the
-/// connection closes — unless it stands between two requests.
+/// room).
 fn serve_plain_http(
     stream: ClientStream,
     client: Box<Client>,
     negotiated: Negotiated,
-) -> Option<impl Future<Output = ()> + Send> {
-    if !client.connection.checks_framing {
-        return None;
-    }
-    let guarded = framing::guard(stream, client.connection.clone())?;
+) -> impl Future<Output = ()> + Send {
     let head_deadline = client.head_deadline;
-    Some(serve_http(
-        park::Watched::new(guarded),
+    serve_http(
+        park::Watched::new(stream),
         client,
         negotiated,
         Some(head_deadline),
-    ))
+    )
 }
 
 /// Plain HTTP on a connection until it parks, when it is seated in the waiting room (and
 /// served again by a new task when its client speaks), or ends.
 async fn serve_http(
-    mut stream: park::Watched<FramingGuard<ClientStream>>,
+    mut stream: park::Watched<ClientStream>,
     mut client: Box<Client>,
     mut negotiated: Negotiated,
     mut head_deadline: Option<tokio::time::Instant>,
@@ -454,13 +443,13 @@ async fn serve_http(
         if let Some(room) = client.gate.room.clone() {
             match parked.into_idle() {
                 // Nothing read is waiting to be replayed: only the socket needs to wait.
-                Ok(guarded) if guarded.get_ref().prefix_len() == 0 => {
-                    let socket = guarded.into_inner().into_parts().1.into_inner();
+                Ok(idle) if idle.prefix_len() == 0 => {
+                    let socket = idle.into_parts().1.into_inner();
                     client.park(due);
                     room.seat(socket, due, client);
                     return;
                 }
-                Ok(guarded) => parked = park::Watched::new(guarded),
+                Ok(idle) => parked = park::Watched::new(idle),
                 Err(watched) => parked = watched,
             }
         }
@@ -528,19 +517,11 @@ async fn serve_tls(stream: ClientStream, mut client: Box<Client>) {
     }
     let connection = client.connection.clone();
     let shutdown = client.gate.shutdown.clone();
-    match (listener.config.protocol, connection.checks_framing) {
-        (Protocol::Tls, _) => Box::pin(l4::serve(tls, &connection, &listener)).await,
-        (_, true) => {
-            let Some(tls) = framing::guard(tls, connection.clone()) else {
-                return;
-            };
-            let served = l7::serve_all(tls, connection, &listener, negotiated, shutdown);
-            Box::pin(served).await;
-        }
-        (_, false) => {
-            let served = l7::serve_all(tls, connection, &listener, negotiated, shutdown);
-            Box::pin(served).await;
-        }
+    if listener.config.protocol == Protocol::Tls {
+        Box::pin(l4::serve(tls, &connection, &listener)).await;
+    } else {
+        let served = l7::serve_all(tls, connection, &listener, negotiated, shutdown);
+        Box::pin(served).await;
     }
     drop(client);
 }

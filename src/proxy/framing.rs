@@ -3,11 +3,17 @@
 //! hyper resolves a head that carries both Content-Length and Transfer-Encoding (the latter
 //! wins) and collapses a repeated identical Content-Length before the handler sees the head,
 //! so the handler cannot refuse them. Such heads are the classic request-smuggling probes;
-//! gatehouse refuses them. A [`FramingGuard`] sits between the socket (or TLS stream) and hyper,
+//! gatehouse refuses them. A [`FramingGuard`] sits between the client stream and hyper,
 //! follows request boundaries with its own parser (httparse heads, Content-Length and chunked
 //! body accounting) and records the index of the first ambiguous request in a shared
 //! [`Verdict`]; the handler answers that request 400 and closes the connection. The guard only
 //! observes bytes: it never changes what hyper reads.
+//!
+//! gatehouse's own HTTP/1 loop ([`super::h1`]) needs no guard: it serves only heads without
+//! Content-Length, Transfer-Encoding or Upgrade (nothing follows them), parsed whole, and
+//! hands anything else to hyper at a request boundary, with the bytes it read ahead replayed.
+//! The guard starts there ([`Tracker::new`] with the requests served so far), so it reads
+//! those replayed bytes as hyper does, and every byte after them.
 
 use crate::io::{Observed, Observer};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +92,20 @@ pub struct Tracker {
     state: State,
     requests: u64,
     holder: Arc<dyn VerdictHolder>,
+}
+
+impl Tracker {
+    /// Follows a stream from a request boundary, after the `requests` that `holder`'s
+    /// connection has had so far; its findings go to `holder`'s verdict. Nothing is known
+    /// settled until it reads.
+    pub fn new(holder: Arc<dyn VerdictHolder>, requests: u64) -> Self {
+        holder.verdict().settled.store(u64::MAX, Ordering::Relaxed);
+        Tracker {
+            state: State::Head(Vec::new()),
+            requests,
+            holder,
+        }
+    }
 }
 
 fn line_end(buffer: &[u8]) -> Option<usize> {
@@ -308,20 +328,9 @@ impl Observer for Tracker {
     fn wrote(&mut self, _count: usize) {}
 }
 
-/// A client stream whose HTTP/1 framing is checked independently of hyper.
-pub type FramingGuard<T> = Observed<T, Tracker>;
-
-/// Wraps `inner`, following on from the requests `holder`'s verdict (the request handler's)
-/// counted so far — none on a new connection; on one back from the waiting room, those
-/// before it parked. `None` unless the connection stands between two requests.
-pub fn guard<T>(inner: T, holder: Arc<dyn VerdictHolder>) -> Option<FramingGuard<T>> {
-    let tracker = Tracker {
-        state: State::Head(Vec::new()),
-        requests: holder.verdict().settled_requests()?,
-        holder,
-    };
-    Some(Observed::new(inner, tracker))
-}
+/// A client stream whose HTTP/1 framing is checked independently of hyper (when it has a
+/// tracker: HTTP/2 connections have none).
+pub type FramingGuard<T> = Observed<T, Option<Tracker>>;
 
 #[cfg(test)]
 mod tests {
@@ -329,11 +338,7 @@ mod tests {
 
     fn verdict_of(chunks: &[&[u8]]) -> (Arc<Verdict>, u64) {
         let verdict = Arc::new(Verdict::default());
-        let mut tracker = Tracker {
-            state: State::Head(Vec::new()),
-            requests: 0,
-            holder: verdict.clone(),
-        };
+        let mut tracker = Tracker::new(verdict.clone(), 0);
         for chunk in chunks {
             tracker.feed(chunk);
         }
@@ -343,17 +348,18 @@ mod tests {
     #[test]
     fn knows_when_the_stream_stands_between_requests() {
         let verdict = Arc::new(Verdict::default());
-        let mut tracker = guard((), verdict.clone()).unwrap().into_observer();
-        assert_eq!(verdict.settled_requests(), Some(0));
+        // Taking over after two requests served without it: nothing known until it reads.
+        let mut tracker = Tracker::new(verdict.clone(), 2);
+        assert_eq!(verdict.settled_requests(), None);
         let steps: [(&[u8], Option<u64>); 6] = [
-            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Some(1)),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Some(3)),
             (
                 b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab",
                 None,
             ),
-            (b"cd", Some(2)),
+            (b"cd", Some(4)),
             (b"GET /next HTTP/1.1\r\n", None),
-            (b"Host: x\r\n\r\n", Some(3)),
+            (b"Host: x\r\n\r\n", Some(5)),
             (
                 b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
                 None,
@@ -385,6 +391,19 @@ mod tests {
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
         ]);
         assert!(verdict.is_ambiguous(0));
+    }
+
+    #[test]
+    fn counts_on_from_the_requests_served_before_it() {
+        let verdict = Arc::new(Verdict::default());
+        let mut tracker = Tracker::new(verdict.clone(), 2);
+        tracker
+            .read(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx");
+        assert!(
+            !verdict.is_ambiguous(1),
+            "the requests before it were not judged"
+        );
+        assert!(verdict.is_ambiguous(2));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
-use super::framing::{Verdict, VerdictHolder};
+use super::framing::{self, Verdict, VerdictHolder};
 use super::h1;
 use super::headers;
 use super::park;
@@ -262,7 +262,13 @@ where
 {
     let limits = listener.config.limits;
     let activity = stream.activity().clone();
-    let (io, reclaim) = Reclaimable::new(stream);
+    // HTTP/1's framing check takes over with hyper, at the request boundary where the own
+    // loop handed over (see `framing`): it reads the bytes replayed and all that follow.
+    let tracker = connection.checks_framing.then(|| {
+        let requests = connection.requests.load(Ordering::Relaxed);
+        framing::Tracker::new(connection.clone(), requests)
+    });
+    let (io, reclaim) = Reclaimable::new(framing::FramingGuard::new(stream, tracker));
     let mut watch = park::IdleWatch::new(activity, &connection);
     let service_connection = connection.clone();
     let service = service_fn(move |request: Request<Incoming>| {
@@ -293,8 +299,8 @@ where
     };
     match end {
         SessionEnd::Parked => match reclaim.await {
-            Ok(stream) => Served::Parked {
-                stream,
+            Ok(guarded) => Served::Parked {
+                stream: guarded.into_inner(),
                 head_deadline: watch.quiet_since() + limits.header_timeout,
                 quiet_since: watch.quiet_since(),
             },
