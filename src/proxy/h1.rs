@@ -153,7 +153,8 @@ where
         // In a block of its own, so the session's state does not hold the request's future
         // and the response's writing side by side.
         let handled = {
-            let mut handling = std::pin::pin!(l7::handle(head.request, connection));
+            let read_by = l7::ReadBy::OwnLoop { size: head.size };
+            let mut handling = std::pin::pin!(l7::handle(head.request, read_by, connection));
             // Like hyper, a client that closes while its request is in flight abandons it:
             // the request is dropped (its backend exchange with it). Bytes of a next request
             // that arrive meanwhile are kept.
@@ -212,6 +213,9 @@ enum Event {
 /// A request head read by this loop.
 struct Head {
     request: Request<ClientBody>,
+    /// The request line and header lines as they arrived (the empty line that ends them not
+    /// counted), for `limits.max_header_bytes`.
+    size: usize,
     /// The client asked to close the connection after this request.
     close: bool,
 }
@@ -278,7 +282,11 @@ fn parse(read: &mut BytesMut) -> Parsed {
     let count = parsed.headers.len();
     let head = read.split_to(length).freeze();
     match build(&head, method, path, &spans[..count]) {
-        Some(request) => Parsed::Simple(Head { request, close }),
+        Some(request) => Parsed::Simple(Head {
+            request,
+            size: length.saturating_sub(2),
+            close,
+        }),
         None => {
             // Not valid after all (hyper says why): put the head back as it was.
             let mut whole = BytesMut::with_capacity(head.len() + read.len());

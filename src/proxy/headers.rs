@@ -302,7 +302,8 @@ pub fn check_framing<B>(request: &Request<B>) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Size of the request head as it arrived: request line plus header lines.
+/// Size of a request head that hyper read, from its parts: the request line and header lines
+/// in their usual form (gatehouse's own loop knows its heads' size as they arrived).
 pub fn head_size<B>(request: &Request<B>) -> usize {
     let uri = request.uri();
     let target = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)

@@ -276,7 +276,7 @@ where
         // Boxed: hyper moves a stream's future several times (HTTP/2 spawns one per stream),
         // and a pointer moves for less than the handler's state (≈ 2.5 KB).
         Box::pin(async move {
-            let response = handle(request.map(Some), &connection).await;
+            let response = handle(request.map(Some), ReadBy::Hyper, &connection).await;
             Ok::<_, Infallible>(response.map(|body| body.answers(connection)))
         })
     });
@@ -581,6 +581,16 @@ fn record_connection_error(
     false
 }
 
+/// Which server read a request's head, and so what [`handle`] still has to check of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadBy {
+    /// A hyper session: the head's size and framing are checked here.
+    Hyper,
+    /// gatehouse's own HTTP/1 loop ([`h1`]): `size` bytes as they arrived, and neither
+    /// Content-Length nor Transfer-Encoding (the loop hands such heads to hyper).
+    OwnLoop { size: usize },
+}
+
 /// Handles one request; never fails (every failure becomes a response).
 ///
 /// A plain function returning an async block, as is `forward`: an `async fn` keeps each
@@ -589,6 +599,7 @@ fn record_connection_error(
 #[allow(clippy::manual_async_fn)]
 pub fn handle(
     request: Request<ClientBody>,
+    read_by: ReadBy,
     connection: &Connection,
 ) -> impl Future<Output = Response<ProxyBody>> + '_ {
     async move {
@@ -621,7 +632,7 @@ pub fn handle(
         } else if let Some(retry_after) = limited {
             Err(ProxyError::RateLimited(retry_after))
         } else {
-            route(&request, listener)
+            route(&request, read_by, listener)
         };
         let (target, host) = match routed {
             Ok(routed) => routed,
@@ -736,12 +747,19 @@ type Routed<'t> = (&'t Arc<Target>, Option<http::HeaderValue>);
 /// and out, it would take two more slots of the request's future.
 fn route<'t>(
     request: &Request<ClientBody>,
+    read_by: ReadBy,
     listener: &'t ListenerTable,
 ) -> Result<Routed<'t>, ProxyError> {
-    if headers::head_size(request) > listener.config.limits.max_header_bytes {
+    let head_size = match read_by {
+        ReadBy::Hyper => headers::head_size(request),
+        ReadBy::OwnLoop { size } => size,
+    };
+    if head_size > listener.config.limits.max_header_bytes {
         return Err(ProxyError::HeaderTooLarge);
     }
-    headers::check_framing(request)?;
+    if read_by == ReadBy::Hyper {
+        headers::check_framing(request)?;
+    }
     if request.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT is not supported"));
     }
@@ -1072,6 +1090,39 @@ mod tests {
         assert!(size <= 144, "the connection facts are {size} bytes");
     }
 
+    /// The own loop's heads are held to their size as they arrived; hyper's are measured.
+    #[tokio::test]
+    async fn a_head_is_held_to_max_header_bytes_whoever_read_it() {
+        let (connection, limits) = test_connection();
+        let table = connection.listener.table.load_full();
+        let listener = table.listener("web").unwrap();
+        let max = limits.max_header_bytes;
+        let request = |value: &str| {
+            Request::builder()
+                .uri("/")
+                .header(header::HOST, "x")
+                .header("x-big", value)
+                .body(None)
+                .unwrap()
+        };
+        let small = request("y");
+        let too_large =
+            |routed: Result<Routed, ProxyError>| matches!(routed, Err(ProxyError::HeaderTooLarge));
+        assert!(!too_large(route(
+            &small,
+            ReadBy::OwnLoop { size: max },
+            listener
+        )));
+        assert!(too_large(route(
+            &small,
+            ReadBy::OwnLoop { size: max + 1 },
+            listener
+        )));
+        assert!(!too_large(route(&small, ReadBy::Hyper, listener)));
+        let big = request(&"y".repeat(max));
+        assert!(too_large(route(&big, ReadBy::Hyper, listener)));
+    }
+
     /// Each HTTP/2 stream's request future is boxed with hyper's request beside it (≈ 280
     /// bytes more). Up to 3,072 bytes, a jemalloc slab holds several of them; in the 4,096-byte
     /// class each block is a slab of its own, taken from and given back to the page
@@ -1080,7 +1131,7 @@ mod tests {
     #[tokio::test]
     async fn the_request_future_fits_the_3072_byte_size_class_when_boxed() {
         let (connection, _) = test_connection();
-        let handling = handle(Request::new(None), &connection);
+        let handling = handle(Request::new(None), ReadBy::Hyper, &connection);
         let size = std::mem::size_of_val(&handling);
         assert!(size <= 2688, "the request future is {size} bytes");
     }
