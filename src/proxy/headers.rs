@@ -126,20 +126,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// The request's host as sent (the URI authority for HTTP/2 and absolute-form requests,
-/// else the single `Host` header). Several differing hosts are ambiguous and refused.
-pub fn request_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, ProxyError> {
+/// else the single `Host` header), checked before routing: several `Host` headers are
+/// ambiguous, and only visible ASCII is a host.
+pub fn request_host<B>(request: &Request<B>) -> Result<Option<&str>, ProxyError> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
     if let Some(authority) = request.uri().authority() {
-        return HeaderValue::from_str(authority.as_str())
-            .map(Some)
-            .map_err(|_| ProxyError::BadRequest("invalid authority"));
+        return Ok(Some(authority.as_str()));
     }
     match host_header {
-        Some(host) => Ok(Some(host.clone())),
+        Some(host) => host
+            .to_str()
+            .map(Some)
+            .map_err(|_| ProxyError::BadRequest("invalid Host")),
         None if request.version() == Version::HTTP_11 => {
             Err(ProxyError::BadRequest("missing Host header"))
         }
@@ -147,9 +149,17 @@ pub fn request_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, Prox
     }
 }
 
+/// The host a request routed by [`request_host`] asked for, read again from its head as it is
+/// forwarded (the same precedence; nothing copied): for `Host` and `X-Forwarded-Host`.
+pub fn asked_host<'h>(uri: &'h http::Uri, headers: &'h HeaderMap) -> Option<&'h [u8]> {
+    match uri.authority() {
+        Some(authority) => Some(authority.as_str().as_bytes()),
+        None => headers.get(header::HOST).map(HeaderValue::as_bytes),
+    }
+}
+
 /// The host for route matching: lower-case, without port or IPv6 brackets' port.
-pub fn routing_host(host: &HeaderValue) -> Option<std::borrow::Cow<'_, str>> {
-    let host = host.to_str().ok()?;
+pub fn routing_host(host: &str) -> std::borrow::Cow<'_, str> {
     let name = if let Some(bracketed) = host.strip_prefix('[') {
         bracketed
             .split_once(']')
@@ -158,9 +168,9 @@ pub fn routing_host(host: &HeaderValue) -> Option<std::borrow::Cow<'_, str>> {
         host.rsplit_once(':').map_or(host, |(name, _)| name)
     };
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        Some(std::borrow::Cow::Owned(name.to_ascii_lowercase()))
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
     } else {
-        Some(std::borrow::Cow::Borrowed(name))
+        std::borrow::Cow::Borrowed(name)
     }
 }
 
@@ -175,10 +185,10 @@ pub fn client_address_value(client_ip: IpAddr) -> HeaderValue {
 /// those names (a client cannot forge them). They go into the upstream head as it is
 /// written ([`SetHeaders`]), never into the request's header map.
 pub struct Forwarded<'a> {
-    /// `Host`: the host the client asked for, else the backend's.
-    pub host: &'a HeaderValue,
+    /// `Host`: the host the client asked for ([`asked_host`]), else the backend's.
+    pub host: &'a [u8],
     /// `X-Forwarded-Host`: the host the client asked for; not sent when it named none.
-    pub forwarded_host: Option<&'a HeaderValue>,
+    pub forwarded_host: Option<&'a [u8]>,
     /// `X-Forwarded-For`, from [`forwarded_for`].
     pub forwarded_for: &'a HeaderValue,
     /// `X-Forwarded-Proto`: the listener's protocol.
@@ -208,12 +218,12 @@ impl SetHeaders for Forwarded<'_> {
 
     fn write(&self, head: &mut Vec<u8>) {
         write_header(head, "host", self.host);
-        write_header(head, "x-forwarded-for", self.forwarded_for);
-        write_header(head, "x-forwarded-proto", self.proto);
+        write_header(head, "x-forwarded-for", self.forwarded_for.as_bytes());
+        write_header(head, "x-forwarded-proto", self.proto.as_bytes());
         if let Some(host) = self.forwarded_host {
             write_header(head, "x-forwarded-host", host);
         }
-        write_header(head, "x-request-id", self.request_id);
+        write_header(head, "x-request-id", self.request_id.as_bytes());
     }
 }
 
@@ -418,13 +428,13 @@ mod tests {
             ("X-Request-Id", "abc"),
             ("Accept", "*/*"),
         ]);
-        let host = HeaderValue::from_static("portal.example.gov");
+        let host = b"portal.example.gov";
         let ip = client_address_value("10.1.2.3".parse().unwrap());
         let proto = HeaderValue::from_static("https");
         let id = HeaderValue::from_static("abc");
         let forwarded = Forwarded {
-            host: &host,
-            forwarded_host: Some(&host),
+            host,
+            forwarded_host: Some(host),
             forwarded_for: &ip,
             proto: &proto,
             request_id: &id,
@@ -441,9 +451,8 @@ mod tests {
         assert!(!forwarded.replaces(&header::ACCEPT));
         // A request that named no host: the backend's goes as Host, the client's
         // X-Forwarded-Host is not passed on.
-        let backend = HeaderValue::from_static("10.0.0.7:8080");
         let no_host = Forwarded {
-            host: &backend,
+            host: b"10.0.0.7:8080",
             forwarded_host: None,
             ..forwarded
         };
@@ -455,10 +464,35 @@ mod tests {
     }
 
     #[test]
+    fn the_host_forwarded_is_the_host_routed() {
+        let request = |uri: &str, host: Option<&str>| {
+            let mut request = Request::builder().uri(uri);
+            if let Some(host) = host {
+                request = request.header(header::HOST, host);
+            }
+            request.body(()).unwrap()
+        };
+        let cases = [
+            (
+                "https://a.example.gov/x",
+                Some("b.example.gov"),
+                Some("a.example.gov"),
+            ),
+            ("/x", Some("b.example.gov:8080"), Some("b.example.gov:8080")),
+            ("/x", None, None),
+        ];
+        for (uri, host, expected) in cases {
+            let request = request(uri, host);
+            let routed = request_host(&request).ok().flatten();
+            let asked = asked_host(request.uri(), request.headers());
+            assert_eq!(routed, expected, "{uri} {host:?}");
+            assert_eq!(asked, expected.map(str::as_bytes), "{uri} {host:?}");
+        }
+    }
+
+    #[test]
     fn routing_host_ignores_port_and_case() {
-        let host = HeaderValue::from_static("Tax.Example.GOV:8443");
-        assert_eq!(routing_host(&host).unwrap(), "tax.example.gov");
-        let v6 = HeaderValue::from_static("[::1]:80");
-        assert_eq!(routing_host(&v6).unwrap(), "::1");
+        assert_eq!(routing_host("Tax.Example.GOV:8443"), "tax.example.gov");
+        assert_eq!(routing_host("[::1]:80"), "::1");
     }
 }

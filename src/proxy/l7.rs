@@ -19,7 +19,7 @@ use crate::proxy_protocol;
 use crate::upstream::body::UpstreamBody;
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::{ListenerTable, Target};
-use http::{header, request, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, request, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -634,7 +634,7 @@ pub fn handle(
         } else {
             route(&request, read_by, listener)
         };
-        let (target, host) = match routed {
+        let target = match routed {
             Ok(routed) => routed,
             Err(error) => {
                 if let Some(reason) = error.rejection() {
@@ -657,24 +657,16 @@ pub fn handle(
             }
         };
         target.route_requests.inc();
-        let (mut response, outcome) = match forward(
-            request,
-            host,
-            connection,
-            listener,
-            target,
-            bytes_in.clone(),
-        )
-        .await
-        {
-            Ok(forwarded) => forwarded,
-            Err((error, outcome)) => {
-                if let Some(reason) = error.rejection() {
-                    listener.metrics.reject(reason);
+        let (mut response, outcome) =
+            match forward(request, connection, listener, target, bytes_in.clone()).await {
+                Ok(forwarded) => forwarded,
+                Err((error, outcome)) => {
+                    if let Some(reason) = error.rejection() {
+                        listener.metrics.reject(reason);
+                    }
+                    (error.response(), outcome)
                 }
-                (error.response(), outcome)
-            }
-        };
+            };
         let code = response.status().as_u16();
         let backend = outcome
             .backend
@@ -729,7 +721,7 @@ fn access_record(request: &Request<ClientBody>, connection: &Connection) -> Acce
     let host = headers::request_host(request)
         .ok()
         .flatten()
-        .and_then(|host| host.to_str().ok().map(str::to_string))
+        .map(str::to_string)
         .unwrap_or_default();
     AccessRecord {
         time: Some(SystemTime::now()),
@@ -740,16 +732,13 @@ fn access_record(request: &Request<ClientBody>, connection: &Connection) -> Acce
     }
 }
 
-/// A routed request's target, and the host it asked for (parsed once).
-type Routed<'t> = (&'t Arc<Target>, Option<http::HeaderValue>);
-
 /// Checks the request head and finds its target. The request is only looked at: moved in
 /// and out, it would take two more slots of the request's future.
 fn route<'t>(
     request: &Request<ClientBody>,
     read_by: ReadBy,
     listener: &'t ListenerTable,
-) -> Result<Routed<'t>, ProxyError> {
+) -> Result<&'t Arc<Target>, ProxyError> {
     let head_size = match read_by {
         ReadBy::Hyper => headers::head_size(request),
         ReadBy::OwnLoop { size } => size,
@@ -766,17 +755,10 @@ fn route<'t>(
     if request.uri().path_and_query().is_none() && request.method() != Method::OPTIONS {
         return Err(ProxyError::BadRequest("request target must be a path"));
     }
-    let host = headers::request_host(request)?;
-    let routing_host = match &host {
-        Some(host) => {
-            Some(headers::routing_host(host).ok_or(ProxyError::BadRequest("invalid Host"))?)
-        }
-        None => None,
-    };
-    let target = listener
-        .route(routing_host.as_deref(), request.uri().path())
-        .ok_or(ProxyError::NoRoute)?;
-    Ok((target, host))
+    let host = headers::request_host(request)?.map(headers::routing_host);
+    listener
+        .route(host.as_deref(), request.uri().path())
+        .ok_or(ProxyError::NoRoute)
 }
 
 /// What `forward` learned, for metrics and the access log.
@@ -809,7 +791,6 @@ fn is_idempotent(method: &Method) -> bool {
 #[allow(clippy::manual_async_fn)]
 fn forward<'a>(
     mut request: Request<ClientBody>,
-    host: Option<http::HeaderValue>,
     connection: &'a Connection,
     listener: &'a ListenerTable,
     target: &'a Target,
@@ -849,6 +830,7 @@ fn forward<'a>(
         let (head, body, replayable) =
             upstream_request(request, upgrade, bytes_in, target.max_body_bytes)
                 .map_err(|error| (error, Outcome::default()))?;
+        let host = headers::asked_host(&head.uri, &head.headers);
         // The head stays here, lent to each attempt; the body goes with an attempt and comes
         // back only if none of the request was sent. A replay sends the head again, bodiless.
         let mut next = Some(body);
@@ -894,8 +876,8 @@ fn forward<'a>(
                 break;
             };
             let forwarded = headers::Forwarded {
-                host: host.as_ref().unwrap_or(&backend.host),
-                forwarded_host: host.as_ref(),
+                host: host.unwrap_or(backend.host.as_bytes()),
+                forwarded_host: host,
                 forwarded_for: &forwarded_for,
                 proto: &proto,
                 request_id: &request_id,
@@ -1031,13 +1013,8 @@ fn upstream_request(
         Some(body) => UpstreamBody::streaming(body, bytes_in, max_body_bytes),
         None => UpstreamBody::empty(),
     };
-    // Origin-form towards the backend; the server's extensions stay behind.
-    if parts.uri.authority().is_some() || parts.uri.path_and_query().is_none() {
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()));
-    }
+    // The URI keeps its authority (`headers::asked_host` reads it): the upstream head
+    // writes the target in origin form. The server's extensions stay behind.
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
     Ok((parts, body, replayable))
@@ -1106,8 +1083,9 @@ mod tests {
                 .unwrap()
         };
         let small = request("y");
-        let too_large =
-            |routed: Result<Routed, ProxyError>| matches!(routed, Err(ProxyError::HeaderTooLarge));
+        let too_large = |routed: Result<&Arc<Target>, ProxyError>| {
+            matches!(routed, Err(ProxyError::HeaderTooLarge))
+        };
         assert!(!too_large(route(
             &small,
             ReadBy::OwnLoop { size: max },

@@ -104,11 +104,12 @@ pub trait SetHeaders: Sync {
     fn write(&self, head: &mut Vec<u8>);
 }
 
-/// Appends the header line `name: value` to a head being written.
-pub fn write_header(head: &mut Vec<u8>, name: &str, value: &HeaderValue) {
+/// Appends the header line `name: value` to a head being written; `value` is a valid header
+/// value (a `HeaderValue`'s bytes, or a URI authority's).
+pub fn write_header(head: &mut Vec<u8>, name: &str, value: &[u8]) {
     head.extend_from_slice(name.as_bytes());
     head.extend_from_slice(b": ");
-    head.extend_from_slice(value.as_bytes());
+    head.extend_from_slice(value);
     head.extend_from_slice(b"\r\n");
 }
 
@@ -275,7 +276,7 @@ pub fn encode_head(
     for (name, value) in &request.headers {
         if !set.replaces(name) {
             has_length |= *name == header::CONTENT_LENGTH;
-            write_header(buffer, name.as_str(), value);
+            write_header(buffer, name.as_str(), value.as_bytes());
         }
     }
     let empty = body.is_end_stream();
@@ -1093,7 +1094,7 @@ mod tests {
         }
 
         fn write(&self, head: &mut Vec<u8>) {
-            write_header(head, "host", &self.0);
+            write_header(head, "host", self.0.as_bytes());
         }
     }
 
@@ -1102,7 +1103,15 @@ mod tests {
         let set = SetHost(HeaderValue::from_static("backend"));
         // Method, target, the request's headers, the head a backend receives.
         type Case<'a> = (Method, &'a str, &'a [(&'a str, &'a str)], &'a [u8]);
-        let cases: [Case; 3] = [
+        let cases: [Case; 5] = [
+            // HTTP/2 and absolute-form targets go out in origin form.
+            (
+                Method::GET,
+                "https://portal.example.gov/a?b=1",
+                &[],
+                b"GET /a?b=1 HTTP/1.1\r\nhost: backend\r\n\r\n",
+            ),
+            (Method::GET, "http://portal.example.gov", &[], b"GET / HTTP/1.1\r\nhost: backend\r\n\r\n"),
             (
                 Method::POST,
                 "/a?b=1",
