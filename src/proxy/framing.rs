@@ -29,7 +29,8 @@ const MAX_HEADERS: usize = 256;
 pub struct Verdict {
     first_ambiguous: AtomicU64,
     /// Requests read whole when the stream stands between two requests (nothing of the next
-    /// one read yet); `u64::MAX` mid-message or once the tracker stopped following.
+    /// one read yet); `u64::MAX` until a tracker has read, mid-message, or once it stopped
+    /// following.
     settled: AtomicU64,
 }
 
@@ -37,7 +38,7 @@ impl Default for Verdict {
     fn default() -> Self {
         Verdict {
             first_ambiguous: AtomicU64::new(u64::MAX),
-            settled: AtomicU64::new(0),
+            settled: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -50,8 +51,8 @@ impl Verdict {
     }
 
     /// How many requests were read whole, if every byte read so far belongs to them: the
-    /// connection stands exactly between two requests. `None` mid-request, after an upgrade
-    /// or HTTP/2 preface, or on bytes the tracker could not follow.
+    /// connection stands exactly between two requests. `None` before the tracker read,
+    /// mid-request, after an upgrade or HTTP/2 preface, or on bytes it could not follow.
     pub fn settled_requests(&self) -> Option<u64> {
         match self.settled.load(Ordering::Relaxed) {
             u64::MAX => None,
