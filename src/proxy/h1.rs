@@ -281,10 +281,12 @@ fn parse(read: &mut BytesMut) -> Parsed {
     }
     let count = parsed.headers.len();
     let head = read.split_to(length).freeze();
+    // The empty line that ends the head: CRLF, or a bare LF.
+    let ending = if head.ends_with(b"\r\n") { 2 } else { 1 };
     match build(&head, method, path, &spans[..count]) {
         Some(request) => Parsed::Simple(Head {
             request,
-            size: length.saturating_sub(2),
+            size: length.saturating_sub(ending),
             close,
         }),
         None => {
@@ -645,6 +647,21 @@ mod tests {
         assert_eq!(&rest[..], b"GET /next");
         let (head, _) = parsed(b"DELETE http://x/y HTTP/1.1\r\n\r\n");
         assert!(matches!(head, Parsed::Simple(head) if !head.close));
+    }
+
+    /// `limits.max_header_bytes` counts the request line and header lines as they arrived.
+    #[test]
+    fn a_simple_head_knows_its_size() {
+        for (text, size) in [
+            (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /next"[..], 25),
+            (b"GET / HTTP/1.1\nHost: x\n\n", 23),
+        ] {
+            let (head, _) = parsed(text);
+            let Parsed::Simple(head) = head else {
+                panic!("a simple head: {:?}", String::from_utf8_lossy(text));
+            };
+            assert_eq!(head.size, size, "{:?}", String::from_utf8_lossy(text));
+        }
     }
 
     #[test]
