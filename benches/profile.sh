@@ -7,12 +7,15 @@
 #   benches/profile.sh split [SCENARIO] [REQUESTS]      # syscalls and user/kernel CPU per request
 #   PROXY=nginx benches/profile.sh split [SCENARIO]     # the same figures for nginx as the proxy
 #   PROXY=haproxy benches/profile.sh split [SCENARIO]   # ... or for HAProxy (configured as peerbench does)
+#   benches/profile.sh ceiling [PLACEMENT] [SECONDS]    # large-1m: what each core pays per MiB
 #
-# SCENARIO: http (default), https, h2, tcp. Needs nginx, h2load (nghttp2-client), valgrind or
+# SCENARIO: http (default), https, h2, tcp. PLACEMENT (ceiling): direct (wrk on the backend's
+# core), direct-cross (wrk on the other core), gatehouse or nginx (the proxy on the other core,
+# wrk on the backend's, as in the peer benchmark). Needs nginx, h2load (nghttp2-client), valgrind or
 # perf, and a release build (`cargo build --release`). Output goes to $OUT (default
 # /tmp/gatehouse-profile): callgrind.out / perf.data plus a summary printed here.
 set -euo pipefail
-mode="${1:?usage: profile.sh callgrind|perf|split [http|https|h2|tcp] [amount]}"
+mode="${1:?usage: profile.sh callgrind|perf|split [http|https|h2|tcp] [amount] | ceiling [placement] [seconds]}"
 scenario="${2:-http}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/gatehouse-profile}"
@@ -21,6 +24,7 @@ export PB_WORKDIR="$OUT" PB_THREADS=1
 export PB_HTTP_PORT=18080 PB_HTTPS_PORT=18443 PB_TCP_PORT=18081
 export PB_B1=127.0.0.1:18901 PB_B2=127.0.0.1:18902
 export PB_CERT="$OUT/cert.pem" PB_KEY="$OUT/key.pem"
+head -c 1048576 /dev/zero >"$OUT/backend/www/1m"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
   -keyout "$PB_KEY" -out "$PB_CERT" 2>/dev/null
 
@@ -32,17 +36,26 @@ http {
   access_log off; default_type text/plain;
   client_body_temp_path $OUT/backend/cb; proxy_temp_path $OUT/backend/px;
   fastcgi_temp_path $OUT/backend/fc; uwsgi_temp_path $OUT/backend/uw; scgi_temp_path $OUT/backend/sc;
-  keepalive_requests 100000000; keepalive_timeout 300s;
-  server { listen $PB_B1; listen $PB_B2; location = / { return 200 "hello\n"; } }
+  keepalive_requests 100000000; keepalive_timeout 300s; sendfile on; tcp_nopush on; tcp_nodelay on;
+  server {
+    listen $PB_B1; listen $PB_B2; root $OUT/backend/www;
+    location = / { return 200 "hello\n"; }
+    location = /1m { }
+  }
 }
 EOF
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-nginx -p "$OUT/backend" -c "$OUT/backend/nginx.conf" &
-pids+=($!)
+# Pinned as in the peer benchmark for `ceiling`: backend and load generator on CPU 0.
+backend_cpu=()
+[ "$mode" = ceiling ] && backend_cpu=(taskset -c 0)
+"${backend_cpu[@]}" nginx -p "$OUT/backend" -c "$OUT/backend/nginx.conf" &
+backend=$!
+pids+=("$backend")
 
 case "$scenario" in
+  direct | direct-cross | gatehouse | nginx) [ "$mode" = ceiling ] || { echo "$scenario is a placement for ceiling" >&2; exit 2; } ;;
   http) url="http://127.0.0.1:$PB_HTTP_PORT/"; proto=(--h1) ;;
   https) url="https://127.0.0.1:$PB_HTTPS_PORT/"; proto=(--h1) ;;
   h2) url="https://127.0.0.1:$PB_HTTPS_PORT/"; proto=(-m10) ;;
@@ -185,5 +198,63 @@ HAPROXY
     awk -v n="$requests" -v hz="$hz" -v u=$((user_after - user_before)) -v k=$((system_after - system_before)) \
       'BEGIN { printf "  CPU per request: %.1f us = %.1f user + %.1f kernel (%.0f %% kernel)\n", (u + k) * 1e6 / hz / n, u * 1e6 / hz / n, k * 1e6 / hz / n, 100 * k / (u + k) }'
     ;;
-  *) echo "mode is callgrind, perf or split" >&2; exit 2 ;;
+  ceiling)
+    # large-1m's ceiling in the peer benchmark's layout (backend and wrk on CPU 0, the proxy on
+    # CPU 1): CPU per MiB of the backend, the load generator and the proxy, from /proc and
+    # time(1). With a proxy, CPU 0 carries backend and wrk, each talking across cores; their
+    # sum per MiB bounds the MiB/s whatever the proxy does.
+    seconds="${3:-8}"
+    wrk_cpu=0 proxy=""
+    case "$scenario" in
+      direct) url="http://$PB_B1/1m" ;;
+      direct-cross) url="http://$PB_B1/1m" wrk_cpu=1 ;;
+      gatehouse)
+        taskset -c 1 "$here/benches/peerbench-candidate.sh" &
+        pids+=($!)
+        wait_for_port "$PB_HTTP_PORT"
+        proxy="$(pgrep -f "run --config $OUT/gatehouse.yaml" | head -1)"
+        url="http://127.0.0.1:$PB_HTTP_PORT/1m"
+        ;;
+      nginx)
+        mkdir -p "$OUT/proxy"
+        cat >"$OUT/proxy/nginx.conf" <<NGINX
+worker_processes 1; daemon off; master_process off; pid $OUT/proxy/nginx.pid;
+error_log $OUT/proxy/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off; client_body_temp_path $OUT/proxy/cb; proxy_temp_path $OUT/proxy/px;
+  fastcgi_temp_path $OUT/proxy/fc; uwsgi_temp_path $OUT/proxy/uw; scgi_temp_path $OUT/proxy/sc;
+  keepalive_requests 100000000; keepalive_timeout 300s; tcp_nodelay on;
+  upstream be { server $PB_B1; server $PB_B2; keepalive 512; }
+  server {
+    listen 127.0.0.1:$PB_HTTP_PORT;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+        taskset -c 1 nginx -p "$OUT/proxy" -c "$OUT/proxy/nginx.conf" &
+        proxy=$!
+        pids+=("$proxy")
+        wait_for_port "$PB_HTTP_PORT"
+        url="http://127.0.0.1:$PB_HTTP_PORT/1m"
+        ;;
+      *) echo "ceiling placements: direct, direct-cross, gatehouse, nginx" >&2; exit 2 ;;
+    esac
+    wait_for_port "${PB_B1##*:}"
+    cpu() { if [ -n "$1" ]; then awk '{ print $14 + $15 }' "/proc/$1/stat"; else echo 0; fi; }
+    taskset -c "$wrk_cpu" wrk -t1 -c8 -d2s "$url" >/dev/null
+    backend_before="$(cpu "$backend")" proxy_before="$(cpu "$proxy")"
+    /usr/bin/time -f "load-generator-cpu %U %S" -o "$OUT/wrk.time" \
+      taskset -c "$wrk_cpu" wrk -t1 -c8 -d"${seconds}s" "$url" >"$OUT/wrk.out"
+    backend_after="$(cpu "$backend")" proxy_after="$(cpu "$proxy")"
+    requests="$(awk '/requests in/ { print $1 }' "$OUT/wrk.out")"
+    hz="$(getconf CLK_TCK)"
+    awk -v n="$requests" -v s="$seconds" '/requests in/ { printf "  %.0f MiB/s\n", n / s }' "$OUT/wrk.out"
+    awk -v n="$requests" '/load-generator-cpu/ { printf "  load generator %4.0f us per MiB\n", ($2 + $3) * 1e6 / n }' "$OUT/wrk.time"
+    awk -v n="$requests" -v hz="$hz" -v d=$((backend_after - backend_before)) 'BEGIN { printf "  backend        %4.0f us per MiB\n", d * 1e6 / hz / n }'
+    if [ -n "$proxy" ]; then
+      awk -v n="$requests" -v hz="$hz" -v d=$((proxy_after - proxy_before)) 'BEGIN { printf "  proxy          %4.0f us per MiB\n", d * 1e6 / hz / n }'
+    fi
+    ;;
+  *) echo "mode is callgrind, perf, split or ceiling" >&2; exit 2 ;;
 esac
