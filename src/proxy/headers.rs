@@ -127,27 +127,49 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// The request's host as sent (the URI authority for HTTP/2 and absolute-form requests,
 /// else the single `Host` header), checked before routing: several `Host` headers are
-/// ambiguous, and only visible ASCII is a host.
+/// ambiguous, and a host is `uri-host [":" port]` (RFC 9110 §7.2) — not empty, no userinfo,
+/// nothing a backend's parser could read as another host (RFC 9112 §3.2: answered 400).
 pub fn request_host<B>(request: &Request<B>) -> Result<Option<&str>, ProxyError> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
-    if let Some(authority) = request.uri().authority() {
-        return Ok(Some(authority.as_str()));
-    }
-    match host_header {
-        Some(host) => host
+    let host = match (request.uri().authority(), host_header) {
+        (Some(authority), _) => authority.as_str(),
+        (None, Some(host)) => host
             .to_str()
-            .map(Some)
-            .map_err(|_| ProxyError::BadRequest("invalid Host")),
-        None if request.version() == Version::HTTP_11 => {
-            Err(ProxyError::BadRequest("missing Host header"))
+            .map_err(|_| ProxyError::BadRequest("invalid Host"))?,
+        (None, None) if request.version() == Version::HTTP_11 => {
+            return Err(ProxyError::BadRequest("missing Host header"))
         }
-        None => Ok(None),
+        (None, None) => return Ok(None),
+    };
+    if host.is_empty() || !host.bytes().all(|byte| HOST_BYTES[usize::from(byte)]) {
+        return Err(ProxyError::BadRequest("invalid Host"));
     }
+    Ok(Some(host))
 }
+
+/// The bytes of `uri-host [":" port]`: a reg-name's (unreserved, sub-delims, `%` of
+/// pct-encoded), `:` and the brackets of an IP literal. Not `@` (userinfo), whitespace, `/`,
+/// `?`, `#`, `\` or controls.
+const HOST_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        table[byte] = b.is_ascii_alphanumeric();
+        byte += 1;
+    }
+    let others = b"-._~%!$&'()*+,;=:[]";
+    let mut index = 0;
+    while index < others.len() {
+        table[others[index] as usize] = true;
+        index += 1;
+    }
+    table
+};
 
 /// The host a request routed by [`request_host`] asked for, read again from its head as it is
 /// forwarded (the same precedence; nothing copied): for `Host` and `X-Forwarded-Host`.
@@ -488,6 +510,38 @@ mod tests {
             assert_eq!(routed, expected, "{uri} {host:?}");
             assert_eq!(asked, expected.map(str::as_bytes), "{uri} {host:?}");
         }
+    }
+
+    #[test]
+    fn a_host_is_a_host_and_port_or_a_bad_request() {
+        let host_header = |host: &str| {
+            Request::builder()
+                .uri("/x")
+                .header(header::HOST, host)
+                .body(())
+                .unwrap()
+        };
+        for good in [
+            "tax.example.gov",
+            "Tax.Example.GOV:8443",
+            "10.0.0.7:8080",
+            "[2001:db8::1]:443",
+            "xn--bcher-kva.example",
+            "a_b.internal",
+        ] {
+            assert_eq!(request_host(&host_header(good)).unwrap(), Some(good));
+        }
+        for bad in [
+            "", "a b", "a/b", "a?b", "a#b", "user@a", "a\\b", "a\tb", "a\"b",
+        ] {
+            assert!(request_host(&host_header(bad)).is_err(), "{bad:?}");
+        }
+        let absolute = |uri: &str| Request::builder().uri(uri).body(()).unwrap();
+        assert!(request_host(&absolute("http://user@a.example.gov/")).is_err());
+        assert_eq!(
+            request_host(&absolute("http://a.example.gov:8080/")).unwrap(),
+            Some("a.example.gov:8080")
+        );
     }
 
     #[test]
