@@ -752,7 +752,12 @@ fn route<'t>(
     if request.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT is not supported"));
     }
-    if request.uri().path_and_query().is_none() && request.method() != Method::OPTIONS {
+    // `*` (asterisk-form) is OPTIONS's alone (RFC 9112 §3.2.4); any other method needs a path.
+    let has_path = request
+        .uri()
+        .path_and_query()
+        .is_some_and(|target| target.path() != "*");
+    if !has_path && request.method() != Method::OPTIONS {
         return Err(ProxyError::BadRequest("request target must be a path"));
     }
     let host = headers::request_host(request)?.map(headers::routing_host);
