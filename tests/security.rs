@@ -1,6 +1,7 @@
 //! Hostile clients: the corpus of malformed and ambiguous requests in tests/corpus/http1 is
 //! refused (and never forwarded), no smuggled request reaches a backend that records every
-//! raw byte, a late or missing request head gets 408, and a Connection header cannot strip what
+//! raw byte, a late or missing request head gets 408 (and a body the client holds back, without
+//! blaming the backend), and a Connection header cannot strip what
 //! gatehouse sets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -147,6 +148,46 @@ async fn a_late_or_missing_request_head_gets_408_and_is_counted() {
         ),
         Some(2.0)
     );
+}
+
+#[tokio::test]
+async fn a_client_holding_back_its_body_gets_408_and_the_backend_is_not_blamed() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    // One failure would eject the only backend: a client must not be able to cause one.
+    let (gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("b", backend.address)],
+        "",
+        "    timeouts: { request: 500ms }\n    passive: { consecutive_failures: 1, ejection: 60s }\n",
+    )
+    .await;
+    for _ in 0..2 {
+        let mut client = tokio::net::TcpStream::connect(web).await.unwrap();
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer));
+        read.await.unwrap().unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    }
+    assert_eq!(get(web, "x", "/").await.status, http::StatusCode::OK);
+    // A backend that is the slow one still times out as the backend's fault.
+    let slow = get(web, "x", "/slow?ms=2000").await;
+    assert_eq!(slow.status, http::StatusCode::GATEWAY_TIMEOUT);
+    let text = metrics_text(&gatehouse).await;
+    let requests = |backend: &str, code: &str| {
+        metric(
+            &text,
+            "gatehouse_requests_total",
+            &[("backend", backend), ("code", code)],
+        )
+    };
+    assert_eq!(requests("", "408"), Some(2.0));
+    assert_eq!(requests("b", "504"), Some(1.0));
 }
 
 #[tokio::test]

@@ -25,6 +25,8 @@ pub enum ProxyError {
     BackendFailed,
     /// The backend did not answer within `timeouts.request` (or connect).
     Timeout,
+    /// `timeouts.request` ran out while the client held back the rest of its body.
+    ClientTimeout,
 }
 
 impl ProxyError {
@@ -40,6 +42,7 @@ impl ProxyError {
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BackendFailed => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -52,7 +55,10 @@ impl ProxyError {
             ProxyError::RateLimited(_) => Some(Rejection::RateLimit),
             ProxyError::PayloadTooLarge => Some(Rejection::BadRequest),
             ProxyError::NoBackend => Some(Rejection::NoBackend),
-            ProxyError::NoRoute | ProxyError::BackendFailed | ProxyError::Timeout => None,
+            ProxyError::NoRoute
+            | ProxyError::BackendFailed
+            | ProxyError::Timeout
+            | ProxyError::ClientTimeout => None,
         }
     }
 
@@ -67,6 +73,7 @@ impl ProxyError {
             ProxyError::NoBackend => "no backend available",
             ProxyError::BackendFailed => "backend failed",
             ProxyError::Timeout => "backend timed out",
+            ProxyError::ClientTimeout => "request body late",
         }
     }
 
@@ -96,6 +103,7 @@ impl ProxyError {
                 | ProxyError::HeaderTooLarge
                 | ProxyError::Forbidden
                 | ProxyError::PayloadTooLarge
+                | ProxyError::ClientTimeout
         ) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

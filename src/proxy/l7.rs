@@ -16,7 +16,7 @@ use crate::config::{Limits, ProxyProtocolVersion};
 use crate::io::Reclaimable;
 use crate::metrics::Rejection;
 use crate::proxy_protocol;
-use crate::upstream::body::UpstreamBody;
+use crate::upstream::body::{ClientWait, UpstreamBody};
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::{ListenerTable, Target};
 use http::{header, request, Method, Request, Response, StatusCode, Version};
@@ -832,7 +832,7 @@ fn forward<'a>(
             }
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let (head, body, replayable) =
+        let (head, body, replayable, client_wait) =
             upstream_request(request, upgrade, bytes_in, target.max_body_bytes)
                 .map_err(|error| (error, Outcome::default()))?;
         let host = headers::asked_host(&head.uri, &head.headers);
@@ -901,6 +901,14 @@ fn forward<'a>(
             let upstream_duration = sent_at.elapsed();
             pool.observe_latency(index, upstream_duration);
             let mut response = match result {
+                Err(_elapsed) if client_wait.as_ref().is_some_and(ClientWait::is_waiting) => {
+                    // The client held its body back: its timeout, not the backend's.
+                    tracing::debug!(backend = %backend.name, "request body late from the client");
+                    return Err((
+                        ProxyError::ClientTimeout,
+                        outcome(None, Some(upstream_duration)),
+                    ));
+                }
                 Err(_elapsed) => {
                     pool.record_outcome(index, false);
                     return Err((
@@ -994,14 +1002,14 @@ fn forward<'a>(
 }
 
 /// The request as it goes to a backend: its head (origin-form, HTTP/1.1), the client's body
-/// streamed (counted into `bytes_in`, held to `max_body_bytes`), and whether it may be
-/// replayed.
+/// streamed (counted into `bytes_in`, held to `max_body_bytes`), whether it may be replayed,
+/// and, with a body, what tells when that body waits for the client.
 fn upstream_request(
     request: Request<ClientBody>,
     upgrade: bool,
     bytes_in: Option<Arc<AtomicU64>>,
     max_body_bytes: Option<u64>,
-) -> Result<(request::Parts, UpstreamBody, bool), ProxyError> {
+) -> Result<(request::Parts, UpstreamBody, bool, Option<ClientWait>), ProxyError> {
     let (mut parts, body) = request.into_parts();
     if let Some(limit) = max_body_bytes {
         let declared = parts
@@ -1014,15 +1022,18 @@ fn upstream_request(
     }
     let body = body.filter(|body| !body.is_end_stream());
     let replayable = !upgrade && is_idempotent(&parts.method) && body.is_none();
-    let body = match body {
-        Some(body) => UpstreamBody::streaming(body, bytes_in, max_body_bytes),
-        None => UpstreamBody::empty(),
+    let client_wait = body.as_ref().map(|_| ClientWait::default());
+    let body = match (body, &client_wait) {
+        (Some(body), Some(wait)) => {
+            UpstreamBody::streaming(body, bytes_in, max_body_bytes, wait.clone())
+        }
+        _ => UpstreamBody::empty(),
     };
     // The URI keeps its authority (`headers::asked_host` reads it): the upstream head
     // writes the target in origin form. The server's extensions stay behind.
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
-    Ok((parts, body, replayable))
+    Ok((parts, body, replayable, client_wait))
 }
 
 /// The whole `source()` chain, for logs.

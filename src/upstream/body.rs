@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -19,6 +19,22 @@ pub struct UpstreamBody {
     sent: Option<Arc<AtomicU64>>,
     /// Bytes still allowed by the route's `max_body_bytes`.
     allowance: Option<u64>,
+    /// Set while the stream waits for the client's next bytes.
+    client_wait: Option<ClientWait>,
+}
+
+/// Whether a request body's stream is held up by the client: its last poll found no bytes
+/// from the client yet. Shared with the request's attempt, so a request timeout that fires
+/// while the client holds the body back is the client's (408), not the backend's (504), and
+/// does not count against the backend's passive health.
+#[derive(Debug, Default, Clone)]
+pub struct ClientWait(Arc<AtomicBool>);
+
+impl ClientWait {
+    /// True while the body waits for the client.
+    pub fn is_waiting(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// The client's body grew past the route's `max_body_bytes` while streaming.
@@ -33,12 +49,19 @@ impl UpstreamBody {
     }
 
     /// Streams the client's `body`, adding the bytes sent to `sent`, and fails the stream
-    /// once more than `limit` bytes went through (None: unlimited).
-    pub fn streaming(body: Incoming, sent: Option<Arc<AtomicU64>>, limit: Option<u64>) -> Self {
+    /// once more than `limit` bytes went through (None: unlimited); `client_wait` tells
+    /// when it waits for the client.
+    pub fn streaming(
+        body: Incoming,
+        sent: Option<Arc<AtomicU64>>,
+        limit: Option<u64>,
+        client_wait: ClientWait,
+    ) -> Self {
         UpstreamBody {
             body: Some(body),
             sent,
             allowance: limit,
+            client_wait: Some(client_wait),
         }
     }
 }
@@ -56,6 +79,9 @@ impl Body for UpstreamBody {
             Some(body) => Pin::new(body).poll_frame(cx),
             None => Poll::Ready(None),
         };
+        if let Some(wait) = &this.client_wait {
+            wait.0.store(polled.is_pending(), Ordering::Relaxed);
+        }
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 let length = data.len() as u64;
