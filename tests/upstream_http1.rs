@@ -52,9 +52,19 @@ impl ScriptedBackend {
     }
 }
 
+/// A response head of ≈ 500 KB (one long header): past the client's 417,792-byte limit, within
+/// the 512 KiB its read buffer grows to.
+static HUGE_HEAD: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let mut head = b"HTTP/1.1 200 OK\r\nx-long: ".to_vec();
+    head.resize(head.len() + 500_000, b'a');
+    head.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
+    head
+});
+
 /// The raw answer to `path`, and whether the backend closes the connection after it.
 fn script(path: &str) -> (&'static [u8], bool) {
     match path {
+        "/huge-head" => (HUGE_HEAD.as_slice(), false),
         "/chunked" => (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n",
             false,
@@ -213,6 +223,18 @@ async fn conflicting_or_overlong_framing_never_reaches_the_next_request() {
         "bytes past a response never answer the next request"
     );
     assert_eq!(backend.opened(), 4);
+}
+
+#[tokio::test]
+async fn an_overlong_response_head_is_refused_however_it_arrives() {
+    let backend = ScriptedBackend::start().await;
+    let (_running, web) = gatehouse_for(&backend).await;
+    // Written at once, the head may complete within one large read: refused all the same.
+    for _ in 0..10 {
+        let answer = get(web, "app", "/huge-head").await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(get(web, "app", "/").await.text(), "ok");
 }
 
 #[tokio::test]

@@ -214,7 +214,12 @@ impl Connection {
     ) -> Poll<Result<Head, Http1Error>> {
         loop {
             if !self.read.is_empty() {
+                let buffered = self.read.len();
                 if let Some(head) = parse_head(&mut self.read, head_request)? {
+                    // A read can complete a head past the limit in one go: held to it all the same.
+                    if buffered - self.read.len() > MAX_HEAD {
+                        return Poll::Ready(Err(Http1Error::Malformed("response head too large")));
+                    }
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS
                     {
