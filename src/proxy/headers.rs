@@ -425,6 +425,10 @@ mod tests {
         let id = request_id(&HeaderMap::new());
         assert_eq!(id.len(), 32);
         assert_ne!(id, new_request_id());
+        assert!(id
+            .as_bytes()
+            .iter()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(byte)));
         let insane = map(&[("x-request-id", "a b")]);
         assert_eq!(request_id(&insane).len(), 32);
     }
