@@ -65,6 +65,10 @@ static HUGE_HEAD: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
 fn script(path: &str) -> (&'static [u8], bool) {
     match path {
         "/huge-head" => (HUGE_HEAD.as_slice(), false),
+        "/own-id" => (
+            b"HTTP/1.1 200 OK\r\nx-request-id: made-by-the-backend\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
         "/chunked" => (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n",
             false,
@@ -223,6 +227,26 @@ async fn conflicting_or_overlong_framing_never_reaches_the_next_request() {
         "bytes past a response never answer the next request"
     );
     assert_eq!(backend.opened(), 4);
+}
+
+#[tokio::test]
+async fn the_response_carries_the_request_id_once_whoever_writes_its_head() {
+    let backend = ScriptedBackend::start().await;
+    let (_running, web) = gatehouse_for(&backend).await;
+    // A GET is answered by gatehouse's own HTTP/1 loop, a POST with a body through hyper.
+    for (method, body) in [("GET", ""), ("POST", "a body")] {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{web}/own-id"))
+            .header("host", "app")
+            .header("x-request-id", "chosen-by-the-client")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let answer = send(request).await;
+        assert_eq!(answer.text(), "ok");
+        let ids: Vec<_> = answer.headers.get_all("x-request-id").iter().collect();
+        assert_eq!(ids, ["chosen-by-the-client"], "{method}");
+    }
 }
 
 #[tokio::test]

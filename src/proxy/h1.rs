@@ -16,6 +16,7 @@
 //! loop only ever serves heads that parse cleanly.
 
 use super::body::ProxyBody;
+use super::headers;
 use super::l7::{self, ClientBody, Connection};
 use super::park::{self, Watched};
 use crate::config::Limits;
@@ -173,12 +174,16 @@ where
             })
             .await
         };
-        let Some(response) = handled else {
+        let Some(l7::Handled {
+            response,
+            request_id,
+        }) = handled
+        else {
             return End::Closed;
         };
         let response = response.map(|body| body.answers(connection.clone()));
         let closing = head.close || shutdown.is_cancelled();
-        match write_response(stream, &mut write, response, closing).await {
+        match write_response(stream, &mut write, response, request_id.as_ref(), closing).await {
             Ok(Ending::KeepAlive) => {}
             Ok(Ending::Close) => {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
@@ -361,11 +366,12 @@ async fn write_response<T: AsyncWrite + Unpin>(
     stream: &mut T,
     out: &mut Vec<u8>,
     response: Response<ProxyBody>,
+    request_id: Option<&HeaderValue>,
     closing: bool,
 ) -> io::Result<Ending> {
     let (parts, mut body) = response.into_parts();
     out.clear();
-    let (framing, ending) = encode_head(&parts, &body, closing, out);
+    let (framing, ending) = encode_head(&parts, &body, request_id, closing, out);
     let chunked = framing == Framing::Chunked;
     let mut queue = Outgoing {
         out,
@@ -537,11 +543,13 @@ impl Outgoing<'_> {
     }
 }
 
-/// Writes the status line and headers into `out`, adding `Date`, the body's framing and
-/// `Connection: close` when `closing`; returns the framing and whether the connection ends.
+/// Writes the status line and headers into `out`, adding `Date`, the body's framing,
+/// `request_id` as `X-Request-Id` (in place of any the response has) and `Connection: close`
+/// when `closing`; returns the framing and whether the connection ends.
 fn encode_head(
     parts: &http::response::Parts,
     body: &ProxyBody,
+    request_id: Option<&HeaderValue>,
     mut closing: bool,
     out: &mut Vec<u8>,
 ) -> (Framing, Ending) {
@@ -555,8 +563,10 @@ fn encode_head(
     let mut has_length = false;
     let mut has_connection = false;
     for (name, value) in &parts.headers {
-        if name == header::TRANSFER_ENCODING {
-            // The body is framed here.
+        if name == header::TRANSFER_ENCODING
+            || (request_id.is_some() && name == headers::X_REQUEST_ID)
+        {
+            // The body is framed here; the request's id is gatehouse's.
             continue;
         }
         has_date |= name == header::DATE;
@@ -568,6 +578,11 @@ fn encode_head(
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(id) = request_id {
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(id.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     if !has_date {
@@ -701,7 +716,7 @@ mod tests {
     fn head_of(response: Response<ProxyBody>, closing: bool) -> (String, Framing, Ending) {
         let (parts, body) = response.into_parts();
         let mut out = Vec::new();
-        let (framing, ending) = encode_head(&parts, &body, closing, &mut out);
+        let (framing, ending) = encode_head(&parts, &body, None, closing, &mut out);
         (String::from_utf8(out).unwrap(), framing, ending)
     }
 

@@ -276,8 +276,8 @@ where
         // Boxed: hyper moves a stream's future several times (HTTP/2 spawns one per stream),
         // and a pointer moves for less than the handler's state (≈ 2.5 KB).
         Box::pin(async move {
-            let response = handle(request.map(Some), ReadBy::Hyper, &connection).await;
-            Ok::<_, Infallible>(response.map(|body| body.answers(connection)))
+            let handled = handle(request.map(Some), ReadBy::Hyper, &connection).await;
+            Ok::<_, Infallible>(handled.response.map(|body| body.answers(connection)))
         })
     });
     // Pinned where it is made, and dropped at the end of this block: its stream comes back
@@ -591,6 +591,27 @@ pub enum ReadBy {
     OwnLoop { size: usize },
 }
 
+/// A request's answer, and the `X-Request-Id` for its head when gatehouse's own HTTP/1
+/// loop writes it: the loop writes the id as it encodes the head, in place of any the
+/// response has, where inserting it into the header map would cost a hash and an insert
+/// (≈ 250 instructions) per response. Kept beside the response rather than in its body, which
+/// every step of the request path moves.
+pub struct Handled {
+    /// The response; for hyper's sessions, with its `X-Request-Id` in the header map.
+    pub response: Response<ProxyBody>,
+    /// For the own loop's head: the request's id, when the response is a proxied one.
+    pub request_id: Option<http::HeaderValue>,
+}
+
+impl From<Response<ProxyBody>> for Handled {
+    fn from(response: Response<ProxyBody>) -> Self {
+        Handled {
+            response,
+            request_id: None,
+        }
+    }
+}
+
 /// Handles one request; never fails (every failure becomes a response).
 ///
 /// A plain function returning an async block, as is `forward`: an `async fn` keeps each
@@ -601,12 +622,12 @@ pub fn handle(
     request: Request<ClientBody>,
     read_by: ReadBy,
     connection: &Connection,
-) -> impl Future<Output = Response<ProxyBody>> + '_ {
+) -> impl Future<Output = Handled> + '_ {
     async move {
         let started = Instant::now();
         let table = connection.listener.table.load_full();
         let Some(listener) = table.listener(&connection.listener.name) else {
-            return ProxyError::NoBackend.response();
+            return ProxyError::NoBackend.response().into();
         };
         // Boxed: held across the backend exchange, it would otherwise take 328 bytes of every
         // request's future, logged or not.
@@ -653,7 +674,7 @@ pub fn handle(
                         listener.access_log.clone(),
                     );
                 }
-                return response;
+                return response.into();
             }
         };
         target.route_requests.inc();
@@ -681,12 +702,18 @@ pub fn handle(
             _ => target.local_counters.count(code),
         }
         target.duration.observe(started.elapsed().as_secs_f64());
+        let mut request_id = None;
         if let Some(id) = &outcome.request_id {
-            // Unique per request: HTTP/2 sends it as a never-indexed literal, so it does not
-            // push the headers that repeat (server, content-type, ...) out of the HPACK table.
-            let mut id = id.clone();
-            id.set_sensitive(true);
-            response.headers_mut().insert(headers::X_REQUEST_ID, id);
+            if let ReadBy::OwnLoop { .. } = read_by {
+                request_id = Some(id.clone());
+            } else {
+                // Unique per request: HTTP/2 sends it as a never-indexed literal, so it does
+                // not push the headers that repeat (server, content-type, ...) out of the
+                // HPACK table.
+                let mut id = id.clone();
+                id.set_sensitive(true);
+                response.headers_mut().insert(headers::X_REQUEST_ID, id);
+            }
         }
         if let Some(hsts) = &listener.config.hsts {
             response
@@ -712,7 +739,10 @@ pub fn handle(
                 .body_mut()
                 .log_when_done(*record, started, listener.access_log.clone());
         }
-        response
+        Handled {
+            response,
+            request_id,
+        }
     }
 }
 
