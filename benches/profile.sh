@@ -74,6 +74,33 @@ wait_for_port() {
   exit 1
 }
 
+# nginx as the proxy, configured as the peer benchmark configures it, started with the
+# command prefix given (e.g. `taskset -c 1`); its pid in $target.
+start_nginx_proxy() {
+  mkdir -p "$OUT/proxy"
+  cat >"$OUT/proxy/nginx.conf" <<NGINX
+worker_processes 1; daemon off; master_process off; pid $OUT/proxy/nginx.pid;
+error_log $OUT/proxy/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off; client_body_temp_path $OUT/proxy/cb; proxy_temp_path $OUT/proxy/px;
+  fastcgi_temp_path $OUT/proxy/fc; uwsgi_temp_path $OUT/proxy/uw; scgi_temp_path $OUT/proxy/sc;
+  keepalive_requests 100000000; keepalive_timeout 300s; tcp_nodelay on;
+  upstream be { server $PB_B1; server $PB_B2; keepalive 512; keepalive_requests 100000000; keepalive_timeout 300s; }
+  server {
+    listen 127.0.0.1:$PB_HTTP_PORT; listen 127.0.0.1:$PB_HTTPS_PORT ssl http2;
+    ssl_certificate $PB_CERT; ssl_certificate_key $PB_KEY; ssl_protocols TLSv1.3;
+    ssl_session_tickets off; ssl_session_cache off;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+  "$@" nginx -p "$OUT/proxy" -c "$OUT/proxy/nginx.conf" &
+  target=$!
+  pids+=("$target")
+  wait_for_port "$PB_HTTP_PORT"
+}
+
 case "$mode" in
   callgrind)
     requests="${3:-20000}"
@@ -114,28 +141,7 @@ case "$mode" in
     requests="${3:-100000}"
     if [ "${PROXY:-gatehouse}" = nginx ]; then
       [ "$scenario" = tcp ] && { echo "split with PROXY=nginx: http, https or h2" >&2; exit 2; }
-      mkdir -p "$OUT/proxy"
-      cat >"$OUT/proxy/nginx.conf" <<NGINX
-worker_processes 1; daemon off; master_process off; pid $OUT/proxy/nginx.pid;
-error_log $OUT/proxy/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off; client_body_temp_path $OUT/proxy/cb; proxy_temp_path $OUT/proxy/px;
-  fastcgi_temp_path $OUT/proxy/fc; uwsgi_temp_path $OUT/proxy/uw; scgi_temp_path $OUT/proxy/sc;
-  keepalive_requests 100000000; keepalive_timeout 300s; tcp_nodelay on;
-  upstream be { server $PB_B1; server $PB_B2; keepalive 512; keepalive_requests 100000000; keepalive_timeout 300s; }
-  server {
-    listen 127.0.0.1:$PB_HTTP_PORT; listen 127.0.0.1:$PB_HTTPS_PORT ssl http2;
-    ssl_certificate $PB_CERT; ssl_certificate_key $PB_KEY; ssl_protocols TLSv1.3;
-    ssl_session_tickets off; ssl_session_cache off;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-NGINX
-      nginx -p "$OUT/proxy" -c "$OUT/proxy/nginx.conf" &
-      target=$!
-      pids+=("$target")
-      wait_for_port "$PB_HTTP_PORT"
+      start_nginx_proxy
     elif [ "${PROXY:-gatehouse}" = haproxy ]; then
       mkdir -p "$OUT/proxy"
       cat "$PB_CERT" "$PB_KEY" >"$OUT/proxy/certkey.pem"
@@ -216,26 +222,8 @@ HAPROXY
         url="http://127.0.0.1:$PB_HTTP_PORT/1m"
         ;;
       nginx)
-        mkdir -p "$OUT/proxy"
-        cat >"$OUT/proxy/nginx.conf" <<NGINX
-worker_processes 1; daemon off; master_process off; pid $OUT/proxy/nginx.pid;
-error_log $OUT/proxy/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off; client_body_temp_path $OUT/proxy/cb; proxy_temp_path $OUT/proxy/px;
-  fastcgi_temp_path $OUT/proxy/fc; uwsgi_temp_path $OUT/proxy/uw; scgi_temp_path $OUT/proxy/sc;
-  keepalive_requests 100000000; keepalive_timeout 300s; tcp_nodelay on;
-  upstream be { server $PB_B1; server $PB_B2; keepalive 512; }
-  server {
-    listen 127.0.0.1:$PB_HTTP_PORT;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-NGINX
-        taskset -c 1 nginx -p "$OUT/proxy" -c "$OUT/proxy/nginx.conf" &
-        proxy=$!
-        pids+=("$proxy")
-        wait_for_port "$PB_HTTP_PORT"
+        start_nginx_proxy taskset -c 1
+        proxy=$target
         url="http://127.0.0.1:$PB_HTTP_PORT/1m"
         ;;
       *) echo "ceiling placements: direct, direct-cross, gatehouse, nginx" >&2; exit 2 ;;

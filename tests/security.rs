@@ -167,15 +167,8 @@ async fn a_client_holding_back_its_body_gets_408_and_the_backend_is_not_blamed()
     .await;
     // Round robin sends one to each backend; each waits out the request timeout.
     for _ in 0..2 {
-        let mut client = tokio::net::TcpStream::connect(web).await.unwrap();
-        client
-            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer));
-        read.await.unwrap().unwrap();
-        let answer = String::from_utf8_lossy(&answer);
+        let stalled = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789";
+        let answer = raw_exchange(web, stalled).await;
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     }
     let mut answered = std::collections::BTreeSet::new();
