@@ -397,3 +397,43 @@ pools:
     );
     assert_eq!(late, Some(2.0));
 }
+
+#[tokio::test]
+async fn plain_http_on_an_https_port_gets_a_clear_400() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let (gatehouse, backend) = tls_gatehouse(&dir, &ca, "").await;
+    let secure = gatehouse.listener_address("secure").unwrap();
+    let answer = raw_exchange(
+        secure,
+        b"GET / HTTP/1.1\r\nHost: portal.example.gov\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert!(
+        answer.ends_with("plain HTTP sent to an HTTPS port\n"),
+        "{answer:?}"
+    );
+    assert!(backend.requests().is_empty());
+    // Bytes that are neither TLS nor HTTP fail the handshake as before (a TLS alert at most).
+    let garbage = raw_exchange(secure, b"\x00\x01garbage").await;
+    assert!(!garbage.contains("HTTP"), "{garbage:?}");
+    // TLS after all that, through the bytes read ahead: the handshake is untouched.
+    let (_, _, answer) = tls_get(&ca, secure, "portal.example.gov", &[b"h2"], "/").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let text = metrics_text(&gatehouse).await;
+    let tls_rejections = metric(
+        &text,
+        "gatehouse_rejected_total",
+        &[("listener", "secure"), ("reason", "tls")],
+    );
+    assert_eq!(tls_rejections, Some(2.0));
+    assert_eq!(
+        metric(
+            &text,
+            "gatehouse_requests_total",
+            &[("listener", "secure"), ("code", "400")]
+        ),
+        Some(1.0)
+    );
+}
