@@ -15,7 +15,7 @@ use crate::tls::ALPN_H2;
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::ListenerTable;
 use crate::waiting_room::{Guest, WaitingRoom};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, TcpKeepalive, Type};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,7 +23,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -463,59 +462,21 @@ async fn serve_http(
     }
 }
 
-/// The answer to plain HTTP on an HTTPS listener (someone who typed `http://` for an
-/// `https://` address): a clear 400 where a failed handshake shows as an empty reply.
-const PLAIN_HTTP_ON_HTTPS: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 50\r\nconnection: close\r\n\r\n400 Bad Request: plain HTTP sent to an HTTPS port\n";
-
-/// Room for a client's first bytes: a whole ClientHello, post-quantum key shares included.
-const FIRST_READ: usize = 4096;
-
-/// Whether the client's first bytes are a request line (an upper-case method) rather than a
-/// TLS record. They are read into the stream's prefix, where the handshake reads them again
-/// from memory: no syscall more than the handshake makes anyway.
-async fn speaks_plain_http(stream: &mut ClientStream) -> std::io::Result<bool> {
-    if stream.prefix_len() == 0 {
-        let mut first = BytesMut::with_capacity(FIRST_READ);
-        if stream.read_buf(&mut first).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        stream.set_prefix(first.freeze());
-    }
-    Ok(stream.prefix().first().is_some_and(u8::is_ascii_uppercase))
-}
-
 /// A TLS connection once its client has spoken: handshake, then HTTP (by ALPN) or TCP
 /// pass-through. A function of its own, so its state (the handshake, the TLS stream's box)
 /// is no part of a plain connection's. Its parked connections wait in this task (their TLS
 /// state with them).
-async fn serve_tls(mut stream: ClientStream, mut client: Box<Client>) {
+async fn serve_tls(stream: ClientStream, mut client: Box<Client>) {
     let listener = client.listener.clone();
     let Some(acceptor) = listener.tls.as_ref() else {
         return;
     };
     let metrics = &listener.metrics;
     let limits = listener.config.limits;
-    let due = tokio::time::Instant::now() + limits.header_timeout;
-    if listener.config.protocol == Protocol::Https {
-        let spoke = tokio::time::timeout_at(due, speaks_plain_http(&mut stream)).await;
-        if !matches!(spoke, Ok(Ok(false))) {
-            metrics.tls_handshake_errors.inc();
-            metrics.reject(Rejection::Tls);
-            if matches!(spoke, Ok(Ok(true))) {
-                listener.unrouted_counters.count(400);
-                let answer = async {
-                    stream.write_all(PLAIN_HTTP_ON_HTTPS).await?;
-                    stream.shutdown().await
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
-            }
-            return;
-        }
-    }
     let handshake = Box::pin(acceptor.accept(stream));
     // Boxed once: moved on into the serve loop, the TLS stream (≈ 2 KB) would otherwise
     // take a slot in this task's state and several in the loop's, for the connection's life.
-    let tls = match tokio::time::timeout_at(due, handshake).await {
+    let tls = match tokio::time::timeout(limits.header_timeout, handshake).await {
         Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(error)) => {
             tracing::debug!(client = %client.connection.client, %error, "TLS handshake failed");

@@ -288,11 +288,6 @@ impl<T> Prefixed<T> {
         self.prefix.len()
     }
 
-    /// The bytes still to replay.
-    pub fn prefix(&self) -> &[u8] {
-        &self.prefix
-    }
-
     /// The wrapped stream.
     pub fn get_ref(&self) -> &T {
         &self.inner
