@@ -74,6 +74,16 @@ wait_for_port() {
   exit 1
 }
 
+# gatehouse from benches/peerbench-candidate.sh, started with the command prefix given (e.g.
+# `taskset -c 1`); its pid in $target, found by its configuration (GATEHOUSE_BIN may be a copy
+# under any name).
+start_gatehouse() {
+  "$@" "$here/benches/peerbench-candidate.sh" &
+  pids+=($!)
+  wait_for_port "$PB_HTTP_PORT"
+  target="$(pgrep -f "run --config $OUT/gatehouse.yaml" | head -1)"
+}
+
 # nginx as the proxy, configured as the peer benchmark configures it, started with the
 # command prefix given (e.g. `taskset -c 1`); its pid in $target.
 start_nginx_proxy() {
@@ -121,10 +131,7 @@ case "$mode" in
     ;;
   perf)
     seconds="${3:-10}"
-    "$here/benches/peerbench-candidate.sh" &
-    pids+=($!)
-    wait_for_port "$PB_HTTP_PORT"
-    target="$(pgrep -f "gatehouse run --config $OUT" | head -1)"
+    start_gatehouse
     h2load "${proto[@]}" -n 20000 -c "$connections" -t 1 "$url" >/dev/null
     perf record -e cpu-clock -F 2000 -g -p "$target" -o "$OUT/perf.data" -- sleep "$seconds" 2>/dev/null &
     recorder=$!
@@ -183,10 +190,7 @@ HAPROXY
       pids+=("$target")
       wait_for_port "$PB_HTTP_PORT"
     else
-      "$here/benches/peerbench-candidate.sh" &
-      pids+=($!)
-      wait_for_port "$PB_HTTP_PORT"
-      target="$(pgrep -f "gatehouse run --config $OUT" | head -1)"
+      start_gatehouse
     fi
     h2load "${proto[@]}" -n 20000 -c "$connections" -t 1 "$url" >/dev/null
     ticks() { awk '{ print $14, $15 }' "/proc/$target/stat"; }
@@ -215,10 +219,8 @@ HAPROXY
       direct) url="http://$PB_B1/1m" ;;
       direct-cross) url="http://$PB_B1/1m" wrk_cpu=1 ;;
       gatehouse)
-        taskset -c 1 "$here/benches/peerbench-candidate.sh" &
-        pids+=($!)
-        wait_for_port "$PB_HTTP_PORT"
-        proxy="$(pgrep -f "run --config $OUT/gatehouse.yaml" | head -1)"
+        start_gatehouse taskset -c 1
+        proxy=$target
         url="http://127.0.0.1:$PB_HTTP_PORT/1m"
         ;;
       nginx)

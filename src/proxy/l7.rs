@@ -1053,12 +1053,13 @@ fn upstream_request(
     }
     let body = body.filter(|body| !body.is_end_stream());
     let replayable = !upgrade && is_idempotent(&parts.method) && body.is_none();
-    let client_wait = body.as_ref().map(|_| ClientWait::default());
-    let body = match (body, &client_wait) {
-        (Some(body), Some(wait)) => {
-            UpstreamBody::streaming(body, bytes_in, max_body_bytes, wait.clone())
+    let (body, client_wait) = match body {
+        Some(body) => {
+            let wait = ClientWait::default();
+            let body = UpstreamBody::streaming(body, bytes_in, max_body_bytes, wait.clone());
+            (body, Some(wait))
         }
-        _ => UpstreamBody::empty(),
+        None => (UpstreamBody::empty(), None),
     };
     // The URI keeps its authority (`headers::asked_host` reads it): the upstream head
     // writes the target in origin form. The server's extensions stay behind.
