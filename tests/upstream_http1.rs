@@ -86,6 +86,14 @@ fn script(path: &str) -> (&'static [u8], bool) {
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nleaked",
             false,
         ),
+        "/coded" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            false,
+        ),
+        "/no-content" => (
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello",
+            false,
+        ),
         "/bad-chunk" => (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokzz\r\n",
             false,
@@ -217,6 +225,19 @@ async fn conflicting_or_overlong_framing_never_reaches_the_next_request() {
         StatusCode::BAD_GATEWAY,
         "101 to a request that asked no upgrade"
     );
+    let answer = get(web, "app", "/coded").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::BAD_GATEWAY,
+        "a gzip transfer coding cannot be passed on, nor its bytes passed off as plain"
+    );
+    let answer = get(web, "app", "/no-content").await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        answer.headers.get("content-length"),
+        None,
+        "a 204 has no body to frame"
+    );
     let answer = get(web, "app", "/extra").await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.text(), "ok");
@@ -226,7 +247,7 @@ async fn conflicting_or_overlong_framing_never_reaches_the_next_request() {
         "ok",
         "bytes past a response never answer the next request"
     );
-    assert_eq!(backend.opened(), 4);
+    assert_eq!(backend.opened(), 6);
 }
 
 #[tokio::test]

@@ -7,10 +7,13 @@
 //! connection while it streams and gives it back to its pool once read to its end.
 //!
 //! Response framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; chunked when
-//! it is the last transfer coding; otherwise Content-Length (repeated values must agree); or
-//! until the backend closes. Anything unusual (Transfer-Encoding with Content-Length, other
-//! codings, bytes past the end, `Connection: close`, HTTP/1.0 without keep-alive) closes the
-//! connection after the response instead of reusing it.
+//! Transfer-Encoding says so; otherwise Content-Length (repeated values must agree); or until
+//! the backend closes. A body in any transfer coding but one `chunked` (`gzip, chunked`) is
+//! refused (502, as nginx does): the coding could not be passed on — an HTTP/2 client has no
+//! Transfer-Encoding — and decoding only the chunks would hand the client compressed bytes
+//! as if they were not. Anything unusual (Transfer-Encoding with Content-Length, bytes past
+//! the end, `Connection: close`, HTTP/1.0 without keep-alive) closes the connection after the
+//! response instead of reusing it.
 
 use super::body::UpstreamBody;
 use super::connections::BackendConnections;
@@ -470,8 +473,9 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
     let count = response.headers.len();
     let mut framing = Framing::Length(0);
     let mut content_length: Option<u64> = None;
+    // Transfer codings named, and how many of them are `chunked`.
     let mut codings = 0;
-    let mut chunked_last = false;
+    let mut chunked = 0;
     let mut close = false;
     let mut keep_alive_asked = false;
     for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
@@ -491,12 +495,16 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
             }
             content_length = Some(length);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            codings += 1;
-            chunked_last = header
-                .value
-                .rsplit(|&byte| byte == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            let before = codings;
+            for coding in header.value.split(|&byte| byte == b',') {
+                let coding = coding.trim_ascii();
+                if !coding.is_empty() {
+                    codings += 1;
+                    chunked += usize::from(coding.eq_ignore_ascii_case(b"chunked"));
+                }
+            }
+            // An empty Transfer-Encoding names no coding gatehouse knows.
+            codings += usize::from(codings == before);
             // Decoded here and framed anew for the client: not passed on.
             span[1] = CONSUMED;
         } else if header.name.eq_ignore_ascii_case("keep-alive") {
@@ -526,15 +534,14 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
         || status == StatusCode::NOT_MODIFIED;
     if !bodiless {
         framing = if codings > 0 {
-            // Transfer-Encoding wins over Content-Length; either oddity ends the connection.
-            if content_length.is_some() || !chunked_last {
-                close = true;
+            if codings > 1 || chunked != 1 {
+                return Err(Http1Error::Malformed(
+                    "a transfer coding other than one chunked",
+                ));
             }
-            if chunked_last {
-                Framing::Chunked(Chunk::Size)
-            } else {
-                Framing::UntilClose
-            }
+            // Transfer-Encoding wins over Content-Length; the oddity ends the connection.
+            close |= content_length.is_some();
+            Framing::Chunked(Chunk::Size)
         } else {
             match content_length {
                 Some(length) => Framing::Length(length),
@@ -565,9 +572,11 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
         .map_err(|_| Http1Error::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
-    if codings > 0 {
+    if codings > 0 || status == StatusCode::NO_CONTENT || status.is_informational() {
         // The body is decoded here and framed anew for the client: a Content-Length sent
-        // beside Transfer-Encoding would frame it wrongly.
+        // beside Transfer-Encoding would frame it wrongly. 1xx and 204 have none to frame
+        // (RFC 9110 §8.6: a server must not send one), and a client that believed it would
+        // wait for a body that never comes.
         headers.remove(header::CONTENT_LENGTH);
     }
     Ok(Some(Head {
@@ -912,18 +921,30 @@ mod tests {
         let head = head_of(b"HTTP/1.1 204 No Content\r\n\r\n", false);
         assert!(matches!(head.framing, Framing::Length(0)) && head.keep_alive);
         let head = head_of(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n",
             false,
         );
         assert!(matches!(head.framing, Framing::Chunked(_)) && head.keep_alive);
+        let head = head_of(
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+            false,
+        );
+        assert!(matches!(head.framing, Framing::Length(0)) && head.keep_alive);
+        assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
+        let head = head_of(
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+            false,
+        );
+        assert!(
+            head.headers.contains_key(header::CONTENT_LENGTH),
+            "a 304's length is the representation's"
+        );
         let head = head_of(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
             false,
         );
         assert!(matches!(head.framing, Framing::Chunked(_)) && !head.keep_alive);
         assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
-        let head = head_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false);
-        assert!(matches!(head.framing, Framing::UntilClose) && !head.keep_alive);
         let head = head_of(b"HTTP/1.1 200 OK\r\n\r\n", false);
         assert!(matches!(head.framing, Framing::UntilClose) && !head.keep_alive);
         let head = head_of(
@@ -956,6 +977,12 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
             b"HTTP/1.1 2000 OK\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\nContent-Length: 2\r\n\r\n",
         ] {
             let mut buffer = BytesMut::from(text);
             assert!(
