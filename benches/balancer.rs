@@ -20,11 +20,7 @@ fn candidates(count: usize, metrics: &Metrics) -> Vec<Candidate> {
         .map(|index| Candidate {
             name: format!("vm-{index}"),
             weight: 1 + (index % 4) as u32,
-            stats: Arc::new(BackendStats::new(
-                metrics
-                    .backend_active_connections
-                    .with_label_values(&["bench", &index.to_string()]),
-            )),
+            stats: Arc::new(BackendStats::new(metrics, "bench", &index.to_string())),
         })
         .collect()
 }

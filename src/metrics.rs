@@ -75,6 +75,7 @@ pub struct Metrics {
     tls_handshake_errors: IntCounterVec,
     pub backend_up: IntGaugeVec,
     pub backend_active_connections: IntGaugeVec,
+    pub backend_responses_aborted: IntCounterVec,
     pub health_checks_total: IntCounterVec,
     pub upstream_retries_total: IntCounterVec,
     pub config_reloads_total: IntCounterVec,
@@ -160,6 +161,13 @@ impl Metrics {
                 "Requests or tunnels currently in flight to the backend.",
                 &["pool", "backend"],
             )?,
+            backend_responses_aborted: counter_vec(
+                "gatehouse_backend_responses_aborted_total",
+                "Responses a backend began and did not finish (it closed the connection, sent a \
+                 malformed chunk or went silent for timeouts.request): the client's response \
+                 was cut off.",
+                &["pool", "backend"],
+            )?,
             health_checks_total: counter_vec(
                 "gatehouse_health_checks_total",
                 "Active health checks run, by result.",
@@ -217,6 +225,7 @@ impl Metrics {
             Box::new(metrics.tls_handshake_errors.clone()),
             Box::new(metrics.backend_up.clone()),
             Box::new(metrics.backend_active_connections.clone()),
+            Box::new(metrics.backend_responses_aborted.clone()),
             Box::new(metrics.health_checks_total.clone()),
             Box::new(metrics.upstream_retries_total.clone()),
             Box::new(metrics.config_reloads_total.clone()),
@@ -255,6 +264,9 @@ impl Metrics {
         let _ = self.backend_up.remove_label_values(&[pool, backend]);
         let _ = self
             .backend_active_connections
+            .remove_label_values(&[pool, backend]);
+        let _ = self
+            .backend_responses_aborted
             .remove_label_values(&[pool, backend]);
         for result in ["success", "failure"] {
             let _ = self

@@ -18,11 +18,7 @@ fn metrics() -> &'static Metrics {
 }
 
 fn stats() -> Arc<BackendStats> {
-    Arc::new(BackendStats::new(
-        metrics()
-            .backend_active_connections
-            .with_label_values(&["props", "x"]),
-    ))
+    Arc::new(BackendStats::new(metrics(), "props", "x"))
 }
 
 fn candidates(weights: &[u32]) -> Vec<Candidate> {

@@ -94,6 +94,10 @@ fn script(path: &str) -> (&'static [u8], bool) {
             b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello",
             false,
         ),
+        "/cut-short" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+            true,
+        ),
         "/bad-chunk" => (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokzz\r\n",
             false,
@@ -155,6 +159,14 @@ async fn serve(mut stream: TcpStream, received: Arc<Mutex<Vec<u8>>>) {
             .unwrap()
             .extend_from_slice(&pending[..body_end]);
         pending.drain(..body_end);
+        if path == "/stall" {
+            // Three bytes of ten, then silence with the connection open.
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc";
+            if stream.write_all(answer).await.is_ok() {
+                tokio::time::sleep(DEADLINE).await;
+            }
+            return;
+        }
         let (answer, close) = script(&path);
         if stream.write_all(answer).await.is_err() || close {
             return;
@@ -307,6 +319,39 @@ async fn a_malformed_chunked_body_is_cut_off_and_its_connection_dropped() {
     let answer = get(web, "app", "/").await;
     assert_eq!(answer.text(), "ok");
     assert_eq!(backend.opened(), 2);
+}
+
+#[tokio::test]
+async fn a_body_the_backend_cuts_off_or_stalls_reaches_the_client_cut_off_and_is_counted() {
+    let backend = ScriptedBackend::start().await;
+    let dir = TestDir::new();
+    let (gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("a", backend.address)],
+        "",
+        "    timeouts: { request: 1s }\n    retries: { attempts: 1 }\n",
+    )
+    .await;
+    for (round, path) in ["/cut-short", "/stall"].into_iter().enumerate() {
+        let started = std::time::Instant::now();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n");
+        let answer = raw_exchange(web, request.as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("\r\n\r\nabc"),
+            "{path}: the head and the three bytes, then the connection closes: {answer:?}"
+        );
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{path}: closed by gatehouse, not by the client giving up"
+        );
+        let counted = metric(
+            &metrics_text(&gatehouse).await,
+            "gatehouse_backend_responses_aborted_total",
+            &[("pool", "p"), ("backend", "a")],
+        );
+        assert_eq!(counted, Some(round as f64 + 1.0), "{path}");
+    }
+    assert_eq!(get(web, "app", "/").await.text(), "ok");
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@
 use super::l7::Connection;
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::upstream::backend::InFlight;
-use crate::upstream::http1::ResponseBody;
+use crate::upstream::http1::{Http1Error, ResponseBody};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
@@ -114,7 +114,7 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = crate::upstream::http1::Http1Error;
+    type Error = Http1Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -122,7 +122,16 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.source {
-            Source::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            Source::Upstream { body, in_flight } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if let (Poll::Ready(Some(Err(error))), Some(in_flight)) = (&polled, in_flight) {
+                    // A client whose upload failed ended the exchange itself.
+                    if !matches!(error, Http1Error::ClientBody(_)) {
+                        in_flight.record_abort(error);
+                    }
+                }
+                polled
+            }
             Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
         match &polled {

@@ -359,7 +359,7 @@ enum Framing {
 }
 
 /// Writes `response` to the client: the head with the body's first bytes in one write, then
-/// the rest as it comes. While the client reads slowly, up to [`QUEUE_LIMIT`] bytes of the body
+/// the rest as it comes; an error when the body failed (after what came before it). While the client reads slowly, up to [`QUEUE_LIMIT`] bytes of the body
 /// are read ahead from the backend and written together (vectored). The connection closes
 /// after it when `closing` or when the response says `Connection: close`.
 async fn write_response<T: AsyncWrite + Unpin>(
@@ -384,12 +384,19 @@ async fn write_response<T: AsyncWrite + Unpin>(
         queue.out.extend_from_slice(b"0\r\n\r\n");
     }
     let mut flushed = true;
+    // A body that failed (the backend closed or went silent inside it): what came before the
+    // failure is still written, then the connection closes without ending the body, so the
+    // client sees the response cut off — not an empty reply with the status lost.
+    let mut failed = None;
     std::future::poll_fn(|cx| loop {
         let mut progressed = false;
         while !body_done && queue.len() < QUEUE_LIMIT {
             match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Pending => break,
-                Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(io::Error::other(error))),
+                Poll::Ready(Some(Err(error))) => {
+                    failed = Some(error);
+                    body_done = true;
+                }
                 Poll::Ready(Some(Ok(frame))) => {
                     progressed = true;
                     if let Ok(data) = frame.into_data() {
@@ -416,7 +423,10 @@ async fn write_response<T: AsyncWrite + Unpin>(
             }
         }
         if body_done && queue.is_empty() {
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(match failed.take() {
+                Some(error) => Err(io::Error::other(error)),
+                None => Ok(()),
+            });
         }
         if !progressed {
             // Waiting for the backend with everything written: what a TLS layer still

@@ -1,7 +1,8 @@
 //! A backend as the request path sees it, and its live counters.
 
 use crate::config::AdminState;
-use prometheus::IntGauge;
+use crate::metrics::Metrics;
+use prometheus::{IntCounter, IntGauge};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -33,11 +34,17 @@ pub struct BackendStats {
     /// Back from a passive ejection: one failure ejects again.
     probation: AtomicBool,
     active_gauge: IntGauge,
+    aborted: IntCounter,
+    /// The pool and backend names, for the log line of an aborted response.
+    pool: Box<str>,
+    backend: Box<str>,
 }
 
 impl BackendStats {
-    /// Counters reporting into `active_gauge` (`gatehouse_backend_active_connections`).
-    pub fn new(active_gauge: IntGauge) -> Self {
+    /// Counters of backend `backend` in `pool`, reporting into its series of
+    /// `gatehouse_backend_active_connections` and `gatehouse_backend_responses_aborted_total`.
+    pub fn new(metrics: &Metrics, pool: &str, backend: &str) -> Self {
+        let labels = [pool, backend];
         BackendStats {
             in_flight: AtomicUsize::new(0),
             responses: AtomicU64::new(0),
@@ -46,7 +53,12 @@ impl BackendStats {
             latency_updated: AtomicU64::new(now_nanos()),
             consecutive_failures: AtomicU32::new(0),
             probation: AtomicBool::new(false),
-            active_gauge,
+            active_gauge: metrics
+                .backend_active_connections
+                .with_label_values(&labels),
+            aborted: metrics.backend_responses_aborted.with_label_values(&labels),
+            pool: pool.into(),
+            backend: backend.into(),
         }
     }
 
@@ -151,6 +163,21 @@ impl BackendStats {
 #[derive(Debug)]
 pub struct InFlight {
     stats: Arc<BackendStats>,
+}
+
+impl InFlight {
+    /// Counts a response the backend began and did not finish, and says why in the debug log
+    /// (as each backend failure is): to the client it looks like a dropped connection, and
+    /// its status was already counted.
+    pub fn record_abort(&self, error: &dyn std::error::Error) {
+        self.stats.aborted.inc();
+        tracing::debug!(
+            pool = %self.stats.pool,
+            backend = %self.stats.backend,
+            %error,
+            "backend response cut off: the client's response is aborted"
+        );
+    }
 }
 
 impl Drop for InFlight {

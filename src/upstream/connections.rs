@@ -10,6 +10,7 @@
 use super::body::{BodyTooLarge, UpstreamBody};
 use super::connector::{ConnectError, Connector};
 use super::http1::{Connection, Http1Error, ResponseBody, SetHeaders};
+use crate::config::Timeouts;
 use crossbeam_queue::ArrayQueue;
 use http::{request, Response};
 use std::net::SocketAddr;
@@ -77,6 +78,10 @@ pub struct BackendConnections {
     connector: Arc<Connector>,
     idle: ArrayQueue<Idle>,
     idle_timeout: Duration,
+    /// The longest a backend may go silent inside a response body (the pool's
+    /// `timeouts.request`; a change of timeouts makes a new connector, and so new
+    /// connections).
+    stall_limit: Duration,
 }
 
 impl std::fmt::Debug for BackendConnections {
@@ -89,13 +94,15 @@ impl std::fmt::Debug for BackendConnections {
 }
 
 impl BackendConnections {
-    /// Connections to `address`, opened by `connector`, closed after `idle_timeout` unused.
-    pub fn new(address: SocketAddr, connector: Arc<Connector>, idle_timeout: Duration) -> Self {
+    /// Connections to `address`, opened by `connector`, closed after `timeouts.idle` unused;
+    /// a response body fails after `timeouts.request` without a byte.
+    pub fn new(address: SocketAddr, connector: Arc<Connector>, timeouts: Timeouts) -> Self {
         BackendConnections {
             address,
             connector,
             idle: ArrayQueue::new(MAX_IDLE_PER_BACKEND),
-            idle_timeout,
+            idle_timeout: timeouts.idle,
+            stall_limit: timeouts.request,
         }
     }
 
@@ -105,7 +112,7 @@ impl BackendConnections {
         existing: Option<&Arc<Self>>,
         address: SocketAddr,
         connector: Arc<Connector>,
-        idle_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Arc<Self> {
         match existing {
             Some(existing)
@@ -113,7 +120,7 @@ impl BackendConnections {
             {
                 existing.clone()
             }
-            _ => Arc::new(BackendConnections::new(address, connector, idle_timeout)),
+            _ => Arc::new(BackendConnections::new(address, connector, timeouts)),
         }
     }
 
@@ -148,7 +155,7 @@ impl BackendConnections {
                 }
                 match idle
                     .connection
-                    .send(head, set, body, Some(self.clone()))
+                    .send(head, set, body, Some(self.clone()), self.stall_limit)
                     .await
                 {
                     Ok(response) => return Ok(response),
@@ -175,7 +182,7 @@ impl BackendConnections {
         };
         let home = proxy_header.is_none().then(|| self.clone());
         Connection::new(stream)
-            .send(head, set, body, home)
+            .send(head, set, body, home, self.stall_limit)
             .await
             .map_err(|(error, unsent)| Failed {
                 error: SendError::Request(error),

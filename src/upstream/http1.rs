@@ -27,6 +27,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Longest response head accepted (hyper's default limit).
@@ -63,6 +64,8 @@ pub enum Http1Error {
     ClosedBeforeResponse,
     #[error("backend closed the connection inside the response")]
     Truncated,
+    #[error("backend sent nothing for {0:?} inside the response (timeouts.request)")]
+    Stalled(Duration),
     #[error("malformed response from backend: {0}")]
     Malformed(&'static str),
     #[error("client request body: {0}")]
@@ -144,7 +147,8 @@ impl Connection {
     /// Sends the request `head` (origin-form URI) with the headers `set` on it and `body`,
     /// and reads the response head. The head is only borrowed: the caller keeps it to send
     /// the request again elsewhere. The response body streams from the returned response and gives the
-    /// connection to `home` when it ends cleanly (`None`: closed after this response).
+    /// connection to `home` when it ends cleanly (`None`: closed after this response); it
+    /// fails when the backend sends nothing of it for `stall_limit`.
     ///
     /// An empty body whose head could not be written comes back with the error, so the
     /// request can go out on another connection; a body with bytes is consumed (the head
@@ -155,6 +159,7 @@ impl Connection {
         set: &dyn SetHeaders,
         body: UpstreamBody,
         home: Option<Arc<BackendConnections>>,
+        stall_limit: Duration,
     ) -> Result<Response<ResponseBody>, SendFailure> {
         let chunked = encode_head(head, set, &body, &mut self.head);
         let mut upload = None;
@@ -196,6 +201,11 @@ impl Connection {
             home: None,
             framing: Framing::Done,
             upload: None,
+            stall: Stall {
+                limit: stall_limit,
+                timer: None,
+                fed: false,
+            },
         });
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
@@ -641,6 +651,38 @@ pub struct ResponseBody {
     /// The rest of the request body, when the response came before all of it went up
     /// (boxed: rare, and large).
     upload: Option<Box<Upload>>,
+    stall: Stall,
+}
+
+/// Bounds how long a backend may go silent inside a response body. Without it a backend
+/// that hangs after its head holds the client (and the backend connection) until one of
+/// them gives up. The timer is made the first time a read has to wait — never for the
+/// usual response, whose body arrives with its head — and moved only when bytes came in
+/// since the last wait, so a client that reads slowly (the body is not polled meanwhile)
+/// never counts against the backend.
+struct Stall {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes arrived since the timer was last set.
+    fed: bool,
+}
+
+impl Stall {
+    /// A read found nothing: ready when the backend has been silent for `limit`.
+    fn poll_silence(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.timer {
+            None => self.timer = Some(Box::pin(tokio::time::sleep(self.limit))),
+            Some(timer) if self.fed => timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.limit),
+            Some(_) => {}
+        }
+        self.fed = false;
+        match &mut self.timer {
+            Some(timer) => std::future::Future::poll(timer.as_mut(), cx),
+            None => Poll::Pending,
+        }
+    }
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -775,7 +817,14 @@ impl Body for ResponseBody {
                 &mut connection.read,
             );
             match polled {
-                Poll::Pending => return Poll::Pending,
+                // While the request body still goes up, the backend may rightly wait for it.
+                Poll::Pending if this.upload.is_some() => return Poll::Pending,
+                Poll::Pending => {
+                    return match this.stall.poll_silence(cx) {
+                        Poll::Ready(()) => this.fail(Http1Error::Stalled(this.stall.limit)),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
                 Poll::Ready(Err(error)) => return this.fail(Http1Error::Read(error)),
                 Poll::Ready(Ok(0)) => {
                     if matches!(this.framing, Framing::UntilClose) {
@@ -785,7 +834,7 @@ impl Body for ResponseBody {
                     }
                     return this.fail(Http1Error::Truncated);
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(_)) => this.stall.fed = true,
             }
         }
     }

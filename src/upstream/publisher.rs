@@ -120,12 +120,10 @@ fn key(pool: &str, backend: &str) -> BackendKey {
 
 impl BackendFacts for Carried {
     fn stats(&mut self, pool: &str, backend: &str) -> Arc<BackendStats> {
-        let gauge = &self.metrics.backend_active_connections;
+        let metrics = &self.metrics;
         self.stats
             .entry(key(pool, backend))
-            .or_insert_with(|| {
-                Arc::new(BackendStats::new(gauge.with_label_values(&[pool, backend])))
-            })
+            .or_insert_with(|| Arc::new(BackendStats::new(metrics, pool, backend)))
             .clone()
     }
 
@@ -175,7 +173,7 @@ impl BackendFacts for Carried {
             self.connections.get(&key),
             backend.address,
             connector,
-            pool.timeouts.idle,
+            pool.timeouts,
         );
         self.connections.insert(key, connections.clone());
         Ok(connections)

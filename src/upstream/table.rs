@@ -521,11 +521,7 @@ impl StaticFacts {
 
 impl BackendFacts for StaticFacts {
     fn stats(&mut self, pool: &str, backend: &str) -> Arc<BackendStats> {
-        let gauge = self
-            .metrics
-            .backend_active_connections
-            .with_label_values(&[pool, backend]);
-        Arc::new(BackendStats::new(gauge))
+        Arc::new(BackendStats::new(&self.metrics, pool, backend))
     }
 
     fn admin_state(&self, _pool: &str, _backend: &str, configured: AdminState) -> AdminState {
@@ -558,7 +554,7 @@ impl BackendFacts for StaticFacts {
             self.connections.get(&key),
             backend.address,
             connector,
-            pool.timeouts.idle,
+            pool.timeouts,
         );
         self.connections.insert(key, connections.clone());
         Ok(connections)
