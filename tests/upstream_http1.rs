@@ -355,6 +355,28 @@ async fn a_body_the_backend_cuts_off_or_stalls_reaches_the_client_cut_off_and_is
 }
 
 #[tokio::test]
+async fn an_h2c_upgrade_is_not_passed_on_so_no_tunnel_bypasses_routing() {
+    let backend = ScriptedBackend::start().await;
+    let (_running, web) = gatehouse_for(&backend).await;
+    // The scripted backend switches protocols on /switch whatever it was asked: given the
+    // upgrade, it would now speak HTTP/2 with the client through a blind tunnel.
+    let answer = raw_exchange(
+        web,
+        b"GET /switch HTTP/1.1\r\nHost: app\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 502 "),
+        "no tunnel is opened: {answer:?}"
+    );
+    let received = backend.received().to_ascii_lowercase();
+    assert!(
+        !received.contains("upgrade") && !received.contains("http2-settings"),
+        "the backend was not asked to upgrade: {received:?}"
+    );
+}
+
+#[tokio::test]
 async fn an_upload_without_length_goes_up_chunked_and_the_connection_stays() {
     let backend = ScriptedBackend::start().await;
     let (_running, web) = gatehouse_for(&backend).await;

@@ -62,9 +62,20 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
     }
 }
 
-/// True when `headers` ask to switch protocols (`Connection: upgrade` plus `Upgrade`).
+/// True when `headers` ask to switch protocols (`Connection: upgrade` plus `Upgrade`) to
+/// anything but `h2c`. An h2c upgrade is not passed on (its `Upgrade` is stripped, so the
+/// request goes as a plain one): a backend that switched would hold an HTTP/2 connection
+/// with the client that gatehouse only tunnels, and every request on it would bypass
+/// routing, ACLs and rate limits ("h2c smuggling"). Clients fall back to HTTP/1.1.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    let mut protocols = headers.get_all(header::UPGRADE).iter().peekable();
+    protocols.peek().is_some()
+        && !protocols.any(|value| {
+            value
+                .as_bytes()
+                .split(|&byte| byte == b',')
+                .any(|protocol| protocol.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+        })
         && headers
             .get_all(header::CONNECTION)
             .iter()
