@@ -202,6 +202,12 @@ async fn set_state(
         .await
     {
         Ok(body) => body.to_bytes(),
+        Err(cause) if cause.is::<http_body_util::LengthLimitError>() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is over {MAX_BODY_BYTES} bytes"),
+            )
+        }
         Err(_) => return error(StatusCode::BAD_REQUEST, "cannot read the request body"),
     };
     let state = serde_json::from_slice::<Value>(&body)

@@ -335,6 +335,15 @@ async fn admin_errors_are_json() {
             .await,
             StatusCode::METHOD_NOT_ALLOWED,
         ),
+        (
+            send(
+                Request::put(format!("http://{admin}/api/v1/pools/p/backends/a/state"))
+                    .body(Full::new(Bytes::from(vec![b' '; 100_000])))
+                    .unwrap(),
+            )
+            .await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
     ];
     for (answer, status) in cases {
         assert_eq!(answer.status, status, "{}", answer.text());
