@@ -9,13 +9,13 @@
 #   PROXY=haproxy benches/profile.sh split [SCENARIO]   # ... or for HAProxy (configured as peerbench does)
 #   benches/profile.sh ceiling [PLACEMENT] [SECONDS]    # large-1m: what each core pays per MiB
 #
-# SCENARIO: http (default), https, h2, tcp. PLACEMENT (ceiling): direct (wrk on the backend's
-# core), direct-cross (wrk on the other core), gatehouse or nginx (the proxy on the other core,
-# wrk on the backend's, as in the peer benchmark). Needs nginx, h2load (nghttp2-client), valgrind or
-# perf, and a release build (`cargo build --release`). Output goes to $OUT (default
+# SCENARIO: http (default), https, h2, tcp, post (a 600-byte form over HTTP/1.1). PLACEMENT
+# (ceiling): direct (wrk on the backend's core), direct-cross (wrk on the other core),
+# gatehouse or nginx (the proxy on the other core, wrk on the backend's, as in the peer
+# benchmark). Needs nginx, h2load (nghttp2-client), valgrind or perf, and a release build (`cargo build --release`). Output goes to $OUT (default
 # /tmp/gatehouse-profile): callgrind.out / perf.data plus a summary printed here.
 set -euo pipefail
-mode="${1:?usage: profile.sh callgrind|perf|split [http|https|h2|tcp] [amount] | ceiling [placement] [seconds]}"
+mode="${1:?usage: profile.sh callgrind|perf|split [http|https|h2|tcp|post] [amount] | ceiling [placement] [seconds]}"
 scenario="${2:-http}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/gatehouse-profile}"
@@ -60,6 +60,12 @@ case "$scenario" in
   https) url="https://127.0.0.1:$PB_HTTPS_PORT/"; proto=(--h1) ;;
   h2) url="https://127.0.0.1:$PB_HTTPS_PORT/"; proto=(-m10) ;;
   tcp) url="http://127.0.0.1:$PB_TCP_PORT/"; proto=(--h1) ;;
+  # A form submission: 600 bytes of urlencoded fields, POSTed over HTTP/1.1 keep-alive.
+  post)
+    url="http://127.0.0.1:$PB_HTTP_PORT/"
+    head -c 450 /dev/zero | tr '\0' 'x' | sed 's/^/name=Jane+Doe\&street=1+Main+St\&case=/' | head -c 600 >"$OUT/form"
+    proto=(--h1 -d "$OUT/form" -H "content-type: application/x-www-form-urlencoded")
+    ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac
 connections=64
