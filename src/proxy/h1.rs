@@ -175,13 +175,13 @@ where
             .await
         };
         let Some(l7::Handled {
-            response,
+            mut response,
             request_id,
         }) = handled
         else {
             return End::Closed;
         };
-        let response = response.map(|body| body.answers(connection.clone()));
+        response.body_mut().answers(connection.clone());
         let closing = head.close || shutdown.is_cancelled();
         match write_response(stream, &mut write, response, request_id.as_ref(), closing).await {
             Ok(Ending::KeepAlive) => {}

@@ -276,8 +276,11 @@ where
         // Boxed: hyper moves a stream's future several times (HTTP/2 spawns one per stream),
         // and a pointer moves for less than the handler's state (≈ 2.5 KB).
         Box::pin(async move {
-            let handled = handle(request.map(Some), ReadBy::Hyper, &connection).await;
-            Ok::<_, Infallible>(handled.response.map(|body| body.answers(connection)))
+            let mut response = handle(request.map(Some), ReadBy::Hyper, &connection)
+                .await
+                .response;
+            response.body_mut().answers(connection);
+            Ok::<_, Infallible>(response)
         })
     });
     // Pinned where it is made, and dropped at the end of this block: its stream comes back
