@@ -43,6 +43,32 @@ pub struct AccessRecord {
     pub client_cert: Option<Arc<str>>,
     /// `http` for requests, `tcp` for L4 connections.
     pub kind: &'static str,
+    /// How an HTTP response's body ended (`None` for L4 connections).
+    pub ended: Option<Ended>,
+}
+
+/// How an HTTP response's body ended: a status alone does not tell a page that arrived whole
+/// from one cut off by its backend or abandoned by its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Sent to its last byte.
+    Complete,
+    /// The backend closed, sent a malformed chunk or went silent inside the body
+    /// (`gatehouse_backend_responses_aborted_total`).
+    BackendAborted,
+    /// The client went away (or its upload failed) before the last byte.
+    ClientAborted,
+}
+
+impl Ended {
+    /// The access log's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::Complete => "complete",
+            Ended::BackendAborted => "backend_aborted",
+            Ended::ClientAborted => "client_aborted",
+        }
+    }
 }
 
 impl AccessRecord {
@@ -70,6 +96,7 @@ impl AccessRecord {
             "tls_version": self.tls_version,
             "sni": self.sni.as_deref(),
             "client_cert": self.client_cert.as_deref(),
+            "ended": self.ended.map(Ended::as_str),
         })
         .to_string()
     }
@@ -88,7 +115,7 @@ impl AccessRecord {
             }
         };
         format!(
-            "{time} {} {} \"{} {} {}\" {} {} {} {:.3}ms backend={} route={} id={}",
+            "{time} {} {} \"{} {} {}\" {} {} {} {:.3}ms backend={} route={} id={} ended={}",
             self.listener,
             self.client.map_or("-".to_string(), |c| c.to_string()),
             dash(&self.method),
@@ -101,6 +128,7 @@ impl AccessRecord {
             dash(&self.backend),
             dash(&self.route),
             dash(&self.request_id),
+            self.ended.map_or("-", Ended::as_str),
         )
     }
 }

@@ -194,6 +194,7 @@ async fn the_access_log_line_carries_every_field() {
         ("route", serde_json::json!("default")),
         ("tls_version", serde_json::Value::Null),
         ("sni", serde_json::Value::Null),
+        ("ended", serde_json::json!("complete")),
     ];
     for (field, value) in expected {
         assert_eq!(record[field], value, "{field} in {record}");

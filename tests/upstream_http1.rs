@@ -61,10 +61,18 @@ static HUGE_HEAD: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
     head
 });
 
+/// An 8 MiB response: more than the sockets between gatehouse and a client hold.
+static BIG: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 8388608\r\n\r\n".to_vec();
+    answer.resize(answer.len() + 8 * 1024 * 1024, b'x');
+    answer
+});
+
 /// The raw answer to `path`, and whether the backend closes the connection after it.
 fn script(path: &str) -> (&'static [u8], bool) {
     match path {
         "/huge-head" => (HUGE_HEAD.as_slice(), false),
+        "/big" => (BIG.as_slice(), false),
         "/own-id" => (
             b"HTTP/1.1 200 OK\r\nx-request-id: made-by-the-backend\r\ncontent-length: 2\r\n\r\nok",
             false,
@@ -322,16 +330,19 @@ async fn a_malformed_chunked_body_is_cut_off_and_its_connection_dropped() {
 }
 
 #[tokio::test]
-async fn a_body_the_backend_cuts_off_or_stalls_reaches_the_client_cut_off_and_is_counted() {
+async fn a_body_cut_off_by_its_backend_or_its_client_is_counted_and_logged_so() {
     let backend = ScriptedBackend::start().await;
     let dir = TestDir::new();
-    let (gatehouse, web) = single_pool_gatehouse(
-        &dir,
-        &[("a", backend.address)],
-        "",
-        "    timeouts: { request: 1s }\n    retries: { attempts: 1 }\n",
-    )
-    .await;
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\naccess_log: {{ target: access.log }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p }}\npools:\n{}",
+        pool_yaml(
+            "p",
+            &[("a", backend.address)],
+            "    timeouts: { request: 1s }\n    retries: { attempts: 1 }\n"
+        )
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
     for (round, path) in ["/cut-short", "/stall"].into_iter().enumerate() {
         let started = std::time::Instant::now();
         let request = format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n");
@@ -352,6 +363,35 @@ async fn a_body_the_backend_cuts_off_or_stalls_reaches_the_client_cut_off_and_is
         assert_eq!(counted, Some(round as f64 + 1.0), "{path}");
     }
     assert_eq!(get(web, "app", "/").await.text(), "ok");
+    // A client that leaves inside a large body.
+    let mut client = tokio::net::TcpStream::connect(web).await.unwrap();
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    read_until(&mut client, &mut received, |text| text.contains("xxxx")).await;
+    drop(client);
+    let mut log = String::new();
+    eventually("four access log lines", async || {
+        log = std::fs::read_to_string(dir.path("access.log")).unwrap_or_default();
+        log.lines().count() == 4
+    })
+    .await;
+    let ended: Vec<String> = log
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["ended"].to_string())
+        .collect();
+    assert_eq!(
+        ended,
+        [
+            "\"backend_aborted\"",
+            "\"backend_aborted\"",
+            "\"complete\"",
+            "\"client_aborted\""
+        ],
+        "the status (200) alone would not tell them apart"
+    );
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 //! connection when its answer is complete (the idle check of `park` needs it).
 
 use super::l7::Connection;
-use crate::access_log::{AccessLog, AccessRecord};
+use crate::access_log::{AccessLog, AccessRecord, Ended};
 use crate::upstream::backend::InFlight;
 use crate::upstream::http1::{Http1Error, ResponseBody};
 use bytes::Bytes;
@@ -92,8 +92,8 @@ impl ProxyBody {
         self.answers = Some(connection);
     }
 
-    /// Logs the record, lets the backend go and counts the answer.
-    fn finish(&mut self) {
+    /// Logs the record with how the body `ended`, lets the backend go and counts the answer.
+    fn finish(&mut self, ended: Ended) {
         if let Some(pending) = self.access.take() {
             let Pending {
                 mut record,
@@ -101,6 +101,7 @@ impl ProxyBody {
                 log,
             } = *pending;
             record.duration = started.elapsed();
+            record.ended = Some(ended);
             log.log(record);
         }
         if let Source::Upstream { in_flight, .. } = &mut self.source {
@@ -122,16 +123,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.source {
-            Source::Upstream { body, in_flight } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                if let (Poll::Ready(Some(Err(error))), Some(in_flight)) = (&polled, in_flight) {
-                    // A client whose upload failed ended the exchange itself.
-                    if !matches!(error, Http1Error::ClientBody(_)) {
-                        in_flight.record_abort(error);
-                    }
-                }
-                polled
-            }
+            Source::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
             Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
         match &polled {
@@ -140,7 +132,19 @@ impl Body for ProxyBody {
                     pending.record.bytes_out += data.len() as u64;
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
+            Poll::Ready(None) => this.finish(Ended::Complete),
+            // A client whose upload failed ended the exchange itself.
+            Poll::Ready(Some(Err(Http1Error::ClientBody(_)))) => this.finish(Ended::ClientAborted),
+            Poll::Ready(Some(Err(error))) => {
+                if let Source::Upstream {
+                    in_flight: Some(in_flight),
+                    ..
+                } = &this.source
+                {
+                    in_flight.record_abort(error);
+                }
+                this.finish(Ended::BackendAborted);
+            }
             Poll::Pending => {}
         }
         polled
@@ -164,7 +168,14 @@ impl Body for ProxyBody {
 }
 
 impl Drop for ProxyBody {
+    /// A body dropped at its end was sent whole (a writer may stop polling once it is);
+    /// dropped earlier, its client went away.
     fn drop(&mut self) {
-        self.finish();
+        let ended = if self.is_end_stream() {
+            Ended::Complete
+        } else {
+            Ended::ClientAborted
+        };
+        self.finish(ended);
     }
 }
