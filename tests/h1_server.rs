@@ -1,5 +1,6 @@
-//! gatehouse's own HTTP/1.1 loop (src/proxy/h1.rs) serves bodiless requests itself and hands
-//! the connection to hyper for anything else — on the same connection, in order, with the
+//! gatehouse's own HTTP/1.1 loop (src/proxy/h1.rs) serves bodiless requests, and those whose
+//! Content-Length body came whole with the head, itself and hands the connection to hyper for
+//! anything else — on the same connection, in order, with the
 //! answers hyper always gave to bodies and to malformed or over-long heads. The responses it
 //! writes carry a Date, their framing (chunked when the backend sent no length) and
 //! `Connection: close` when the connection ends after them.
@@ -63,6 +64,58 @@ async fn simple_and_other_requests_share_one_connection_in_order() {
             ("/b".to_string(), 3),
             ("/c".to_string(), 0),
             ("/d".to_string(), 0)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_form_body_goes_up_whole_whether_it_came_with_its_head_or_after_it() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
+    // With its head, in one write (as browsers and curl send a small form): the own loop
+    // takes exactly the body, and the next request follows.
+    let mut client = TcpStream::connect(web).await.unwrap();
+    client
+        .write_all(
+            b"POST /with HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nname=a&b=cd\
+              GET /next HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    read_until(&mut client, &mut received, |text| {
+        text.matches("backend=b").count() == 2
+    })
+    .await;
+    // After its head: whoever serves it, it arrives whole, and so does the next request.
+    let mut client = TcpStream::connect(web).await.unwrap();
+    client
+        .write_all(b"POST /after HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::task::yield_now().await;
+    client
+        .write_all(b"helloGET /last HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    read_until(&mut client, &mut received, |text| {
+        text.matches("backend=b").count() == 2
+    })
+    .await;
+    let seen: Vec<_> = backend
+        .requests()
+        .iter()
+        .map(|seen| (seen.uri.clone(), seen.body_len))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/with".to_string(), 11),
+            ("/next".to_string(), 0),
+            ("/after".to_string(), 5),
+            ("/last".to_string(), 0)
         ]
     );
 }

@@ -1,5 +1,6 @@
 //! gatehouse's own HTTP/1.1 server loop for the common request: a complete HTTP/1.1 head
-//! without a body.
+//! without a body, or with a Content-Length body that arrived whole with it (a form: browsers
+//! and curl send a small body in the same write as its head).
 //!
 //! hyper's HTTP/1 server was the largest share of a proxied request's user-space
 //! instructions, and its per-session buffers (8 KiB to read, 8 KiB to write, the slot of the
@@ -9,8 +10,9 @@
 //! the same handler hyper's sessions use, and writes the response head together with the
 //! body's first bytes.
 //!
-//! Everything else goes to hyper: a head that is not simple (a body, `Expect`, `Upgrade`,
-//! HEAD, CONNECT, HTTP/1.0, an HTTP/2 preface), a malformed or over-long head. The bytes read
+//! Everything else goes to hyper: a head that is not simple (a chunked body, a body still on
+//! its way, `Expect`, `Upgrade`, HEAD, CONNECT, HTTP/1.0, an HTTP/2 preface, a Content-Length
+//! that is repeated or not plain digits), a malformed or over-long head. The bytes read
 //! so far are replayed to a hyper session, which answers exactly as it always did (400, 431,
 //! 414, h2c, uploads, upgrades); so the hostile-input boundary stays where it was, and this
 //! loop only ever serves heads that parse cleanly.
@@ -269,9 +271,17 @@ fn parse(read: &mut BytesMut) -> Parsed {
     // Where each header's name and value sit in the head, so values can share its bytes.
     let mut spans = [[0u32; 4]; MAX_HEADERS];
     let mut close = false;
+    let mut content_length = None;
     for (header_span, header) in spans.iter_mut().zip(parsed.headers.iter()) {
         let name = header.name.as_bytes();
-        if ["content-length", "transfer-encoding", "expect", "upgrade"]
+        if name.eq_ignore_ascii_case(b"content-length") {
+            match (content_length, body_length(header.value)) {
+                (None, Some(length)) => content_length = Some(length),
+                // Repeated, signed, listed or too long: hyper and the framing check refuse
+                // or resolve it as they always did.
+                _ => return Parsed::Other,
+            }
+        } else if ["transfer-encoding", "expect", "upgrade"]
             .iter()
             .any(|other| name.eq_ignore_ascii_case(other.as_bytes()))
         {
@@ -285,15 +295,25 @@ fn parse(read: &mut BytesMut) -> Parsed {
         *header_span = [name_start, name_length, value_start, value_length];
     }
     let count = parsed.headers.len();
+    let body_length = content_length.unwrap_or(0);
+    if (read.len() - length) < body_length {
+        // The body is still on its way: hyper streams it as it comes.
+        return Parsed::Other;
+    }
     let head = read.split_to(length).freeze();
     // The empty line that ends the head: CRLF, or a bare LF.
     let ending = if head.ends_with(b"\r\n") { 2 } else { 1 };
     match build(&head, method, path, &spans[..count]) {
-        Some(request) => Parsed::Simple(Head {
-            request,
-            size: length.saturating_sub(ending),
-            close,
-        }),
+        Some(mut request) => {
+            if body_length > 0 {
+                *request.body_mut() = ClientBody::Whole(read.split_to(body_length).freeze());
+            }
+            Parsed::Simple(Head {
+                request,
+                size: length.saturating_sub(ending),
+                close,
+            })
+        }
         None => {
             // Not valid after all (hyper says why): put the head back as it was.
             let mut whole = BytesMut::with_capacity(head.len() + read.len());
@@ -303,6 +323,19 @@ fn parse(read: &mut BytesMut) -> Parsed {
             Parsed::Other
         }
     }
+}
+
+/// A Content-Length this loop serves: plain digits (httparse has trimmed the whitespace
+/// around them), few enough to fit any body that arrived with its head.
+fn body_length(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || value.len() > 9 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0usize, |length, digit| {
+        length
+            .checked_mul(10)?
+            .checked_add(usize::from(digit - b'0'))
+    })
 }
 
 /// Where `part` starts in the buffer at `base`, and its length (heads are far below 4 GiB).
@@ -326,7 +359,7 @@ fn build(
             HeaderValue::from_maybe_shared(head.slice(part(value_start, value_length))).ok()?;
         headers.append(name, value);
     }
-    let mut request = Request::new(None);
+    let mut request = Request::new(ClientBody::Empty);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
@@ -668,10 +701,27 @@ mod tests {
         assert_eq!(request.version(), Version::HTTP_11);
         assert_eq!(request.headers()["host"], "x");
         assert_eq!(request.headers().get_all("x-a").iter().count(), 2);
-        assert!(request.body().is_none());
+        assert!(matches!(request.body(), ClientBody::Empty));
         assert_eq!(&rest[..], b"GET /next");
         let (head, _) = parsed(b"DELETE http://x/y HTTP/1.1\r\n\r\n");
         assert!(matches!(head, Parsed::Simple(head) if !head.close));
+    }
+
+    #[test]
+    fn serves_a_body_that_came_whole_with_its_head() {
+        let (head, rest) =
+            parsed(b"POST /form HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\na=1&b=2GET /next");
+        let Parsed::Simple(head) = head else {
+            panic!("a simple head");
+        };
+        assert!(matches!(head.request.body(), ClientBody::Whole(body) if &body[..] == b"a=1&b=2"));
+        assert_eq!(head.request.headers()["content-length"], "7");
+        assert_eq!(&rest[..], b"GET /next", "exactly the body was taken");
+        let (head, rest) = parsed(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\nGET /next");
+        assert!(
+            matches!(head, Parsed::Simple(head) if matches!(head.request.body(), ClientBody::Empty))
+        );
+        assert_eq!(&rest[..], b"GET /next");
     }
 
     /// `limits.max_header_bytes` counts the request line and header lines as they arrived.
@@ -691,8 +741,13 @@ mod tests {
 
     #[test]
     fn hands_everything_else_to_hyper_untouched() {
-        let others: [&[u8]; 11] = [
-            b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+        let others: [&[u8]; 16] = [
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nContent-Length: 0000000003\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
@@ -819,7 +874,16 @@ mod tests {
         fn any_bytes_are_a_head_or_stay_put(input in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
             let mut read = BytesMut::from(&input[..]);
             match parse(&mut read) {
-                Parsed::Simple(head) => proptest::prop_assert!(head.request.body().is_none()),
+                // The head and its body were taken from the front, nothing else.
+                Parsed::Simple(head) => {
+                    let body = match head.request.body() {
+                        ClientBody::Whole(body) => &body[..],
+                        _ => &[],
+                    };
+                    let end = input.len() - read.len();
+                    proptest::prop_assert_eq!(&input[end..], &read[..]);
+                    proptest::prop_assert_eq!(&input[end - body.len()..end], body);
+                }
                 Parsed::Partial | Parsed::Other => proptest::prop_assert_eq!(&read[..], &input[..]),
             }
         }

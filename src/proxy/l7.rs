@@ -20,7 +20,6 @@ use crate::upstream::body::{ClientWait, UpstreamBody};
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::{ListenerTable, Target};
 use http::{header, request, Method, Request, Response, StatusCode, Version};
-use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -164,8 +163,7 @@ impl VerdictHolder for Connection {
     }
 }
 
-/// A request body from a client: hyper's stream, or none (a bodiless head read by [`h1`]).
-pub type ClientBody = Option<Incoming>;
+pub use crate::upstream::body::ClientBody;
 
 /// Which HTTP version a TLS client chose by ALPN (`None`: detect from the preface).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,9 +274,13 @@ where
         // Boxed: hyper moves a stream's future several times (HTTP/2 spawns one per stream),
         // and a pointer moves for less than the handler's state (≈ 2.5 KB).
         Box::pin(async move {
-            let mut response = handle(request.map(Some), ReadBy::Hyper, &connection)
-                .await
-                .response;
+            let mut response = handle(
+                request.map(ClientBody::Streaming),
+                ReadBy::Hyper,
+                &connection,
+            )
+            .await
+            .response;
             response.body_mut().answers(connection);
             Ok::<_, Infallible>(response)
         })
@@ -589,8 +591,9 @@ fn record_connection_error(
 pub enum ReadBy {
     /// A hyper session: the head's size and framing are checked here.
     Hyper,
-    /// gatehouse's own HTTP/1 loop ([`h1`]): `size` bytes as they arrived, and neither
-    /// Content-Length nor Transfer-Encoding (the loop hands such heads to hyper).
+    /// gatehouse's own HTTP/1 loop ([`h1`]): `size` bytes as they arrived, no
+    /// Transfer-Encoding and at most one Content-Length, of digits only, whose body came
+    /// whole with the head (the loop hands any other head to hyper).
     OwnLoop { size: usize },
 }
 
@@ -1054,15 +1057,14 @@ fn upstream_request(
             return Err(ProxyError::PayloadTooLarge);
         }
     }
-    let body = body.filter(|body| !body.is_end_stream());
-    let replayable = !upgrade && is_idempotent(&parts.method) && body.is_none();
-    let (body, client_wait) = match body {
-        Some(body) => {
-            let wait = ClientWait::default();
-            let body = UpstreamBody::streaming(body, bytes_in, max_body_bytes, wait.clone());
-            (body, Some(wait))
-        }
-        None => (UpstreamBody::empty(), None),
+    let empty = body.is_end_stream();
+    let replayable = !upgrade && is_idempotent(&parts.method) && empty;
+    // Only a body still to come from the client can keep the request waiting for it.
+    let client_wait = matches!(body, ClientBody::Streaming(_) if !empty).then(ClientWait::default);
+    let body = if empty {
+        UpstreamBody::empty()
+    } else {
+        UpstreamBody::new(body, bytes_in, max_body_bytes, client_wait.clone())
     };
     // The URI keeps its authority (`headers::asked_host` reads it): the upstream head
     // writes the target in origin form. The server's extensions stay behind.
@@ -1130,7 +1132,7 @@ mod tests {
                 .uri("/")
                 .header(header::HOST, "x")
                 .header("x-big", value)
-                .body(None)
+                .body(ClientBody::Empty)
                 .unwrap()
         };
         let small = request("y");
@@ -1160,7 +1162,7 @@ mod tests {
     #[tokio::test]
     async fn the_request_future_fits_the_3072_byte_size_class_when_boxed() {
         let (connection, _) = test_connection();
-        let handling = handle(Request::new(None), ReadBy::Hyper, &connection);
+        let handling = handle(Request::new(ClientBody::Empty), ReadBy::Hyper, &connection);
         let size = std::mem::size_of_val(&handling);
         assert!(size <= 2688, "the request future is {size} bytes");
     }

@@ -1,5 +1,5 @@
-//! The body of a request to a backend: the client's streamed body (or none), counted and
-//! held to the route's `max_body_bytes` while it streams.
+//! The body of a request to a backend: the client's body (or none), counted and held to the
+//! route's `max_body_bytes` while it streams.
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -9,12 +9,34 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+/// A request's body as the server that read its head holds it.
+#[derive(Debug, Default)]
+pub enum ClientBody {
+    #[default]
+    Empty,
+    /// Streamed by a hyper session as the client sends it.
+    Streaming(Incoming),
+    /// Read with its head by gatehouse's own HTTP/1 loop: a body that had arrived whole.
+    Whole(Bytes),
+}
+
+impl ClientBody {
+    /// True when there is nothing (left) to send.
+    pub fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Streaming(body) => body.is_end_stream(),
+            ClientBody::Whole(bytes) => bytes.is_empty(),
+        }
+    }
+}
+
 /// A request body on its way to a backend. Unpolled, it travels back with an unsent request
 /// (see [`super::connections::Failed`]), so a request can be retried on another backend
 /// without buffering its body.
 #[derive(Debug, Default)]
 pub struct UpstreamBody {
-    body: Option<Incoming>,
+    body: ClientBody,
     /// Bytes sent so far, when the access log wants them.
     sent: Option<Arc<AtomicU64>>,
     /// Bytes still allowed by the route's `max_body_bytes`.
@@ -48,20 +70,20 @@ impl UpstreamBody {
         UpstreamBody::default()
     }
 
-    /// Streams the client's `body`, adding the bytes sent to `sent`, and fails the stream
-    /// once more than `limit` bytes went through (None: unlimited); `client_wait` tells
-    /// when it waits for the client.
-    pub fn streaming(
-        body: Incoming,
+    /// Sends the client's `body`, adding the bytes sent to `sent`, and fails the stream once
+    /// more than `limit` bytes went through (None: unlimited); `client_wait`, when given,
+    /// tells when it waits for the client.
+    pub fn new(
+        body: ClientBody,
         sent: Option<Arc<AtomicU64>>,
         limit: Option<u64>,
-        client_wait: ClientWait,
+        client_wait: Option<ClientWait>,
     ) -> Self {
         UpstreamBody {
-            body: Some(body),
+            body,
             sent,
             allowance: limit,
-            client_wait: Some(client_wait),
+            client_wait,
         }
     }
 }
@@ -76,8 +98,13 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.body {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
+            ClientBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Whole(bytes) => {
+                let bytes = std::mem::take(bytes);
+                this.body = ClientBody::Empty;
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
+            ClientBody::Empty => Poll::Ready(None),
         };
         if let Some(wait) = &this.client_wait {
             wait.0.store(polled.is_pending(), Ordering::Relaxed);
@@ -100,12 +127,14 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.as_ref().is_none_or(Body::is_end_stream)
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match &self.body {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Streaming(body) => body.size_hint(),
+            ClientBody::Whole(bytes) => SizeHint::with_exact(bytes.len() as u64),
+        }
     }
 }
