@@ -18,18 +18,13 @@ async fn simple_and_other_requests_share_one_connection_in_order() {
     let dir = TestDir::new();
     let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
     let mut client = TcpStream::connect(web).await.unwrap();
-    let mut received = Vec::new();
-    client
-        .write_all(
-            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
-              POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz\
-              GET /c HTTP/1.1\r\nHost: x\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    read_until(&mut client, &mut received, |text| {
-        text.matches("backend=b").count() == 3
-    })
+    send_then_read_answers(
+        &mut client,
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz\
+          GET /c HTTP/1.1\r\nHost: x\r\n\r\n",
+        3,
+    )
     .await;
     eventually("the connection parks", async || {
         let text = metrics_text(&gatehouse).await;
@@ -52,13 +47,8 @@ async fn simple_and_other_requests_share_one_connection_in_order() {
     assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
     assert!(rest.contains("\r\nconnection: close\r\n"), "{rest}");
     assert!(rest.contains("\r\ndate: "), "{rest}");
-    let seen: Vec<_> = backend
-        .requests()
-        .iter()
-        .map(|seen| (seen.uri.clone(), seen.body_len))
-        .collect();
     assert_eq!(
-        seen,
+        backend.paths_and_body_lengths(),
         [
             ("/a".to_string(), 0),
             ("/b".to_string(), 3),
@@ -76,17 +66,12 @@ async fn a_form_body_goes_up_whole_whether_it_came_with_its_head_or_after_it() {
     // With its head, in one write (as browsers and curl send a small form): the own loop
     // takes exactly the body, and the next request follows.
     let mut client = TcpStream::connect(web).await.unwrap();
-    client
-        .write_all(
-            b"POST /with HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nname=a&b=cd\
-              GET /next HTTP/1.1\r\nHost: x\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut received = Vec::new();
-    read_until(&mut client, &mut received, |text| {
-        text.matches("backend=b").count() == 2
-    })
+    send_then_read_answers(
+        &mut client,
+        b"POST /with HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nname=a&b=cd\
+          GET /next HTTP/1.1\r\nHost: x\r\n\r\n",
+        2,
+    )
     .await;
     // After its head: whoever serves it, it arrives whole, and so does the next request.
     let mut client = TcpStream::connect(web).await.unwrap();
@@ -95,22 +80,14 @@ async fn a_form_body_goes_up_whole_whether_it_came_with_its_head_or_after_it() {
         .await
         .unwrap();
     tokio::task::yield_now().await;
-    client
-        .write_all(b"helloGET /last HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut received = Vec::new();
-    read_until(&mut client, &mut received, |text| {
-        text.matches("backend=b").count() == 2
-    })
+    send_then_read_answers(
+        &mut client,
+        b"helloGET /last HTTP/1.1\r\nHost: x\r\n\r\n",
+        2,
+    )
     .await;
-    let seen: Vec<_> = backend
-        .requests()
-        .iter()
-        .map(|seen| (seen.uri.clone(), seen.body_len))
-        .collect();
     assert_eq!(
-        seen,
+        backend.paths_and_body_lengths(),
         [
             ("/with".to_string(), 11),
             ("/next".to_string(), 0),
@@ -213,4 +190,14 @@ async fn a_client_that_leaves_abandons_its_request_in_flight() {
     )
     .await
     .expect("the request ends when its client leaves");
+}
+
+/// Writes `bytes` on `client`, then reads until `answers` answers from backend `b` arrived.
+async fn send_then_read_answers(client: &mut TcpStream, bytes: &[u8], answers: usize) {
+    client.write_all(bytes).await.unwrap();
+    let mut received = Vec::new();
+    read_until(client, &mut received, |text| {
+        text.matches("backend=b").count() == answers
+    })
+    .await;
 }

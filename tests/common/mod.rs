@@ -138,6 +138,14 @@ impl TestBackend {
     pub fn requests(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// The path and body length of each request seen so far, in order.
+    pub fn paths_and_body_lengths(&self) -> Vec<(String, usize)> {
+        self.requests()
+            .into_iter()
+            .map(|seen| (seen.uri, seen.body_len))
+            .collect()
+    }
 }
 
 /// What a backend's connection tasks share.
