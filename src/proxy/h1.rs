@@ -392,9 +392,10 @@ enum Framing {
 }
 
 /// Writes `response` to the client: the head with the body's first bytes in one write, then
-/// the rest as it comes; an error when the body failed (after what came before it). While the client reads slowly, up to [`QUEUE_LIMIT`] bytes of the body
-/// are read ahead from the backend and written together (vectored). The connection closes
-/// after it when `closing` or when the response says `Connection: close`.
+/// the rest as it comes; an error when the body failed (after what came before it). While
+/// the client reads slowly, up to [`QUEUE_LIMIT`] bytes of the body are read ahead from the
+/// backend and written together (vectored). The connection closes after it when `closing` or
+/// when the response says `Connection: close`.
 async fn write_response<T: AsyncWrite + Unpin>(
     stream: &mut T,
     out: &mut Vec<u8>,
