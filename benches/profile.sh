@@ -7,6 +7,7 @@
 #   benches/profile.sh split [SCENARIO] [REQUESTS]      # syscalls and user/kernel CPU per request
 #   PROXY=nginx benches/profile.sh split [SCENARIO]     # the same figures for nginx as the proxy
 #   PROXY=haproxy benches/profile.sh split [SCENARIO]   # ... or for HAProxy (configured as peerbench does)
+#   PB_THREADS=2 benches/profile.sh split h2            # gatehouse with two workers (default one, as in the peer benchmark)
 #   benches/profile.sh ceiling [PLACEMENT] [SECONDS]    # large-1m: what each core pays per MiB
 #
 # SCENARIO: http (default), https, h2, tcp, post (a 600-byte form over HTTP/1.1). PLACEMENT
@@ -20,7 +21,7 @@ scenario="${2:-http}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/gatehouse-profile}"
 rm -rf "$OUT" && mkdir -p "$OUT/backend/www"
-export PB_WORKDIR="$OUT" PB_THREADS=1
+export PB_WORKDIR="$OUT" PB_THREADS="${PB_THREADS:-1}"
 export PB_HTTP_PORT=18080 PB_HTTPS_PORT=18443 PB_TCP_PORT=18081
 export PB_B1=127.0.0.1:18901 PB_B2=127.0.0.1:18902
 export PB_CERT="$OUT/cert.pem" PB_KEY="$OUT/key.pem"

@@ -241,16 +241,9 @@ fn running_config(admin: std::net::SocketAddr) -> Result<Config, String> {
 /// Runs gatehouse with `config` until SIGTERM/SIGINT, then drains. `before_serving` runs on
 /// the runtime first (the demo starts its backends there).
 pub fn run(config: Config, before_serving: Option<Box<dyn FnOnce() + Send>>) -> ExitCode {
-    // One worker: a current-thread runtime does the same work without the multi-thread
-    // scheduler's cross-thread wake-ups and queues.
-    let mut builder = if config.worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    if config.worker_threads > 1 {
-        builder.worker_threads(config.worker_threads);
-    }
+    // The control plane's runtime (and, with one worker, the data plane's too): more
+    // workers run runtimes of their own (see `workers`).
+    let mut builder = tokio::runtime::Builder::new_current_thread();
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -34,3 +34,4 @@ pub mod tls;
 pub mod upstream;
 pub mod waiting_room;
 pub mod watch;
+pub mod workers;

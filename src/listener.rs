@@ -15,6 +15,7 @@ use crate::tls::ALPN_H2;
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::ListenerTable;
 use crate::waiting_room::{Guest, WaitingRoom};
+use crate::workers::{self, Workers};
 use bytes::Bytes;
 use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, TcpKeepalive, Type};
 use std::future::Future;
@@ -34,8 +35,9 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 /// Pause after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Binds `address` with SO_REUSEADDR (and SO_REUSEPORT when asked).
-pub fn bind(address: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+/// Binds `address` with SO_REUSEADDR (and SO_REUSEPORT when asked), non-blocking, ready to
+/// be registered with each worker's runtime.
+pub fn bind(address: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(
         Domain::for_address(address),
         Type::STREAM,
@@ -49,13 +51,13 @@ pub fn bind(address: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListene
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
-/// A bound listener's accept loop and what it needs.
+/// A bound listener and what its accept loops need.
 pub struct Listener {
     pub name: Arc<str>,
-    pub socket: TcpListener,
+    pub socket: std::net::TcpListener,
     pub table: SharedTable,
     /// Cancelled to stop accepting and ask open connections to finish.
     pub shutdown: CancellationToken,
@@ -64,8 +66,62 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Accepts until `shutdown` is cancelled.
-    pub async fn run(self) {
+    /// Starts an accept loop on every worker, each on its own handle of the one socket (the
+    /// kernel gives a new connection to whichever worker accepts first, so an idle worker
+    /// takes it), until `shutdown` is cancelled. The connection limits count across all of
+    /// them.
+    pub fn start(self, workers: &Workers) {
+        let context = Arc::new(l7::ListenerContext {
+            name: self.name.clone(),
+            table: self.table.clone(),
+            tunnels: self.tasks.clone(),
+        });
+        let counts = Arc::new(Counts {
+            open: AtomicUsize::new(0),
+            per_client: PerClient::new(),
+        });
+        for handle in workers.handles() {
+            let socket = match self.socket.try_clone() {
+                Ok(socket) => socket,
+                Err(error) => {
+                    tracing::error!(listener = %self.name, %error, "cannot share the listening socket with a worker; it accepts on fewer workers");
+                    continue;
+                }
+            };
+            let accept = AcceptLoop {
+                name: self.name.clone(),
+                table: self.table.clone(),
+                tasks: self.tasks.clone(),
+                context: context.clone(),
+                counts: counts.clone(),
+                shutdown: self.shutdown.clone(),
+            };
+            self.tasks.spawn_on(accept.run(socket), handle);
+        }
+    }
+}
+
+/// One worker's accept loop of a listener.
+struct AcceptLoop {
+    name: Arc<str>,
+    table: SharedTable,
+    tasks: TaskTracker,
+    context: Arc<l7::ListenerContext>,
+    counts: Arc<Counts>,
+    shutdown: CancellationToken,
+}
+
+impl AcceptLoop {
+    /// Accepts on `socket` (registered with this worker's runtime) until shutdown; the
+    /// connections accepted here wait in this worker's room and are served by its tasks.
+    async fn run(self, socket: std::net::TcpListener) {
+        let socket = match TcpListener::from_std(socket) {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::error!(listener = %self.name, %error, "cannot accept on a worker");
+                return;
+            }
+        };
         let room = match WaitingRoom::open(self.shutdown.clone(), &self.tasks) {
             Ok(room) => Some(room),
             Err(error) => {
@@ -73,21 +129,15 @@ impl Listener {
                 None
             }
         };
-        let context = Arc::new(l7::ListenerContext {
-            name: self.name.clone(),
-            table: self.table.clone(),
-            tunnels: self.tasks.clone(),
-        });
         let gate = Arc::new(Gate {
-            open: AtomicUsize::new(0),
-            per_client: PerClient::new(),
-            shutdown: self.shutdown.clone(),
+            counts: self.counts,
+            shutdown: self.shutdown,
             room,
         });
         loop {
             let accepted = tokio::select! {
-                accepted = self.socket.accept() => accepted,
-                () = self.shutdown.cancelled() => break,
+                accepted = socket.accept() => accepted,
+                () = gate.shutdown.cancelled() => break,
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
@@ -102,14 +152,14 @@ impl Listener {
                 continue;
             };
             listener.metrics.connections_total.inc();
-            if gate.open.load(Ordering::Relaxed) >= listener.config.limits.max_connections {
+            if gate.counts.open.load(Ordering::Relaxed) >= listener.config.limits.max_connections {
                 listener.metrics.reject(Rejection::MaxConnections);
                 drop(stream);
                 continue;
             }
             let local = stream.local_addr().unwrap_or(peer);
             let speaks_http = listener.config.protocol.is_http();
-            let connection = l7::Connection::new(context.clone(), peer, local, speaks_http);
+            let connection = l7::Connection::new(self.context.clone(), peer, local, speaks_http);
             let mut client = Client::new(connection, listener, gate.clone());
             let proxy_protocol = client.listener.config.proxy_protocol;
             // The client's own address is known now, unless a PROXY header will give it.
@@ -129,19 +179,25 @@ impl Listener {
                 }
             }
         }
-        tracing::info!(listener = %self.name, "stopped accepting");
+        tracing::info!(listener = %self.name, worker = workers::current(), "stopped accepting");
     }
 }
 
-/// What the connections of one accepting listener share.
+/// What the connections one worker accepted on a listener share.
 struct Gate {
+    counts: Arc<Counts>,
+    /// Cancelled to stop accepting and ask open connections to finish.
+    shutdown: CancellationToken,
+    /// Where this worker's connections wait for their client to speak (none if it could not
+    /// be opened).
+    room: Option<WaitingRoom>,
+}
+
+/// A listener's open connections, counted across its workers for the connection limits.
+struct Counts {
     /// Connections open now, for `max_connections`.
     open: AtomicUsize,
     per_client: PerClient,
-    /// Cancelled to stop accepting and ask open connections to finish.
-    shutdown: CancellationToken,
-    /// Where connections wait for their client to speak (none if it could not be opened).
-    room: Option<WaitingRoom>,
 }
 
 /// Open connections per client address, in fixed hashed slots (no map, no lock). Addresses
@@ -205,7 +261,7 @@ impl Client {
     /// Counts a new connection as open; its first request head is due `header_timeout` from
     /// now.
     fn new(connection: l7::Connection, listener: Arc<ListenerTable>, gate: Arc<Gate>) -> Box<Self> {
-        gate.open.fetch_add(1, Ordering::Relaxed);
+        gate.counts.open.fetch_add(1, Ordering::Relaxed);
         listener.metrics.connections_active.inc();
         let head_deadline = tokio::time::Instant::now() + listener.config.limits.header_timeout;
         Box::new(Client {
@@ -250,7 +306,7 @@ impl Client {
         let metrics = &listener.metrics;
         let client = self.connection.client.ip();
         let cap = config.limits.max_connections_per_client;
-        let Ok(slot) = self.gate.per_client.admit(client, cap) else {
+        let Ok(slot) = self.gate.counts.per_client.admit(client, cap) else {
             metrics.reject(Rejection::MaxConnections);
             return false;
         };
@@ -282,9 +338,9 @@ impl Drop for Client {
     fn drop(&mut self) {
         self.unpark();
         if let Some(slot) = self.client_slot {
-            self.gate.per_client.release(slot);
+            self.gate.counts.per_client.release(slot);
         }
-        self.gate.open.fetch_sub(1, Ordering::Relaxed);
+        self.gate.counts.open.fetch_sub(1, Ordering::Relaxed);
         self.listener.metrics.connections_active.dec();
     }
 }

@@ -287,6 +287,12 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
     {
         changes.push("global settings changed".to_string());
     }
+    if old.worker_threads != new.worker_threads {
+        changes.push(format!(
+            "runtime.worker_threads {} -> {}: takes effect at the next start",
+            old.worker_threads, new.worker_threads
+        ));
+    }
     changes
 }
 

@@ -6,6 +6,7 @@ use crate::health::HealthChecker;
 use crate::listener::{self, Listener};
 use crate::metrics::Metrics;
 use crate::upstream::publisher::{self, PublisherHandle};
+use crate::workers::{self, Workers};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub enum StartError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
     #[error("cannot build the runtime state: {0}")]
     Build(String),
     #[error("cannot create metrics: {0}")]
@@ -45,7 +48,7 @@ struct RunningListener {
 
 /// Listener sockets bound for a configuration but not yet accepting.
 pub struct PreparedListeners {
-    new: Vec<(ListenerConfig, tokio::net::TcpListener)>,
+    new: Vec<(ListenerConfig, std::net::TcpListener)>,
     removed: Vec<String>,
 }
 
@@ -64,6 +67,8 @@ pub struct Gatehouse {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     ready: AtomicBool,
+    /// Where listeners accept and connections are served.
+    workers: Workers,
 }
 
 impl Gatehouse {
@@ -84,6 +89,14 @@ impl Gatehouse {
                 address: config.admin.listen,
                 source,
             })?;
+        let admin_socket = tokio::net::TcpListener::from_std(admin_socket).map_err(|source| {
+            StartError::AdminBind {
+                address: config.admin.listen,
+                source,
+            }
+        })?;
+        let workers =
+            Workers::start(workers::count(config.worker_threads)).map_err(StartError::Workers)?;
         let shutdown = CancellationToken::new();
         let health = HealthChecker::new(publisher.clone(), metrics.clone(), shutdown.child_token());
         let gatehouse = Arc::new(Gatehouse {
@@ -97,6 +110,7 @@ impl Gatehouse {
             shutdown,
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
+            workers,
         });
         let prepared =
             gatehouse
@@ -119,6 +133,7 @@ impl Gatehouse {
         gatehouse.ready.store(true, Ordering::Release);
         tracing::info!(
             admin = %gatehouse.admin_address,
+            workers = gatehouse.workers.handles().len(),
             listeners = %gatehouse
                 .listener_addresses()
                 .iter()
@@ -218,7 +233,7 @@ impl Gatehouse {
                 tasks: self.tasks.clone(),
             };
             tracing::info!(listener = %config.name, address = %bound, protocol = config.protocol.as_str(), "listening");
-            self.tasks.spawn(listener.run());
+            listener.start(&self.workers);
             running.insert(
                 config.name.clone(),
                 RunningListener {

@@ -288,6 +288,28 @@ async fn listeners_open_and_close_on_reload() {
 }
 
 #[tokio::test]
+async fn a_new_worker_count_is_reported_as_taking_effect_at_the_next_start() {
+    let a = TestBackend::start("a").await;
+    let dir = TestDir::new();
+    let base = yaml(&[("a", a.address, 1)], "");
+    let three = format!("runtime: {{ worker_threads: 3 }}\n{base}");
+    let gatehouse = start_gatehouse(&dir, &three).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    for _ in 0..6 {
+        assert_eq!(get(web, "x", "/").await.status, StatusCode::OK);
+    }
+    dir.write("gatehouse.yaml", &base);
+    let (status, body) = reload_api(&gatehouse).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let changes = body["changes"].to_string();
+    assert!(
+        changes.contains("runtime.worker_threads 3 -> 0: takes effect at the next start"),
+        "{body}"
+    );
+    assert_eq!(get(web, "x", "/").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn a_replaced_certificate_is_served_on_new_connections() {
     let a = TestBackend::start("a").await;
     let dir = TestDir::new();

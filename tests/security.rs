@@ -38,8 +38,15 @@ fn unescape(text: &str) -> Vec<u8> {
     bytes
 }
 
-/// A backend that records every raw byte it receives and answers each request head with a
-/// small 200 (keeping the connection open).
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// A backend that records every raw byte it receives and answers each request with a small
+/// 200 (keeping the connection open).
 async fn raw_recording_backend() -> (std::net::SocketAddr, Arc<Mutex<Vec<u8>>>) {
     let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = socket.local_addr().unwrap();
@@ -58,8 +65,26 @@ async fn raw_recording_backend() -> (std::net::SocketAddr, Arc<Mutex<Vec<u8>>>) 
                     };
                     record.lock().unwrap().extend_from_slice(&buffer[..n]);
                     pending.extend_from_slice(&buffer[..n]);
-                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                        pending.drain(..end + 4);
+                    while let Some(end) = find(&pending, b"\r\n\r\n") {
+                        // The body is skipped (never read as a head): a chunked one through
+                        // its last chunk, else its Content-Length.
+                        let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                        let body = &pending[end + 4..];
+                        let body_length = if head.contains("transfer-encoding: chunked") {
+                            match find(body, b"0\r\n\r\n") {
+                                Some(at) => at + 5,
+                                None => break,
+                            }
+                        } else {
+                            head.lines()
+                                .find_map(|line| line.strip_prefix("content-length: "))
+                                .and_then(|value| value.trim().parse().ok())
+                                .unwrap_or(0)
+                        };
+                        if body.len() < body_length {
+                            break;
+                        }
+                        pending.drain(..end + 4 + body_length);
                         if stream
                             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                             .await
@@ -373,8 +398,9 @@ async fn route_body_limits_answer_413() {
 async fn connection_caps_per_client_and_per_listener_refuse_cleanly() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
+    // Four workers accept on each listener: the caps count across them.
     let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  per-client: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ max_connections_per_client: 2 }} }}\n  small: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ max_connections: 3 }} }}\npools:\n{}",
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nruntime: {{ worker_threads: 4 }}\nlisteners:\n  per-client: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ max_connections_per_client: 2 }} }}\n  small: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ max_connections: 3 }} }}\npools:\n{}",
         pool_yaml("p", &[("b", backend.address)], "")
     );
     let gatehouse = start_gatehouse(&dir, &yaml).await;

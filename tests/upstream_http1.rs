@@ -208,10 +208,12 @@ async fn chunked_and_interim_responses_arrive_whole_on_one_connection() {
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(answer.text(), "ok", "1xx answers are skipped");
     }
-    assert_eq!(
-        backend.opened(),
-        1,
-        "clean responses leave the connection reusable"
+    // Idle connections are kept per worker: one each at most.
+    let workers = gatehouse::workers::count(0);
+    assert!(
+        (1..=workers).contains(&backend.opened()),
+        "clean responses leave the connection reusable: {} opened for {workers} workers",
+        backend.opened()
     );
 }
 
@@ -423,15 +425,15 @@ async fn an_h2c_upgrade_is_not_passed_on_so_no_tunnel_bypasses_routing() {
 async fn an_upload_without_length_goes_up_chunked_and_the_connection_stays() {
     let backend = ScriptedBackend::start().await;
     let (_running, web) = gatehouse_for(&backend).await;
+    // One client connection, so one worker: its backend connection serves both rounds.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
     for round in 0..2 {
         let frames = ["first,", "second,", "third"].map(|part| Bytes::from_static(part.as_bytes()));
         let request = Request::post(format!("http://{web}/upload"))
             .header("host", "app")
             .body(Frames(frames.into()))
             .unwrap();
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
         let response = tokio::time::timeout(DEADLINE, client.request(request))
             .await
             .unwrap()

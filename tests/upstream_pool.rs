@@ -142,10 +142,12 @@ async fn sequential_requests_share_one_backend_connection() {
         assert_eq!(answer.status, StatusCode::OK, "{method}");
     }
     assert_eq!(backend.requests.load(Ordering::SeqCst), 20);
-    assert_eq!(
-        backend.opened(),
-        1,
-        "every request reused the first connection"
+    // Idle connections are kept per worker: one each at most.
+    let workers = gatehouse::workers::count(0);
+    assert!(
+        (1..=workers).contains(&backend.opened()),
+        "every request reused its worker's first connection: {} opened for {workers} workers",
+        backend.opened()
     );
 }
 

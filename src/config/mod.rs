@@ -30,7 +30,7 @@ pub struct Config {
     /// The file's text as validated (kept as the last-known-good copy after it is applied).
     pub text: Arc<str>,
     pub admin: AdminConfig,
-    /// Tokio worker threads; 0 means one per core.
+    /// Worker threads serving connections; 0 means one per core (read at start only).
     pub worker_threads: usize,
     pub shutdown_timeout: Duration,
     pub access_log: AccessLogConfig,

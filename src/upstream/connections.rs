@@ -1,7 +1,8 @@
 //! Keep-alive HTTP/1.1 connections to one backend.
 //!
-//! Idle connections wait in a bounded lock-free queue (no mutex, no hashing: each backend
-//! of the table holds its own queue). A request takes one, and the response body
+//! Idle connections wait in bounded lock-free queues (no mutex, no hashing: each backend
+//! of the table holds its own), one per worker thread: a connection is registered with the
+//! runtime of the worker that opened it and serves that worker's requests only. A request takes one, and the response body
 //! ([`ResponseBody`]) hands it back once it was read to the end; a connection whose response
 //! was cut short is closed instead. An idle connection the backend closed is noticed from
 //! its socket's readiness before use, and a request that a stale connection could not send
@@ -11,14 +12,18 @@ use super::body::{BodyTooLarge, UpstreamBody};
 use super::connector::{ConnectError, Connector};
 use super::http1::{Connection, Http1Error, ResponseBody, SetHeaders};
 use crate::config::Timeouts;
+use crate::workers;
 use crossbeam_queue::ArrayQueue;
 use http::{request, Response};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Idle connections kept per backend; more are closed when their response ends.
+/// Idle connections kept per backend, shared out among the workers; more are closed when
+/// their response ends.
 const MAX_IDLE_PER_BACKEND: usize = 256;
+/// The least a worker keeps per backend, however many workers there are.
+const MIN_IDLE_PER_WORKER: usize = 32;
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +81,8 @@ struct Idle {
 pub struct BackendConnections {
     address: SocketAddr,
     connector: Arc<Connector>,
-    idle: ArrayQueue<Idle>,
+    /// One queue per worker, indexed by [`workers::current`].
+    idle: Box<[ArrayQueue<Idle>]>,
     idle_timeout: Duration,
     /// The longest a backend may go silent inside a response body (the pool's
     /// `timeouts.request`; a change of timeouts makes a new connector, and so new
@@ -88,19 +94,29 @@ impl std::fmt::Debug for BackendConnections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackendConnections")
             .field("address", &self.address)
-            .field("idle", &self.idle.len())
+            .field(
+                "idle",
+                &self.idle.iter().map(ArrayQueue::len).sum::<usize>(),
+            )
             .finish()
     }
 }
 
 impl BackendConnections {
-    /// Connections to `address`, opened by `connector`, closed after `timeouts.idle` unused;
-    /// a response body fails after `timeouts.request` without a byte.
-    pub fn new(address: SocketAddr, connector: Arc<Connector>, timeouts: Timeouts) -> Self {
+    /// Connections to `address` for `workers` workers, opened by `connector`, closed after
+    /// `timeouts.idle` unused; a response body fails after `timeouts.request` without a byte.
+    pub fn new(
+        address: SocketAddr,
+        connector: Arc<Connector>,
+        timeouts: Timeouts,
+        workers: usize,
+    ) -> Self {
+        let workers = workers.max(1);
+        let per_worker = (MAX_IDLE_PER_BACKEND / workers).max(MIN_IDLE_PER_WORKER);
         BackendConnections {
             address,
             connector,
-            idle: ArrayQueue::new(MAX_IDLE_PER_BACKEND),
+            idle: (0..workers).map(|_| ArrayQueue::new(per_worker)).collect(),
             idle_timeout: timeouts.idle,
             stall_limit: timeouts.request,
         }
@@ -113,6 +129,7 @@ impl BackendConnections {
         address: SocketAddr,
         connector: Arc<Connector>,
         timeouts: Timeouts,
+        workers: usize,
     ) -> Arc<Self> {
         match existing {
             Some(existing)
@@ -120,14 +137,21 @@ impl BackendConnections {
             {
                 existing.clone()
             }
-            _ => Arc::new(BackendConnections::new(address, connector, timeouts)),
+            _ => Arc::new(BackendConnections::new(
+                address, connector, timeouts, workers,
+            )),
         }
     }
 
-    /// A connection whose response was read to its end, ready for the next request (a full
-    /// queue closes it).
+    /// The idle connections of the worker this runs on.
+    fn idle_here(&self) -> &ArrayQueue<Idle> {
+        &self.idle[workers::current() % self.idle.len()]
+    }
+
+    /// A connection whose response was read to its end, ready for the next request on this
+    /// worker (a full queue closes it).
     pub fn give_back(&self, connection: Connection) {
-        let _ = self.idle.push(Idle {
+        let _ = self.idle_here().push(Idle {
             connection,
             since: Instant::now(),
         });
@@ -148,8 +172,9 @@ impl BackendConnections {
     ) -> Result<Response<ResponseBody>, Failed> {
         if proxy_header.is_none() {
             // Each idle connection is looked at once; a stale one is closed.
-            for _ in 0..self.idle.len() {
-                let Some(idle) = self.idle.pop() else { break };
+            let idle_here = self.idle_here();
+            for _ in 0..idle_here.len() {
+                let Some(idle) = idle_here.pop() else { break };
                 if idle.since.elapsed() >= self.idle_timeout || !idle.connection.is_usable() {
                     continue;
                 }
@@ -193,10 +218,12 @@ impl BackendConnections {
     /// Closes connections idle for longer than the idle timeout, or already closed by the
     /// backend; the others stay (their order may change).
     pub fn close_expired(&self) {
-        for _ in 0..self.idle.len() {
-            let Some(idle) = self.idle.pop() else { break };
-            if idle.since.elapsed() < self.idle_timeout && idle.connection.is_usable() {
-                let _ = self.idle.push(idle);
+        for queue in &self.idle {
+            for _ in 0..queue.len() {
+                let Some(idle) = queue.pop() else { break };
+                if idle.since.elapsed() < self.idle_timeout && idle.connection.is_usable() {
+                    let _ = queue.push(idle);
+                }
             }
         }
     }

@@ -104,6 +104,8 @@ struct Carried {
     /// Per pool: the settings its connector was built for, and the connector.
     connectors: HashMap<String, (ConnectorSettings, Arc<Connector>)>,
     connections: HashMap<BackendKey, Arc<BackendConnections>>,
+    /// The process's worker threads (fixed at start): one idle queue each per backend.
+    workers: usize,
     last_idle_sweep: Instant,
     retry_budgets: HashMap<String, Arc<RetryBudget>>,
     /// Pools announced as having no available backend (to announce their recovery once).
@@ -174,6 +176,7 @@ impl BackendFacts for Carried {
             backend.address,
             connector,
             pool.timeouts,
+            self.workers,
         );
         self.connections.insert(key, connections.clone());
         Ok(connections)
@@ -501,6 +504,7 @@ pub fn start(config: Arc<Config>, metrics: Metrics) -> Result<PublisherHandle, S
         previous_candidates: None,
         connectors: HashMap::new(),
         connections: HashMap::new(),
+        workers: crate::workers::count(config.worker_threads),
         last_idle_sweep: Instant::now(),
         retry_budgets: HashMap::new(),
         down_pools: HashSet::new(),

@@ -495,7 +495,7 @@ fn build_listener(
 
 /// Facts for building a table outside the publisher (benchmarks, property tests): fresh
 /// counters, configured admin states, every backend healthy unless named in `unhealthy`, no
-/// slow start, and a change channel nobody listens to.
+/// slow start, one worker, and a change channel nobody listens to.
 pub struct StaticFacts {
     metrics: Metrics,
     /// Backend names to treat as failing their health checks.
@@ -555,6 +555,7 @@ impl BackendFacts for StaticFacts {
             backend.address,
             connector,
             pool.timeouts,
+            1,
         );
         self.connections.insert(key, connections.clone());
         Ok(connections)
