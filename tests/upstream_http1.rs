@@ -400,6 +400,56 @@ async fn a_body_cut_off_by_its_backend_or_its_client_is_counted_and_logged_so() 
 }
 
 #[tokio::test]
+async fn a_backend_waiting_for_a_slow_upload_is_not_cut_off_as_stalled() {
+    // The backend answers at once with the start of its body, then waits for the whole
+    // upload before it ends the body: silent for longer than `timeouts.request`, but
+    // rightly, since the client is still sending.
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = backend.accept().await.unwrap();
+        let mut received = Vec::new();
+        read_until(&mut stream, &mut received, |text| text.contains("\r\n\r\n")).await;
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nstart,\r\n")
+            .await
+            .unwrap();
+        read_until(&mut stream, &mut received, |text| {
+            text.ends_with("0\r\n\r\n")
+        })
+        .await;
+        stream.write_all(b"4\r\nend.\r\n0\r\n\r\n").await.unwrap();
+        let _ = stream.read(&mut [0u8; 1]).await;
+    });
+    let dir = TestDir::new();
+    let (_gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("a", address)],
+        "",
+        "    timeouts: { request: 1s }\n    retries: { attempts: 1 }\n",
+    )
+    .await;
+    let mut client = TcpStream::connect(web).await.unwrap();
+    client
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    // Six chunks 300 ms apart: the upload lasts longer than `timeouts.request`.
+    for _ in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        client.write_all(b"5\r\nchunk\r\n").await.unwrap();
+    }
+    client.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    read_until(&mut client, &mut answer, |text| text.ends_with("0\r\n\r\n")).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("end."),
+        "the whole body arrived: {answer:?}"
+    );
+}
+
+#[tokio::test]
 async fn an_h2c_upgrade_is_not_passed_on_so_no_tunnel_bypasses_routing() {
     let backend = ScriptedBackend::start().await;
     let (_running, web) = gatehouse_for(&backend).await;
