@@ -5,6 +5,7 @@
 #   benches/profile.sh callgrind [SCENARIO] [REQUESTS]  # instructions per request (repeatable)
 #   benches/profile.sh perf [SCENARIO] [SECONDS]        # sampled call graph (perf, cpu-clock)
 #   benches/profile.sh split [SCENARIO] [REQUESTS]      # syscalls and user/kernel CPU per request
+#   benches/profile.sh newconn http|https [SECONDS]     # CPU per request on a new connection each
 #   PROXY=nginx benches/profile.sh split [SCENARIO]     # the same figures for nginx as the proxy
 #   PROXY=haproxy benches/profile.sh split [SCENARIO]   # ... or for HAProxy (configured as peerbench does)
 #   PB_THREADS=2 benches/profile.sh split h2            # gatehouse with two workers (default one, as in the peer benchmark)
@@ -16,7 +17,7 @@
 # benchmark). Needs nginx, h2load (nghttp2-client), valgrind or perf, and a release build (`cargo build --release`). Output goes to $OUT (default
 # /tmp/gatehouse-profile): callgrind.out / perf.data plus a summary printed here.
 set -euo pipefail
-mode="${1:?usage: profile.sh callgrind|perf|split [http|https|h2|tcp|post] [amount] | ceiling [placement] [seconds]}"
+mode="${1:?usage: profile.sh callgrind|perf|split [http|https|h2|tcp|post] [amount] | newconn [http|https] [seconds] | ceiling [placement] [seconds]}"
 scenario="${2:-http}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/gatehouse-profile}"
@@ -253,5 +254,25 @@ HAPROXY
       awk -v n="$requests" -v hz="$hz" -v d=$((proxy_after - proxy_before)) 'BEGIN { printf "  proxy          %4.0f us per MiB\n", d * 1e6 / hz / n }'
     fi
     ;;
-  *) echo "mode is callgrind, perf, split or ceiling" >&2; exit 2 ;;
+  newconn)
+    # A new connection per request (wrk, `Connection: close`; http or https, a full TLS
+    # handshake each): gatehouse's CPU per request, user and kernel, from /proc.
+    seconds="${3:-5}"
+    case "$scenario" in
+      http) url="http://127.0.0.1:$PB_HTTP_PORT/" ;;
+      https) url="https://127.0.0.1:$PB_HTTPS_PORT/" ;;
+      *) echo "newconn: http or https" >&2; exit 2 ;;
+    esac
+    start_gatehouse
+    wrk -t1 -c16 -d1s -H "Connection: close" "$url" >/dev/null
+    ticks() { awk '{ print $14, $15 }' "/proc/$target/stat"; }
+    read -r user_before system_before < <(ticks)
+    wrk -t1 -c16 -d"${seconds}s" -H "Connection: close" "$url" >"$OUT/wrk.out"
+    read -r user_after system_after < <(ticks)
+    requests="$(awk '/requests in/ { print $1 }' "$OUT/wrk.out")"
+    hz="$(getconf CLK_TCK)"
+    awk -v n="$requests" -v hz="$hz" -v u=$((user_after - user_before)) -v k=$((system_after - system_before)) \
+      'BEGIN { printf "  %d connections; CPU per connection: %.1f us = %.1f user + %.1f kernel\n", n, (u + k) * 1e6 / hz / n, u * 1e6 / hz / n, k * 1e6 / hz / n }'
+    ;;
+  *) echo "mode is callgrind, perf, split, newconn or ceiling" >&2; exit 2 ;;
 esac
