@@ -9,6 +9,7 @@ use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -344,6 +345,83 @@ async fn h2c_with_prior_knowledge_is_proxied_to_http1() {
         seen[0].header("host").as_deref(),
         Some("portal.example.gov")
     );
+}
+
+/// On an HTTP/2 connection to a listener whose `header_timeout` is 1 s and a backend taking
+/// 2.5 s per request: requests in flight longer than two idle periods keep the connection, a
+/// request the client gives up on does not, and once idle the connection is closed with a
+/// GOAWAY, not before a whole idle period.
+async fn idle_http2_connection_closes<IO>(io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = |path: &str| {
+        Request::get(format!("https://portal.example.gov{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    for path in ["/first", "/second"] {
+        let response = sender.send_request(request(path)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        response.into_body().collect().await.unwrap();
+    }
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(300),
+        sender.send_request(request("/abandoned")),
+    )
+    .await;
+    assert!(abandoned.is_err(), "still waiting for the backend");
+    let idle_since = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("gatehouse closes the idle connection")
+        .unwrap()
+        .expect("with a GOAWAY, not an error");
+    let idle_for = idle_since.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(900),
+        "not before a whole idle period: {idle_for:?}"
+    );
+    assert!(sender.send_request(request("/late")).await.is_err());
+}
+
+#[tokio::test]
+async fn an_idle_h2c_connection_is_closed_but_never_one_with_a_request_in_flight() {
+    let backend = TestBackend::start_delayed("b", Duration::from_millis(2500)).await;
+    let dir = TestDir::new();
+    let (_gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("b", backend.address)],
+        ", limits: { header_timeout: 1s }",
+        "",
+    )
+    .await;
+    idle_http2_connection_closes(TcpStream::connect(web).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_over_tls_is_closed_but_never_one_with_a_request_in_flight() {
+    let backend = TestBackend::start_delayed("b", Duration::from_millis(2500)).await;
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    ca.leaf(&dir, "portal", &["portal.example.gov"]);
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  secure: {{ listen: \"127.0.0.1:0\", protocol: https, tls: {{ certificates: [ {{ cert: portal.crt, key: portal.key }} ] }}, limits: {{ header_timeout: 1s }}, pool: p }}\npools:\n{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let secure = gatehouse.listener_address("secure").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(ca.client_config(&[b"h2"]));
+    let name = rustls::pki_types::ServerName::try_from("portal.example.gov").unwrap();
+    let tcp = TcpStream::connect(secure).await.unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    idle_http2_connection_closes(tls).await;
 }
 
 #[tokio::test]

@@ -274,6 +274,7 @@ where
         // Boxed: hyper moves a stream's future several times (HTTP/2 spawns one per stream),
         // and a pointer moves for less than the handler's state (≈ 2.5 KB).
         Box::pin(async move {
+            let unanswered = Unanswered(&connection);
             let mut response = handle(
                 request.map(ClientBody::Streaming),
                 ReadBy::Hyper,
@@ -281,6 +282,7 @@ where
             )
             .await
             .response;
+            std::mem::forget(unanswered);
             response.body_mut().answers(connection);
             Ok::<_, Infallible>(response)
         })
@@ -299,6 +301,7 @@ where
             &mut watch,
             shutdown,
             head_deadline,
+            limits.header_timeout,
         )
         .await
     };
@@ -431,9 +434,12 @@ enum SessionEnd<E> {
 }
 
 /// Drives one hyper session until it ends: the listener's shutdown ends it gracefully, and
-/// every [`park::CHECK_PERIOD`] the idle check may end it so the connection parks. Its first
-/// head is held to `head_deadline` (the parked deadline, when the session resumes a parked
-/// connection).
+/// every [`park::CHECK_PERIOD`] the idle check may end it so the connection parks. A session
+/// that cannot park (HTTP/2, also as h2c) ends gracefully (GOAWAY) once an `idle_limit`
+/// passed with no request in flight and none begun or ended, as an idle HTTP/1 keep-alive
+/// connection closes after its `header_timeout` (checked every `idle_limit`, or every check
+/// period while the session may park). Its first head is held to `head_deadline` (the parked
+/// deadline, when the session resumes a parked connection).
 async fn drive_session<F, E>(
     mut session: Pin<&mut F>,
     graceful_shutdown: impl Fn(Pin<&mut F>),
@@ -441,18 +447,33 @@ async fn drive_session<F, E>(
     watch: &mut park::IdleWatch,
     shutdown: &CancellationToken,
     head_deadline: Option<tokio::time::Instant>,
+    idle_limit: Duration,
 ) -> SessionEnd<E>
 where
     F: Future<Output = Result<(), E>>,
 {
     let parkable = connection.checks_framing;
-    let mut check = std::pin::pin!(tokio::time::sleep(park::CHECK_PERIOD));
+    let period = if parkable {
+        park::CHECK_PERIOD
+    } else {
+        idle_limit
+    };
+    let mut check = std::pin::pin!(tokio::time::sleep(period));
     let mut cancelled = std::pin::pin!(shutdown.cancelled());
     // hyper gives a resumed session's first head a fresh `header_timeout`: the head that
     // began while parked is held to the parked deadline instead.
     let mut late = std::pin::pin!(head_deadline.map(tokio::time::sleep_until));
     let mut check_armed = false;
-    let mut parking = false;
+    let mut ending = None;
+    // Requests begun and answered, and since when (to within a check) they have not moved.
+    let counts = || {
+        (
+            connection.requests.load(Ordering::Relaxed),
+            connection.answered.load(Ordering::Relaxed),
+        )
+    };
+    let mut counted = counts();
+    let mut unmoved_since = tokio::time::Instant::now();
     loop {
         let event = std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = session.as_mut().poll(cx) {
@@ -468,7 +489,7 @@ where
             }
             // A polled timer wakes the task when it fires: until then, on the wake-ups of
             // every request, looking at its flag is enough.
-            if parkable && !parking && (!check_armed || check.is_elapsed()) {
+            if ending.is_none() && (!check_armed || check.is_elapsed()) {
                 check_armed = true;
                 if check.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(SessionEvent::IdleCheck);
@@ -478,7 +499,9 @@ where
         })
         .await;
         match event {
-            SessionEvent::Ended(Ok(())) if parking && !shutdown.is_cancelled() => {
+            SessionEvent::Ended(Ok(()))
+                if ending == Some(Ending::Park) && !shutdown.is_cancelled() =>
+            {
                 return SessionEnd::Parked
             }
             SessionEvent::Ended(result) => return SessionEnd::Ended(result),
@@ -488,19 +511,51 @@ where
                 return SessionEnd::Ended(session.as_mut().await);
             }
             SessionEvent::IdleCheck => {
-                parking = connection
-                    .framing()
-                    .is_some_and(|verdict| watch.park(connection, verdict));
-                if parking {
+                let now = tokio::time::Instant::now();
+                let parks = parkable
+                    && connection
+                        .framing()
+                        .is_some_and(|verdict| watch.park(connection, verdict));
+                let (requests, answered) = counts();
+                if (requests, answered) != counted {
+                    counted = (requests, answered);
+                    unmoved_since = now;
+                }
+                ending = if parks {
+                    Some(Ending::Park)
+                } else if answered >= requests && now >= unmoved_since + idle_limit {
+                    Some(Ending::Idle)
+                } else {
+                    None
+                };
+                if ending.is_some() {
                     graceful_shutdown(session.as_mut());
                 } else {
-                    check
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + park::CHECK_PERIOD);
+                    check.as_mut().reset(now + period);
                     check_armed = false;
                 }
             }
         }
+    }
+}
+
+/// Why a hyper session is being ended by its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// To park the connection between two requests (HTTP/1).
+    Park,
+    /// To close a connection idle for its limit.
+    Idle,
+}
+
+/// Counts a request as answered when its handler is dropped before making a response (an
+/// HTTP/2 client reset the stream), so the connection's count of requests in flight, which
+/// its idle check reads, does not keep the dropped one forever.
+struct Unanswered<'a>(&'a Connection);
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        self.0.answered.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -529,8 +584,10 @@ fn session_builder(limits: Limits, negotiated: Negotiated) -> auto::Builder<Toki
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+        // No PINGs: an idle connection is closed by `drive_session` (hyper's keep-alive
+        // reads the clock on every poll of the connection), a vanished client by TCP
+        // keepalive.
+        .keep_alive_interval(None);
     match negotiated {
         Negotiated::Http1 => builder.http1_only(),
         Negotiated::Http2 => builder.http2_only(),
