@@ -13,6 +13,8 @@
 //! takes no lock; every change (health, reload, admin) goes through
 //! [`upstream::publisher`], which builds the next table and stores it. Configuration is
 //! parsed and validated in [`config`], the same code for `check`, start-up and reload.
+//! Each [`workers`] thread accepts on every listener and serves what it accepted to the end;
+//! the admin API, reloads and health checks run beside them.
 
 pub mod access_log;
 pub mod admin;
