@@ -29,8 +29,8 @@ const MAX_HEADERS: usize = 256;
 pub struct Verdict {
     first_ambiguous: AtomicU64,
     /// Requests read whole when the stream stands between two requests (nothing of the next
-    /// one read yet); `u64::MAX` until a tracker has read, mid-message, or once it stopped
-    /// following.
+    /// one read yet); [`UNSETTLED`] until a tracker has read or mid-message, [`STOPPED`] once
+    /// it stopped following.
     settled: AtomicU64,
 }
 
@@ -38,7 +38,7 @@ impl Default for Verdict {
     fn default() -> Self {
         Verdict {
             first_ambiguous: AtomicU64::new(u64::MAX),
-            settled: AtomicU64::new(u64::MAX),
+            settled: AtomicU64::new(UNSETTLED),
         }
     }
 }
@@ -55,11 +55,22 @@ impl Verdict {
     /// mid-request, after an upgrade or HTTP/2 preface, or on bytes it could not follow.
     pub fn settled_requests(&self) -> Option<u64> {
         match self.settled.load(Ordering::Relaxed) {
-            u64::MAX => None,
+            UNSETTLED | STOPPED => None,
             requests => Some(requests),
         }
     }
+
+    /// Whether the tracker stopped following the stream as HTTP/1: an HTTP/2 preface (h2c),
+    /// an upgrade, or bytes it could not follow. Such a session never parks.
+    pub fn stopped_following(&self) -> bool {
+        self.settled.load(Ordering::Relaxed) == STOPPED
+    }
 }
+
+/// `settled` before the tracker read, or mid-message.
+const UNSETTLED: u64 = u64::MAX;
+/// `settled` once the tracker stopped following.
+const STOPPED: u64 = u64::MAX - 1;
 
 #[derive(Debug)]
 enum State {
@@ -100,7 +111,7 @@ impl Tracker {
     /// connection has had so far; its findings go to `holder`'s verdict. Nothing is known
     /// settled until it reads.
     pub fn new(holder: Arc<dyn VerdictHolder>, requests: u64) -> Self {
-        holder.verdict().settled.store(u64::MAX, Ordering::Relaxed);
+        holder.verdict().settled.store(UNSETTLED, Ordering::Relaxed);
         Tracker {
             state: State::Head(Vec::new()),
             requests,
@@ -318,7 +329,8 @@ impl Observer for Tracker {
         self.feed(bytes);
         let settled = match &self.state {
             State::Head(partial) if partial.is_empty() => self.requests,
-            _ => u64::MAX,
+            State::Done => STOPPED,
+            _ => UNSETTLED,
         };
         self.holder
             .verdict()
@@ -367,10 +379,25 @@ mod tests {
             ),
         ];
         for (bytes, expected) in steps {
+            assert!(!verdict.stopped_following());
             tracker.read(bytes);
             let text = String::from_utf8_lossy(bytes);
             assert_eq!(verdict.settled_requests(), expected, "after {text:?}");
         }
+        assert!(verdict.stopped_following(), "after the upgrade");
+    }
+
+    #[test]
+    fn says_when_it_stopped_following_an_http2_preface() {
+        let verdict = Arc::new(Verdict::default());
+        let mut tracker = Tracker::new(verdict.clone(), 0);
+        tracker.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert!(verdict.stopped_following());
+        assert_eq!(verdict.settled_requests(), None);
+        // Mid-request is not stopped: the session may still park.
+        let mut tracker = Tracker::new(verdict.clone(), 0);
+        tracker.read(b"GET / HTTP/1.1\r\n");
+        assert!(!verdict.stopped_following());
     }
 
     #[test]

@@ -434,11 +434,11 @@ enum SessionEnd<E> {
 }
 
 /// Drives one hyper session until it ends: the listener's shutdown ends it gracefully, and
-/// every [`park::CHECK_PERIOD`] the idle check may end it so the connection parks. A session
-/// that cannot park (HTTP/2, also as h2c) ends gracefully (GOAWAY) once an `idle_limit`
-/// passed with no request in flight and none begun or ended, as an idle HTTP/1 keep-alive
-/// connection closes after its `header_timeout` (checked every `idle_limit`, or every check
-/// period while the session may park). Its first head is held to `head_deadline` (the parked
+/// every [`park::CHECK_PERIOD`] the idle check may end it so the connection parks. An HTTP/2
+/// session (also as h2c) ends gracefully (GOAWAY) once an `idle_limit` passed with no
+/// request in flight and none begun or ended, as an idle HTTP/1 keep-alive connection closes
+/// after its `header_timeout` (checked every `idle_limit`, or every check period on a plain
+/// listener, where the session may turn out to be HTTP/1 and park). Its first head is held to `head_deadline` (the parked
 /// deadline, when the session resumes a parked connection).
 async fn drive_session<F, E>(
     mut session: Pin<&mut F>,
@@ -512,10 +512,11 @@ where
             }
             SessionEvent::IdleCheck => {
                 let now = tokio::time::Instant::now();
-                let parks = parkable
-                    && connection
-                        .framing()
-                        .is_some_and(|verdict| watch.park(connection, verdict));
+                let verdict = connection.framing();
+                let parks = verdict.is_some_and(|verdict| watch.park(connection, verdict));
+                // HTTP/1 sessions are left to hyper, whose head timeout answers 408.
+                let closes_when_idle =
+                    verdict.is_none_or(crate::proxy::framing::Verdict::stopped_following);
                 let (requests, answered) = counts();
                 if (requests, answered) != counted {
                     counted = (requests, answered);
@@ -523,7 +524,10 @@ where
                 }
                 ending = if parks {
                     Some(Ending::Park)
-                } else if answered >= requests && now >= unmoved_since + idle_limit {
+                } else if closes_when_idle
+                    && answered >= requests
+                    && now >= unmoved_since + idle_limit
+                {
                     Some(Ending::Idle)
                 } else {
                     None

@@ -2,11 +2,12 @@
 //!
 //! Idle connections wait in bounded lock-free queues (no mutex, no hashing: each backend
 //! of the table holds its own), one per worker thread: a connection is registered with the
-//! runtime of the worker that opened it and serves that worker's requests only. A request takes one, and the response body
-//! ([`ResponseBody`]) hands it back once it was read to the end; a connection whose response
-//! was cut short is closed instead. An idle connection the backend closed is noticed from
-//! its socket's readiness before use, and a request that a stale connection could not send
-//! comes back untouched and goes out on the next connection.
+//! runtime of the worker that opened it and serves that worker's requests only. A request
+//! takes one, and the response body ([`ResponseBody`]) hands it back once it was read to
+//! its end; a connection whose response was cut short is closed instead. An idle connection
+//! the backend closed is noticed from its socket's readiness before use, and a request that
+//! a stale connection could not send comes back untouched and goes out on the next
+//! connection.
 
 use super::body::{BodyTooLarge, UpstreamBody};
 use super::connector::{ConnectError, Connector};
