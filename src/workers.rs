@@ -42,32 +42,24 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` workers; one worker is the current runtime itself. Must be called
-    /// inside a tokio runtime.
+    /// Starts `count` workers; one worker is the current runtime itself (an error outside a
+    /// tokio runtime).
     pub fn start(count: usize) -> io::Result<Self> {
         let stop = CancellationToken::new();
         if count <= 1 {
             return Ok(Workers {
-                handles: vec![Handle::current()],
+                handles: vec![Handle::try_current().map_err(io::Error::other)?],
                 stop,
             });
         }
         let mut handles = Vec::with_capacity(count);
         for worker in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            handles.push(runtime.handle().clone());
-            let stopped = stop.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("worker-{worker}"))
-                .spawn(move || {
-                    WORKER.with(|current| current.set(worker));
-                    runtime.block_on(stopped.cancelled());
-                });
-            if let Err(error) = spawned {
-                stop.cancel();
-                return Err(error);
+            match start_worker(worker, stop.clone()) {
+                Ok(handle) => handles.push(handle),
+                Err(error) => {
+                    stop.cancel();
+                    return Err(error);
+                }
             }
         }
         Ok(Workers { handles, stop })
@@ -77,6 +69,32 @@ impl Workers {
     pub fn handles(&self) -> &[Handle] {
         &self.handles
     }
+}
+
+/// Starts worker number `worker`: a thread that builds its runtime (a runtime may not be
+/// dropped inside another one, so it is made and dropped on its own thread) and runs it
+/// until `stop`. Returns the runtime's handle once it exists.
+fn start_worker(worker: usize, stop: CancellationToken) -> io::Result<Handle> {
+    let (built, handle) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("worker-{worker}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = built.send(Err(error));
+                    return;
+                }
+            };
+            WORKER.with(|current| current.set(worker));
+            if built.send(Ok(runtime.handle().clone())).is_ok() {
+                runtime.block_on(stop.cancelled());
+            }
+        })?;
+    handle.recv().map_err(io::Error::other)?
 }
 
 impl Drop for Workers {
