@@ -152,7 +152,11 @@ impl AcceptLoop {
                 continue;
             };
             listener.metrics.connections_total.inc();
-            if gate.counts.open.load(Ordering::Relaxed) >= listener.config.limits.max_connections {
+            // Counted before the check, so workers accepting at once cannot both take the
+            // last place; `Client` gives it back when the connection ends.
+            let open = gate.counts.open.fetch_add(1, Ordering::Relaxed);
+            if open >= listener.config.limits.max_connections {
+                gate.counts.open.fetch_sub(1, Ordering::Relaxed);
                 listener.metrics.reject(Rejection::MaxConnections);
                 drop(stream);
                 continue;
@@ -258,10 +262,9 @@ struct Client {
 }
 
 impl Client {
-    /// Counts a new connection as open; its first request head is due `header_timeout` from
-    /// now.
+    /// A new connection, already counted in `gate`'s open connections (which it uncounts when
+    /// dropped); its first request head is due `header_timeout` from now.
     fn new(connection: l7::Connection, listener: Arc<ListenerTable>, gate: Arc<Gate>) -> Box<Self> {
-        gate.counts.open.fetch_add(1, Ordering::Relaxed);
         listener.metrics.connections_active.inc();
         let head_deadline = tokio::time::Instant::now() + listener.config.limits.header_timeout;
         Box::new(Client {
