@@ -89,9 +89,6 @@ impl Listener {
                 }
             };
             let accept = AcceptLoop {
-                name: self.name.clone(),
-                table: self.table.clone(),
-                tasks: self.tasks.clone(),
                 context: context.clone(),
                 counts: counts.clone(),
                 shutdown: self.shutdown.clone(),
@@ -101,11 +98,9 @@ impl Listener {
     }
 }
 
-/// One worker's accept loop of a listener.
+/// One worker's accept loop of a listener: its name, table and task tracker are the
+/// context's.
 struct AcceptLoop {
-    name: Arc<str>,
-    table: SharedTable,
-    tasks: TaskTracker,
     context: Arc<l7::ListenerContext>,
     counts: Arc<Counts>,
     shutdown: CancellationToken,
@@ -118,14 +113,14 @@ impl AcceptLoop {
         let socket = match TcpListener::from_std(socket) {
             Ok(socket) => socket,
             Err(error) => {
-                tracing::error!(listener = %self.name, %error, "cannot accept on a worker");
+                tracing::error!(listener = %self.context.name, %error, "cannot accept on a worker");
                 return;
             }
         };
-        let room = match WaitingRoom::open(self.shutdown.clone(), &self.tasks) {
+        let room = match WaitingRoom::open(self.shutdown.clone(), &self.context.tunnels) {
             Ok(room) => Some(room),
             Err(error) => {
-                tracing::error!(listener = %self.name, %error, "no waiting room: every connection waits in a task of its own");
+                tracing::error!(listener = %self.context.name, %error, "no waiting room: every connection waits in a task of its own");
                 None
             }
         };
@@ -142,13 +137,13 @@ impl AcceptLoop {
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(listener = %self.name, %error, "accept failed");
+                    tracing::warn!(listener = %self.context.name, %error, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             };
-            let table = self.table.load_full();
-            let Some(listener) = table.listener(&self.name).cloned() else {
+            let table = self.context.table.load_full();
+            let Some(listener) = table.listener(&self.context.name).cloned() else {
                 continue;
             };
             listener.metrics.connections_total.inc();
@@ -179,11 +174,11 @@ impl AcceptLoop {
                 }
                 _ => {
                     let stream = client_stream(stream, &client.listener);
-                    self.tasks.spawn(serve_connection(stream, client));
+                    self.context.tunnels.spawn(serve_connection(stream, client));
                 }
             }
         }
-        tracing::info!(listener = %self.name, worker = workers::current(), "stopped accepting");
+        tracing::info!(listener = %self.context.name, worker = workers::current(), "stopped accepting");
     }
 }
 

@@ -75,28 +75,18 @@ impl Gatehouse {
     /// Binds every listener and the admin API, publishes the first table and starts serving.
     pub async fn start(config: Config, metrics: Metrics) -> Result<Arc<Self>, StartError> {
         let config = Arc::new(config);
-        let publisher =
-            publisher::start(config.clone(), metrics.clone()).map_err(StartError::Build)?;
-        metrics.config_last_reload_success.set(unix_now());
-        let admin_socket =
-            listener::bind(config.admin.listen, false).map_err(|source| StartError::AdminBind {
-                address: config.admin.listen,
-                source,
-            })?;
-        let admin_address = admin_socket
-            .local_addr()
-            .map_err(|source| StartError::AdminBind {
-                address: config.admin.listen,
-                source,
-            })?;
-        let admin_socket = tokio::net::TcpListener::from_std(admin_socket).map_err(|source| {
-            StartError::AdminBind {
-                address: config.admin.listen,
-                source,
-            }
-        })?;
         let workers =
             Workers::start(workers::count(config.worker_threads)).map_err(StartError::Workers)?;
+        let publisher = publisher::start(config.clone(), metrics.clone(), workers.handles().len())
+            .map_err(StartError::Build)?;
+        metrics.config_last_reload_success.set(unix_now());
+        let admin_bind = |source| StartError::AdminBind {
+            address: config.admin.listen,
+            source,
+        };
+        let admin_socket = listener::bind(config.admin.listen, false).map_err(admin_bind)?;
+        let admin_address = admin_socket.local_addr().map_err(admin_bind)?;
+        let admin_socket = tokio::net::TcpListener::from_std(admin_socket).map_err(admin_bind)?;
         let shutdown = CancellationToken::new();
         let health = HealthChecker::new(publisher.clone(), metrics.clone(), shutdown.child_token());
         let gatehouse = Arc::new(Gatehouse {

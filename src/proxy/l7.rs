@@ -1153,7 +1153,7 @@ pub fn test_connection() -> (Arc<Connection>, Limits) {
     let yaml = "listeners:\n  web: { listen: \"127.0.0.1:0\", protocol: http, pool: app }\npools:\n  app:\n    health_check: { type: none }\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n";
     let config = crate::config::parse(yaml, std::path::Path::new("test.yaml")).unwrap();
     let metrics = crate::metrics::Metrics::new().unwrap();
-    let table = crate::upstream::publisher::start(Arc::new(config), metrics)
+    let table = crate::upstream::publisher::start(Arc::new(config), metrics, 1)
         .unwrap()
         .table()
         .clone();

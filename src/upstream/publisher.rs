@@ -489,8 +489,13 @@ impl PublisherHandle {
     }
 }
 
-/// Builds the first table from `config` and starts the publisher task.
-pub fn start(config: Arc<Config>, metrics: Metrics) -> Result<PublisherHandle, String> {
+/// Builds the first table from `config` and starts the publisher task; backends keep idle
+/// connections for `workers` worker threads.
+pub fn start(
+    config: Arc<Config>,
+    metrics: Metrics,
+    workers: usize,
+) -> Result<PublisherHandle, String> {
     let (changes, receiver) = mpsc::channel(4096);
     let mut carried = Carried {
         metrics: metrics.clone(),
@@ -504,7 +509,7 @@ pub fn start(config: Arc<Config>, metrics: Metrics) -> Result<PublisherHandle, S
         previous_candidates: None,
         connectors: HashMap::new(),
         connections: HashMap::new(),
-        workers: crate::workers::count(config.worker_threads),
+        workers,
         last_idle_sweep: Instant::now(),
         retry_budgets: HashMap::new(),
         down_pools: HashSet::new(),

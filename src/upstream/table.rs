@@ -601,7 +601,7 @@ mod tests {
         let yaml = "listeners:\n  web: { listen: \"127.0.0.1:0\", protocol: http, pool: plain }\npools:\n  fast:\n    algorithm: least_latency\n    health_check: { type: none }\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n  plain:\n    health_check: { type: none }\n    backends:\n      - { name: b, address: \"127.0.0.1:9\" }\n";
         let config = crate::config::parse(yaml, std::path::Path::new("test.yaml")).unwrap();
         let metrics = crate::metrics::Metrics::new().unwrap();
-        let publisher = crate::upstream::publisher::start(Arc::new(config), metrics).unwrap();
+        let publisher = crate::upstream::publisher::start(Arc::new(config), metrics, 1).unwrap();
         let table = publisher.table().load_full();
         let estimate = |pool: &str| {
             let pool = table.pool(pool).unwrap();
@@ -626,7 +626,7 @@ mod tests {
         yaml.push_str("pools:\n  app:\n    health_check: { type: none }\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n");
         let config = crate::config::parse(&yaml, std::path::Path::new("test.yaml")).unwrap();
         let metrics = crate::metrics::Metrics::new().unwrap();
-        let publisher = crate::upstream::publisher::start(Arc::new(config), metrics).unwrap();
+        let publisher = crate::upstream::publisher::start(Arc::new(config), metrics, 1).unwrap();
         let table = publisher.table().load_full();
         for name in names {
             assert_eq!(table.listener(name).unwrap().config.name, name);
