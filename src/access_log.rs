@@ -9,6 +9,7 @@
 use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogTarget};
 use prometheus::IntCounter;
 use serde_json::json;
+use std::borrow::Cow;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +46,11 @@ pub struct AccessRecord {
     pub kind: &'static str,
     /// How an HTTP response's body ended (`None` for L4 connections).
     pub ended: Option<Ended>,
+    /// Why gatehouse answered the request itself, or why no backend took an L4 connection:
+    /// the refusal, or the backend's failure as it happened ("connect: Connection refused",
+    /// "malformed response from backend: too many headers"). `None` when a backend answered
+    /// — a status alone does not tell a 502 of a crashed backend from one of garbage.
+    pub error: Option<Cow<'static, str>>,
 }
 
 /// How an HTTP response's body ended: a status alone does not tell a page that arrived whole
@@ -97,6 +103,7 @@ impl AccessRecord {
             "sni": self.sni.as_deref(),
             "client_cert": self.client_cert.as_deref(),
             "ended": self.ended.map(Ended::as_str),
+            "error": self.error.as_deref(),
         })
         .to_string()
     }
@@ -115,7 +122,7 @@ impl AccessRecord {
             }
         };
         format!(
-            "{time} {} {} \"{} {} {}\" {} {} {} {:.3}ms backend={} route={} id={} ended={}",
+            "{time} {} {} \"{} {} {}\" {} {} {} {:.3}ms backend={} route={} id={} ended={} error={}",
             self.listener,
             self.client.map_or("-".to_string(), |c| c.to_string()),
             dash(&self.method),
@@ -129,6 +136,9 @@ impl AccessRecord {
             dash(&self.route),
             dash(&self.request_id),
             self.ended.map_or("-", Ended::as_str),
+            self.error
+                .as_deref()
+                .map_or_else(|| "-".to_string(), |error| format!("{error:?}")),
         )
     }
 }

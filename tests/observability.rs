@@ -205,6 +205,146 @@ async fn the_access_log_line_carries_every_field() {
     assert!(record["upstream_duration_ms"].as_f64().unwrap() >= 0.0);
 }
 
+/// A backend that answers every request head with 120 headers (gatehouse takes 100).
+async fn too_many_headers_backend() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+                for index in 0..120 {
+                    answer.push_str(&format!("x-h{index}: v\r\n"));
+                }
+                answer.push_str("\r\nok");
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn the_access_log_says_why_gatehouse_answered_itself() {
+    let a = TestBackend::start("a").await;
+    let (resetting, _) = resetting_backend().await;
+    let crowded = too_many_headers_backend().await;
+    let refused = closed_port();
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+access_log: {{ target: access.log, format: json }}
+listeners:
+  web:
+    listen: \"127.0.0.1:0\"
+    routes:
+      - {{ path_prefix: \"/resetting/\", pool: resetting }}
+      - {{ path_prefix: \"/crowded/\", pool: crowded }}
+      - {{ path_prefix: \"/refused/\", pool: refused }}
+      - {{ path_prefix: \"/empty/\", pool: empty }}
+    pool: p
+  l4: {{ listen: \"127.0.0.1:0\", protocol: tcp, pool: refused }}
+pools:
+{}{}{}{}  empty:
+    health_check: {{ type: none }}
+    backends: []
+",
+        pool_yaml("p", &[("a", a.address)], ""),
+        pool_yaml(
+            "resetting",
+            &[("r", resetting)],
+            "    retries: { attempts: 1 }\n"
+        ),
+        pool_yaml(
+            "crowded",
+            &[("c", crowded)],
+            "    retries: { attempts: 1 }\n"
+        ),
+        pool_yaml(
+            "refused",
+            &[("x", refused)],
+            "    retries: { attempts: 1 }\n"
+        ),
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let expected = [
+        ("/fine", 200, None),
+        ("/resetting/", 502, Some("backend failed: backend request: ")),
+        ("/crowded/", 502, Some("backend failed: backend request: malformed response from backend: too many headers")),
+        ("/refused/", 502, Some("backend failed: connect: ")),
+        ("/empty/", 503, Some("no backend available")),
+    ];
+    for (path, status, _) in expected {
+        assert_eq!(
+            get(web, "portal", path).await.status.as_u16(),
+            status,
+            "{path}"
+        );
+    }
+    let two_hosts = raw_exchange(
+        web,
+        b"GET /twice HTTP/1.1\r\nhost: a\r\nhost: b\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(two_hosts.starts_with("HTTP/1.1 400"), "{two_hosts}");
+    let l4 = gatehouse.listener_address("l4").unwrap();
+    let mut stream = tokio::net::TcpStream::connect(l4).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(
+        DEADLINE,
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
+    )
+    .await;
+
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    eventually("seven access log lines", async || {
+        let log = std::fs::read_to_string(dir.path("access.log")).unwrap_or_default();
+        records = log
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
+        records.len() == 7
+    })
+    .await;
+    let record_of = |path: &str| {
+        records
+            .iter()
+            .find(|record| record["path"] == path)
+            .unwrap_or_else(|| panic!("no line for {path} in {records:?}"))
+    };
+    for (path, status, error) in expected {
+        let record = record_of(path);
+        assert_eq!(record["status"], status, "{record}");
+        match error {
+            None => assert_eq!(record["error"], serde_json::Value::Null, "{record}"),
+            Some(error) => assert!(
+                record["error"].as_str().unwrap().starts_with(error),
+                "{path}: {record}"
+            ),
+        }
+    }
+    assert_eq!(record_of("/twice")["error"], "more than one Host header");
+    let tcp = records
+        .iter()
+        .find(|record| record["kind"] == "tcp")
+        .unwrap();
+    assert_eq!(tcp["backend"], "x", "{tcp}");
+    assert!(
+        tcp["error"].as_str().unwrap().starts_with("connect: "),
+        "{tcp}"
+    );
+}
+
 #[tokio::test]
 async fn dropped_lines_are_counted_instead_of_blocking() {
     let dir = TestDir::new();

@@ -62,7 +62,8 @@ impl ProxyError {
         }
     }
 
-    fn detail(self) -> &'static str {
+    /// What the answer's body says, also the access log's `error` for this answer.
+    pub fn detail(self) -> &'static str {
         match self {
             ProxyError::BadRequest(detail) => detail,
             ProxyError::HeaderTooLarge => "request header block too large",

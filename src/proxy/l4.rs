@@ -37,6 +37,8 @@ where
     let mut tried = [usize::MAX; 10];
     pool.retry_budget.deposit();
     let mut connected = None;
+    // The last backend that failed, and how: for the access log.
+    let mut failure: Option<(usize, String)> = None;
     for attempt in 0..attempts {
         let Some(index) = pool.select(&context, &tried[..attempt]) else {
             break;
@@ -62,16 +64,32 @@ where
             Ok(Err(error)) => {
                 tracing::debug!(backend = %backend.name, %error, "L4 connect failed");
                 pool.record_outcome(index, false);
+                failure = Some((index, format!("connect: {error}")));
             }
             Err(_elapsed) => {
                 tracing::debug!(backend = %backend.name, "L4 connect timed out");
                 pool.record_outcome(index, false);
+                failure = Some((index, "connect timed out".to_string()));
             }
         }
     }
     let Some((index, mut stream)) = connected else {
         if tried[0] == usize::MAX {
             listener.metrics.reject(Rejection::NoBackend);
+        }
+        if listener.access_log.enabled() {
+            let (backend, error) = match failure {
+                Some((index, error)) => (pool.backends[index].name.clone(), error),
+                None => (String::new(), "no backend available".to_string()),
+            };
+            listener.access_log.log(AccessRecord {
+                time: Some(SystemTime::now() - started.elapsed()),
+                duration: started.elapsed(),
+                backend,
+                route: target.route.clone(),
+                error: Some(error.into()),
+                ..connection.access_record("tcp")
+            });
         }
         return;
     };

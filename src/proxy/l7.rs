@@ -24,6 +24,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -735,6 +736,7 @@ pub fn handle(
                 let mut response = error.response();
                 if let Some(mut record) = record {
                     record.status = response.status().as_u16();
+                    record.error = Some(Cow::Borrowed(error.detail()));
                     response.body_mut().log_when_done(
                         *record,
                         started,
@@ -748,9 +750,15 @@ pub fn handle(
         let (mut response, outcome) =
             match forward(request, connection, listener, target, bytes_in.clone()).await {
                 Ok(forwarded) => forwarded,
-                Err((error, outcome)) => {
+                Err((error, mut outcome)) => {
                     if let Some(reason) = error.rejection() {
                         listener.metrics.reject(reason);
+                    }
+                    if let Some(record) = record.as_mut() {
+                        record.error = Some(outcome.error.take().map_or_else(
+                            || Cow::Borrowed(error.detail()),
+                            |failure| Cow::Owned(format!("{}: {failure}", error.detail())),
+                        ));
                     }
                     (error.response(), outcome)
                 }
@@ -870,6 +878,8 @@ struct Outcome {
     backend: Option<usize>,
     upstream_duration: Option<Duration>,
     request_id: Option<http::HeaderValue>,
+    /// How the backend failed, for the access log (the error's detail says the rest).
+    error: Option<String>,
 }
 
 type Forwarded = (Response<ProxyBody>, Outcome);
@@ -955,6 +965,7 @@ fn forward<'a>(
             backend,
             upstream_duration,
             request_id: Some(request_id.clone()),
+            error: None,
         };
         let mut last_error = (ProxyError::NoBackend, outcome(None, None));
         for attempt in 0..attempts {
@@ -1024,21 +1035,32 @@ fn forward<'a>(
                 Ok(Err(failed)) if failed.error.is_client_body_error() => {
                     // The client's body turned out malformed after its head went upstream: that
                     // upstream connection is aborted (never reused) and the client gets 400.
-                    tracing::debug!(backend = %backend.name, error = %error_chain(&failed.error), "client body malformed");
+                    let error = failed.error.to_string();
+                    tracing::debug!(backend = %backend.name, %error, "client body malformed");
                     return Err((
                         ProxyError::BadRequest("malformed request body"),
-                        outcome(Some(index), Some(upstream_duration)),
+                        Outcome {
+                            error: Some(error),
+                            ..outcome(Some(index), Some(upstream_duration))
+                        },
                     ));
                 }
                 Ok(Err(failed)) => {
                     pool.record_outcome(index, false);
-                    tracing::debug!(backend = %backend.name, error = %error_chain(&failed.error), "backend failed");
+                    let error = failed.error.to_string();
+                    tracing::debug!(backend = %backend.name, %error, "backend failed");
                     let kind = if failed.error.is_timeout() {
                         ProxyError::Timeout
                     } else {
                         ProxyError::BackendFailed
                     };
-                    last_error = (kind, outcome(Some(index), Some(upstream_duration)));
+                    last_error = (
+                        kind,
+                        Outcome {
+                            error: Some(error),
+                            ..outcome(Some(index), Some(upstream_duration))
+                        },
+                    );
                     // Unsent, the request goes on as it is; sent, only a replayable one goes on.
                     next = failed
                         .unsent
@@ -1059,7 +1081,10 @@ fn forward<'a>(
             if retry_status && may_replay && pool.select(&context, &tried[..=attempt]).is_some() {
                 last_error = (
                     ProxyError::BackendFailed,
-                    outcome(Some(index), Some(upstream_duration)),
+                    Outcome {
+                        error: Some(format!("backend answered {status}; no retry was possible")),
+                        ..outcome(Some(index), Some(upstream_duration))
+                    },
                 );
                 next = Some(UpstreamBody::empty());
                 continue;
@@ -1069,7 +1094,12 @@ fn forward<'a>(
                 tracing::debug!(backend = %backend.name, "101 to a request that asked no upgrade");
                 return Err((
                     ProxyError::BackendFailed,
-                    outcome(Some(index), Some(upstream_duration)),
+                    Outcome {
+                        error: Some(
+                            "backend answered 101 to a request that asked no upgrade".into(),
+                        ),
+                        ..outcome(Some(index), Some(upstream_duration))
+                    },
                 ));
             }
             if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
@@ -1132,18 +1162,6 @@ fn upstream_request(
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
     Ok((parts, body, replayable, client_wait))
-}
-
-/// The whole `source()` chain, for logs.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(error) = source {
-        text.push_str(": ");
-        text.push_str(&error.to_string());
-        source = error.source();
-    }
-    text
 }
 
 /// A plain HTTP connection on a listener `web` (one pool, no health checks), and the
