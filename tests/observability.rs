@@ -297,6 +297,17 @@ pools:
     )
     .await;
     assert!(two_hosts.starts_with("HTTP/1.1 400"), "{two_hosts}");
+    // Heads hyper refuses before any handler sees them: logged all the same.
+    let crowded_head = format!(
+        "GET /crowded-head HTTP/1.1\r\nhost: a\r\n{}\r\n",
+        (0..150)
+            .map(|i| format!("x-{i}: v\r\n"))
+            .collect::<String>()
+    );
+    let answer = raw_exchange(web, crowded_head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let answer = raw_exchange(web, b"GET /bad HTTP/1.1\r\nhost: a\r\nbad header\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let l4 = gatehouse.listener_address("l4").unwrap();
     let mut stream = tokio::net::TcpStream::connect(l4).await.unwrap();
     let mut rest = Vec::new();
@@ -307,13 +318,13 @@ pools:
     .await;
 
     let mut records: Vec<serde_json::Value> = Vec::new();
-    eventually("seven access log lines", async || {
+    eventually("nine access log lines", async || {
         let log = std::fs::read_to_string(dir.path("access.log")).unwrap_or_default();
         records = log
             .lines()
             .filter_map(|line| serde_json::from_str(line).ok())
             .collect();
-        records.len() == 7
+        records.len() == 9
     })
     .await;
     let record_of = |path: &str| {
@@ -334,6 +345,19 @@ pools:
         }
     }
     assert_eq!(record_of("/twice")["error"], "more than one Host header");
+    let unread = |status: u16| {
+        records
+            .iter()
+            .find(|record| record["status"] == status && record["path"] == "")
+            .unwrap_or_else(|| panic!("no line for the unread {status} in {records:?}"))
+    };
+    assert_eq!(unread(431)["error"], "request header block too large");
+    assert!(unread(431)["client"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let malformed = unread(400)["error"].as_str().unwrap();
+    assert!(malformed.starts_with("malformed request: "), "{malformed}");
     let tcp = records
         .iter()
         .find(|record| record["kind"] == "tcp")

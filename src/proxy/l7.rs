@@ -317,7 +317,7 @@ where
         },
         SessionEnd::Ended(Ok(())) => Served::Ended,
         SessionEnd::Ended(Err(error)) => {
-            if record_connection_error(listener, &*error) {
+            if record_connection_error(listener, &connection, &*error) {
                 // hyper closes a connection whose request head is late without a word; the
                 // stream comes back when hyper drops it: say 408, then close.
                 let reclaimed = tokio::time::timeout(Duration::from_secs(1), reclaim).await;
@@ -624,22 +624,45 @@ async fn answer_late_head<S: AsyncWrite + Unpin>(stream: Option<S>, listener: &L
 /// The answer to a request head that did not arrive within `limits.header_timeout`.
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 39\r\nconnection: close\r\n\r\n408 Request Timeout: request head late\n";
 
-/// Counts what hyper answered on its own (oversized or timed-out heads, garbage); true when
-/// the request head timed out.
+/// Counts what hyper answered on its own (oversized or timed-out heads, garbage), and logs
+/// the 431s and 400s (a citizen whose cookies outgrew the limit is found in the access log
+/// like any other request, without method or path: the head was not read); true when the
+/// request head timed out.
 fn record_connection_error(
     listener: &ListenerTable,
+    connection: &Connection,
     error: &(dyn std::error::Error + 'static),
 ) -> bool {
     let Some(error) = error.downcast_ref::<hyper::Error>() else {
         tracing::debug!(%error, "client connection ended with an error");
         return false;
     };
-    if error.is_parse_too_large() {
-        listener.metrics.reject(Rejection::HeaderTooLarge);
-        listener.unrouted_counters.count(431);
+    let refused = if error.is_parse_too_large() {
+        Some((
+            Rejection::HeaderTooLarge,
+            ProxyError::HeaderTooLarge.status(),
+            Cow::Borrowed(ProxyError::HeaderTooLarge.detail()),
+        ))
     } else if error.is_parse() {
-        listener.metrics.reject(Rejection::BadRequest);
-        listener.unrouted_counters.count(400);
+        Some((
+            Rejection::BadRequest,
+            StatusCode::BAD_REQUEST,
+            Cow::Owned(format!("malformed request: {error}")),
+        ))
+    } else {
+        None
+    };
+    if let Some((reason, status, detail)) = refused {
+        listener.metrics.reject(reason);
+        listener.unrouted_counters.count(status.as_u16());
+        if listener.access_log.enabled() {
+            listener.access_log.log(AccessRecord {
+                time: Some(SystemTime::now()),
+                status: status.as_u16(),
+                error: Some(detail),
+                ..connection.access_record("http")
+            });
+        }
     } else if error.is_timeout() {
         // Counted with its 408 (`answer_late_head`).
         return true;
