@@ -574,3 +574,116 @@ async fn http2_ping_and_settings_floods_stay_bounded() {
     assert_eq!(get(web, "x", "/").await.status, http::StatusCode::OK);
     drop(gatehouse);
 }
+
+/// gatehouse with an access log and `limits.send_timeout: 1s` in front of one test backend.
+async fn send_timeout_gatehouse() -> (Arc<gatehouse::server::Gatehouse>, TestBackend, TestDir) {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\naccess_log: {{ target: access.log }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ send_timeout: 1s }} }}\npools:\n{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    (gatehouse, backend, dir)
+}
+
+/// A client connection that takes in little at a time: a few KiB of receive buffer.
+async fn small_window_client(address: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(address).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
+    let (gatehouse, _backend, dir) = send_timeout_gatehouse().await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let size = 8 << 20;
+    // gatehouse's own HTTP/1 loop; hyper's (a chunked upload goes to it); HTTP/2 (h2c) with
+    // the stream's window shut.
+    let own = format!("GET /bytes?n={size}&by=own HTTP/1.1\r\nhost: x\r\n\r\n");
+    let hyper = format!(
+        "POST /bytes?n={size}&by=hyper HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    );
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0, then a GET with a literal :path.
+    h2.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    let path = format!("/bytes?n={size}&by=h2");
+    let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x41, 1, b'x']);
+    h2.extend(h2_frame(0x1, 0x5, 1, &block));
+    let mut clients = Vec::new();
+    for request in [own.into_bytes(), hyper.into_bytes(), h2] {
+        let mut client = small_window_client(web).await;
+        client.write_all(&request).await.unwrap();
+        clients.push(client);
+    }
+    // Nothing is read: each connection stalls with its response half sent.
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    eventually("three access-log lines", async || {
+        let log = std::fs::read_to_string(dir.path("access.log")).unwrap_or_default();
+        lines = log
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
+        lines.len() == 3
+    })
+    .await;
+    for (mut client, by) in clients.into_iter().zip(["own loop", "hyper", "h2"]) {
+        let address = client.local_addr().unwrap().to_string();
+        let line = lines
+            .iter()
+            .find(|line| line["client"] == address.as_str())
+            .unwrap_or_else(|| panic!("{by}: no line for {address} in {lines:?}"));
+        assert_eq!(line["status"], 200, "{by}: {line}");
+        assert_eq!(line["ended"], "client_aborted", "{by}: {line}");
+        assert_eq!(
+            line["error"], "client accepted nothing for limits.send_timeout",
+            "{by}: {line}"
+        );
+        // What the kernel still held reaches the client, then the connection ends.
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, client.read_to_end(&mut received)).await;
+        assert!(read.is_ok(), "{by}: the connection was not closed");
+        assert!(received.len() < size, "{by}: {} bytes", received.len());
+    }
+}
+
+#[tokio::test]
+async fn a_client_reading_slowly_but_steadily_gets_its_whole_response() {
+    let (gatehouse, _backend, dir) = send_timeout_gatehouse().await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let size = 8 << 20;
+    let mut client = tokio::net::TcpStream::connect(web).await.unwrap();
+    client
+        .write_all(
+            format!("GET /bytes?n={size} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // Pauses of a third of send_timeout between reads: gatehouse's writes wait on each one
+    // (8 MiB is more than the two sockets' buffers hold), never for a whole send_timeout.
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let started = std::time::Instant::now();
+    let mut reads = 0;
+    loop {
+        assert!(started.elapsed() < DEADLINE, "still reading");
+        match client.read(&mut buffer).await.unwrap() {
+            0 => break,
+            n => received.extend_from_slice(&buffer[..n]),
+        }
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(333)).await;
+    }
+    assert!(
+        reads > 3,
+        "read in {reads} reads: no longer than send_timeout"
+    );
+    let text = String::from_utf8_lossy(&received);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(body.len(), size, "the whole body arrived");
+    drop(dir);
+}

@@ -165,6 +165,10 @@ pub struct RateLimit {
 pub struct Limits {
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
+    /// The longest a client may accept no byte of a response it is sent (it stopped reading,
+    /// or its HTTP/2 window stays shut); then its connection is closed, so a client that does
+    /// not read cannot hold a backend connection for ever.
+    pub send_timeout: Duration,
     pub max_connections: usize,
     /// Open connections per client address; 0 = unlimited.
     pub max_connections_per_client: u32,

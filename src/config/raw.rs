@@ -121,6 +121,7 @@ pub struct RawRateLimit {
 pub struct RawLimits {
     pub max_header_bytes: Option<usize>,
     pub header_timeout: Option<String>,
+    pub send_timeout: Option<String>,
     pub max_connections: Option<usize>,
     pub max_connections_per_client: Option<u32>,
 }

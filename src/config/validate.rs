@@ -369,6 +369,11 @@ fn listener_config(
             raw.limits.header_timeout.as_deref(),
             Duration::from_secs(10),
         ),
+        send_timeout: p.duration(
+            &format!("{path}.limits.send_timeout"),
+            raw.limits.send_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
         max_connections: raw.limits.max_connections.unwrap_or(10_000),
         max_connections_per_client: raw.limits.max_connections_per_client.unwrap_or(0),
     };
@@ -377,6 +382,9 @@ fn listener_config(
             format!("{path}.limits.header_timeout"),
             "must be above zero",
         );
+    }
+    if limits.send_timeout.is_zero() {
+        p.push(format!("{path}.limits.send_timeout"), "must be above zero");
     }
     if limits.max_connections == 0 {
         p.push(
@@ -912,5 +920,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn send_timeout_defaults_to_a_minute_and_must_be_above_zero() {
+        let yaml = |limits: &str| {
+            format!("listeners:\n  web: {{ listen: \"127.0.0.1:0\", pool: app{limits} }}\npools:\n  app:\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n")
+        };
+        let path = std::path::Path::new("/nonexistent/t.yaml");
+        let send_timeout = |limits: &str| {
+            crate::config::parse(&yaml(limits), path)
+                .map(|config| config.listeners[0].limits.send_timeout)
+        };
+        assert_eq!(
+            send_timeout("").unwrap(),
+            std::time::Duration::from_secs(60)
+        );
+        assert_eq!(
+            send_timeout(", limits: { send_timeout: 5s }").unwrap(),
+            std::time::Duration::from_secs(5)
+        );
+        let error = send_timeout(", limits: { send_timeout: 0s }").unwrap_err();
+        assert_eq!(error.problems[0].path, "listeners.web.limits.send_timeout");
+        assert_eq!(error.problems[0].message, "must be above zero");
     }
 }

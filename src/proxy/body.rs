@@ -4,6 +4,7 @@
 //! connection when its answer is complete (the idle check of `park` needs it).
 
 use super::l7::Connection;
+use super::stall::{BodyWatch, ClientProgress};
 use crate::access_log::{AccessLog, AccessRecord, Ended};
 use crate::upstream::backend::InFlight;
 use crate::upstream::http1::{Http1Error, ResponseBody};
@@ -14,6 +15,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
+
+/// The access log's `error` for a response cut off because its client stopped reading.
+const CLIENT_STALLED: &str = "client accepted nothing for limits.send_timeout";
 
 /// Where the bytes come from.
 #[derive(Debug)]
@@ -92,8 +96,22 @@ impl ProxyBody {
         self.answers = Some(connection);
     }
 
-    /// Logs the record with how the body `ended`, lets the backend go and counts the answer.
-    fn finish(&mut self, ended: Ended) {
+    /// Reports to `progress` when this body waits on the client (see [`super::stall`]).
+    pub fn watch_client(self, progress: Arc<ClientProgress>) -> WatchedBody {
+        WatchedBody {
+            body: self,
+            watch: BodyWatch::new(progress),
+        }
+    }
+
+    /// Ends the body because its client accepted nothing for `limits.send_timeout`.
+    pub fn client_stalled(&mut self) {
+        self.finish(Ended::ClientAborted, Some(CLIENT_STALLED));
+    }
+
+    /// Logs the record with how the body `ended` (and why, for an end gatehouse chose), lets
+    /// the backend go and counts the answer.
+    fn finish(&mut self, ended: Ended, error: Option<&'static str>) {
         if let Some(pending) = self.access.take() {
             let Pending {
                 mut record,
@@ -102,6 +120,9 @@ impl ProxyBody {
             } = *pending;
             record.duration = started.elapsed();
             record.ended = Some(ended);
+            if let Some(error) = error {
+                record.error = Some(error.into());
+            }
             log.log(record);
         }
         if let Source::Upstream { in_flight, .. } = &mut self.source {
@@ -132,9 +153,11 @@ impl Body for ProxyBody {
                     pending.record.bytes_out += data.len() as u64;
                 }
             }
-            Poll::Ready(None) => this.finish(Ended::Complete),
+            Poll::Ready(None) => this.finish(Ended::Complete, None),
             // A client whose upload failed ended the exchange itself.
-            Poll::Ready(Some(Err(Http1Error::ClientBody(_)))) => this.finish(Ended::ClientAborted),
+            Poll::Ready(Some(Err(Http1Error::ClientBody(_)))) => {
+                this.finish(Ended::ClientAborted, None);
+            }
             Poll::Ready(Some(Err(error))) => {
                 if let Source::Upstream {
                     in_flight: Some(in_flight),
@@ -143,7 +166,7 @@ impl Body for ProxyBody {
                 {
                     in_flight.record_abort(error);
                 }
-                this.finish(Ended::BackendAborted);
+                this.finish(Ended::BackendAborted, None);
             }
             Poll::Pending => {}
         }
@@ -176,6 +199,51 @@ impl Drop for ProxyBody {
         } else {
             Ended::ClientAborted
         };
-        self.finish(ended);
+        self.finish(ended, None);
+    }
+}
+
+/// A response body under a hyper session, telling its connection's [`ClientProgress`] when
+/// it waits on the client (see [`super::stall`]). A wrapper, not a field of [`ProxyBody`]:
+/// gatehouse's own HTTP/1 loop times its writes itself, and moves its responses several
+/// times per request, where 16 bytes more cost ≈ 100 instructions of copying.
+#[derive(Debug)]
+pub struct WatchedBody {
+    body: ProxyBody,
+    watch: BodyWatch,
+}
+
+impl Body for WatchedBody {
+    type Data = Bytes;
+    type Error = Http1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        this.watch.taken_up();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            this.watch.gave();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for WatchedBody {
+    /// Cut off because its client stalled: its access-log line says so.
+    fn drop(&mut self) {
+        if self.watch.client_stalled() && !self.body.is_end_stream() {
+            self.body.client_stalled();
+        }
     }
 }

@@ -89,6 +89,11 @@ where
     let max_head = limits.max_header_bytes.max(l7::MIN_BUF_SIZE);
     let mut read = BytesMut::with_capacity(READ_BUFFER);
     let mut write = Vec::new();
+    let mut stall = SendStall {
+        limit: limits.send_timeout,
+        timer: None,
+        blocked: false,
+    };
     // One timer for the session, moved only when it fires: per request the deadlines are
     // two stored instants.
     let mut timer = std::pin::pin!(tokio::time::sleep_until(head_deadline));
@@ -185,7 +190,15 @@ where
         };
         response.body_mut().answers(connection.clone());
         let closing = head.close || shutdown.is_cancelled();
-        match write_response(stream, &mut write, response, request_id.as_ref(), closing).await {
+        let written = write_response(
+            stream,
+            &mut write,
+            response,
+            request_id.as_ref(),
+            closing,
+            &mut stall,
+        );
+        match written.await {
             Ok(Ending::KeepAlive) => {}
             Ok(Ending::Close) => {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
@@ -395,13 +408,15 @@ enum Framing {
 /// the rest as it comes; an error when the body failed (after what came before it). While
 /// the client reads slowly, up to [`QUEUE_LIMIT`] bytes of the body are read ahead from the
 /// backend and written together (vectored). The connection closes after it when `closing` or
-/// when the response says `Connection: close`.
+/// when the response says `Connection: close`, and fails when the client accepts no byte of
+/// it for `limits.send_timeout` (see [`SendStall`]).
 async fn write_response<T: AsyncWrite + Unpin>(
     stream: &mut T,
     out: &mut Vec<u8>,
     response: Response<ProxyBody>,
     request_id: Option<&HeaderValue>,
     closing: bool,
+    stall: &mut SendStall,
 ) -> io::Result<Ending> {
     let (parts, mut body) = response.into_parts();
     out.clear();
@@ -422,7 +437,8 @@ async fn write_response<T: AsyncWrite + Unpin>(
     // failure is still written, then the connection closes without ending the body, so the
     // client sees the response cut off — not an empty reply with the status lost.
     let mut failed = None;
-    std::future::poll_fn(|cx| loop {
+    let mut stalled = false;
+    let written = std::future::poll_fn(|cx| loop {
         let mut progressed = false;
         while !body_done && queue.len() < QUEUE_LIMIT {
             match Pin::new(&mut body).poll_frame(cx) {
@@ -451,9 +467,18 @@ async fn write_response<T: AsyncWrite + Unpin>(
                 Poll::Ready(Ok(())) => {
                     progressed = true;
                     flushed = false;
+                    stall.blocked = false;
                 }
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Pending => {}
+                Poll::Pending => {
+                    if stall.timed_out(cx) {
+                        stalled = true;
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "client accepted nothing for limits.send_timeout",
+                        )));
+                    }
+                }
             }
         }
         if body_done && queue.is_empty() {
@@ -474,10 +499,54 @@ async fn write_response<T: AsyncWrite + Unpin>(
             return Poll::Pending;
         }
     })
-    .await?;
+    .await;
+    if let Err(error) = written {
+        if stalled {
+            body.client_stalled();
+        }
+        return Err(error);
+    }
     drop(body);
-    stream.flush().await?;
+    // A TLS layer may still hold the end of the response: bounded as the writes were.
+    let flushed = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *stream).poll_flush(cx)));
+    match flushed.await {
+        Poll::Ready(result) => result?,
+        // Boxed: its timer would otherwise take room in every response's state.
+        Poll::Pending => Box::pin(tokio::time::timeout(stall.limit, stream.flush()))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
+    }
     Ok(ending)
+}
+
+/// Bounds how long a client may accept nothing of a response (`limits.send_timeout`): a
+/// client that stops reading would otherwise hold the response's backend connection for ever.
+/// One per connection; its timer is made on the first write a client does not take (most
+/// connections never need it) and set again on each one after a write it took.
+struct SendStall {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The last write was not taken (the timer runs).
+    blocked: bool,
+}
+
+impl SendStall {
+    /// A write the client did not take: whether it has taken nothing for the whole limit
+    /// (else the task is woken when it will have).
+    #[cold]
+    fn timed_out(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if !self.blocked {
+                    timer.as_mut().reset(Instant::now() + self.limit);
+                }
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(self.limit))),
+        };
+        self.blocked = true;
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 /// Bytes of a response not yet written: the head and small frames gathered in `out` (copied:

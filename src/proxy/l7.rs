@@ -11,6 +11,7 @@ use super::framing::{self, Verdict, VerdictHolder};
 use super::h1;
 use super::headers;
 use super::park;
+use super::stall;
 use crate::access_log::AccessRecord;
 use crate::config::{Limits, ProxyProtocolVersion};
 use crate::io::Reclaimable;
@@ -268,10 +269,16 @@ where
         framing::Tracker::new(connection.clone(), requests)
     });
     let (io, reclaim) = Reclaimable::new(framing::FramingGuard::new(stream, tracker));
-    let mut watch = park::IdleWatch::new(activity, &connection);
+    let progress = Arc::new(stall::ClientProgress::default());
+    let mut checks = SessionChecks {
+        idle: park::IdleWatch::new(activity, &connection),
+        stall: stall::StallCheck::new(progress.clone()),
+    };
     let service_connection = connection.clone();
+    let service_progress = progress.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let connection = service_connection.clone();
+        let progress = service_progress.clone();
         // Boxed: hyper moves a stream's future several times (HTTP/2 spawns one per stream),
         // and a pointer moves for less than the handler's state (≈ 2.5 KB).
         Box::pin(async move {
@@ -285,7 +292,7 @@ where
             .response;
             std::mem::forget(unanswered);
             response.body_mut().answers(connection);
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(response.map(|body| body.watch_client(progress)))
         })
     });
     // Pinned where it is made, and dropped at the end of this block: its stream comes back
@@ -299,13 +306,14 @@ where
             session,
             |session| session.graceful_shutdown(),
             &connection,
-            &mut watch,
+            &mut checks,
             shutdown,
             head_deadline,
-            limits.header_timeout,
+            limits,
         )
         .await
     };
+    let watch = &checks.idle;
     match end {
         SessionEnd::Parked => match reclaim.await {
             Ok(guarded) => Served::Parked {
@@ -434,25 +442,36 @@ enum SessionEnd<E> {
     HeadLate,
 }
 
+/// What a hyper session's periodic check looks at: whether the session is idle, and whether
+/// its client stopped taking its responses.
+struct SessionChecks {
+    idle: park::IdleWatch,
+    stall: stall::StallCheck,
+}
+
 /// Drives one hyper session until it ends: the listener's shutdown ends it gracefully, and
 /// every [`park::CHECK_PERIOD`] the idle check may end it so the connection parks. An HTTP/2
-/// session (also as h2c) ends gracefully (GOAWAY) once an `idle_limit` passed with no
+/// session (also as h2c) ends gracefully (GOAWAY) once a `header_timeout` passed with no
 /// request in flight and none begun or ended, as an idle HTTP/1 keep-alive connection closes
-/// after its `header_timeout` (checked every `idle_limit`, or every check period on a plain
-/// listener, where the session may turn out to be HTTP/1 and park). Its first head is held to `head_deadline` (the parked
-/// deadline, when the session resumes a parked connection).
+/// after its `header_timeout` (checked every `header_timeout`, or every check period on a
+/// plain listener, where the session may turn out to be HTTP/1 and park). A session whose
+/// client accepted nothing of its responses for `send_timeout` is ended at once. Its first
+/// head is held to `head_deadline` (the parked deadline, when the session resumes a parked
+/// connection).
 async fn drive_session<F, E>(
     mut session: Pin<&mut F>,
     graceful_shutdown: impl Fn(Pin<&mut F>),
     connection: &Connection,
-    watch: &mut park::IdleWatch,
+    checks: &mut SessionChecks,
     shutdown: &CancellationToken,
     head_deadline: Option<tokio::time::Instant>,
-    idle_limit: Duration,
+    limits: Limits,
 ) -> SessionEnd<E>
 where
     F: Future<Output = Result<(), E>>,
 {
+    let idle_limit = limits.header_timeout;
+    let watch = &mut checks.idle;
     let parkable = connection.checks_framing;
     let period = if parkable {
         park::CHECK_PERIOD
@@ -513,6 +532,12 @@ where
             }
             SessionEvent::IdleCheck => {
                 let now = tokio::time::Instant::now();
+                if checks.stall.stalled(now, limits.send_timeout) {
+                    // Not gracefully: a graceful end would wait for the very responses the
+                    // client does not take. Dropped, they let their backends go.
+                    tracing::debug!(client = %connection.client, "client accepted nothing for limits.send_timeout: closing");
+                    return SessionEnd::Ended(Ok(()));
+                }
                 let verdict = connection.framing();
                 let parks = verdict.is_some_and(|verdict| watch.park(connection, verdict));
                 // HTTP/1 sessions are left to hyper, whose head timeout answers 408.
@@ -773,12 +798,16 @@ pub fn handle(
         let (mut response, outcome) =
             match forward(request, connection, listener, target, bytes_in.clone()).await {
                 Ok(forwarded) => forwarded,
-                Err((error, mut outcome)) => {
+                Err(Unforwarded {
+                    error,
+                    outcome,
+                    failure,
+                }) => {
                     if let Some(reason) = error.rejection() {
                         listener.metrics.reject(reason);
                     }
                     if let Some(record) = record.as_mut() {
-                        record.error = Some(outcome.error.take().map_or_else(
+                        record.error = Some(failure.map_or_else(
                             || Cow::Borrowed(error.detail()),
                             |failure| Cow::Owned(format!("{}: {failure}", error.detail())),
                         ));
@@ -901,11 +930,18 @@ struct Outcome {
     backend: Option<usize>,
     upstream_duration: Option<Duration>,
     request_id: Option<http::HeaderValue>,
-    /// How the backend failed, for the access log (the error's detail says the rest).
-    error: Option<String>,
 }
 
 type Forwarded = (Response<ProxyBody>, Outcome);
+
+/// A request `forward` got no response for: the answer gatehouse makes instead, what was
+/// learned, and how the backend failed (for the access log; kept apart from `Outcome`, which
+/// every answered request carries).
+struct Unforwarded {
+    error: ProxyError,
+    outcome: Outcome,
+    failure: Option<String>,
+}
 
 /// Methods that may be replayed once a backend has seen them (when they carry no body).
 fn is_idempotent(method: &Method) -> bool {
@@ -930,7 +966,7 @@ fn forward<'a>(
     listener: &'a ListenerTable,
     target: &'a Target,
     bytes_in: Option<Arc<AtomicU64>>,
-) -> impl Future<Output = Result<Forwarded, (ProxyError, Outcome)>> + 'a {
+) -> impl Future<Output = Result<Forwarded, Unforwarded>> + 'a {
     async move {
         let pool = &target.pool;
         let context = pool.pick_context(connection.client.ip(), Some(request.headers()));
@@ -963,8 +999,13 @@ fn forward<'a>(
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let (head, body, replayable, client_wait) =
-            upstream_request(request, upgrade, bytes_in, target.max_body_bytes)
-                .map_err(|error| (error, Outcome::default()))?;
+            upstream_request(request, upgrade, bytes_in, target.max_body_bytes).map_err(
+                |error| Unforwarded {
+                    error,
+                    outcome: Outcome::default(),
+                    failure: None,
+                },
+            )?;
         let host = headers::asked_host(&head.uri, &head.headers);
         // The head stays here, lent to each attempt; the body goes with an attempt and comes
         // back only if none of the request was sent. A replay sends the head again, bodiless.
@@ -988,9 +1029,13 @@ fn forward<'a>(
             backend,
             upstream_duration,
             request_id: Some(request_id.clone()),
-            error: None,
         };
-        let mut last_error = (ProxyError::NoBackend, outcome(None, None));
+        let unforwarded = |error, outcome, failure| Unforwarded {
+            error,
+            outcome,
+            failure,
+        };
+        let mut last_error = unforwarded(ProxyError::NoBackend, outcome(None, None), None);
         for attempt in 0..attempts {
             if next.is_none() {
                 break;
@@ -1036,23 +1081,26 @@ fn forward<'a>(
                 Err(_elapsed) if client_wait.as_ref().is_some_and(ClientWait::is_waiting) => {
                     // The client held its body back: its timeout, not the backend's.
                     tracing::debug!(backend = %backend.name, "request body late from the client");
-                    return Err((
+                    return Err(unforwarded(
                         ProxyError::ClientTimeout,
                         outcome(None, Some(upstream_duration)),
+                        None,
                     ));
                 }
                 Err(_elapsed) => {
                     pool.record_outcome(index, false);
-                    return Err((
+                    return Err(unforwarded(
                         ProxyError::Timeout,
                         outcome(Some(index), Some(upstream_duration)),
+                        None,
                     ));
                 }
                 Ok(Err(failed)) if failed.error.is_body_too_large() => {
                     tracing::debug!(backend = %backend.name, "request body over the route's limit");
-                    return Err((
+                    return Err(unforwarded(
                         ProxyError::PayloadTooLarge,
                         outcome(Some(index), Some(upstream_duration)),
+                        None,
                     ));
                 }
                 Ok(Err(failed)) if failed.error.is_client_body_error() => {
@@ -1060,12 +1108,10 @@ fn forward<'a>(
                     // upstream connection is aborted (never reused) and the client gets 400.
                     let error = failed.error.to_string();
                     tracing::debug!(backend = %backend.name, %error, "client body malformed");
-                    return Err((
+                    return Err(unforwarded(
                         ProxyError::BadRequest("malformed request body"),
-                        Outcome {
-                            error: Some(error),
-                            ..outcome(Some(index), Some(upstream_duration))
-                        },
+                        outcome(Some(index), Some(upstream_duration)),
+                        Some(error),
                     ));
                 }
                 Ok(Err(failed)) => {
@@ -1077,12 +1123,10 @@ fn forward<'a>(
                     } else {
                         ProxyError::BackendFailed
                     };
-                    last_error = (
+                    last_error = unforwarded(
                         kind,
-                        Outcome {
-                            error: Some(error),
-                            ..outcome(Some(index), Some(upstream_duration))
-                        },
+                        outcome(Some(index), Some(upstream_duration)),
+                        Some(error),
                     );
                     // Unsent, the request goes on as it is; sent, only a replayable one goes on.
                     next = failed
@@ -1102,12 +1146,10 @@ fn forward<'a>(
                 StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
             );
             if retry_status && may_replay && pool.select(&context, &tried[..=attempt]).is_some() {
-                last_error = (
+                last_error = unforwarded(
                     ProxyError::BackendFailed,
-                    Outcome {
-                        error: Some(format!("backend answered {status}; no retry was possible")),
-                        ..outcome(Some(index), Some(upstream_duration))
-                    },
+                    outcome(Some(index), Some(upstream_duration)),
+                    Some(format!("backend answered {status}; no retry was possible")),
                 );
                 next = Some(UpstreamBody::empty());
                 continue;
@@ -1115,14 +1157,10 @@ fn forward<'a>(
 
             if status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
                 tracing::debug!(backend = %backend.name, "101 to a request that asked no upgrade");
-                return Err((
+                return Err(unforwarded(
                     ProxyError::BackendFailed,
-                    Outcome {
-                        error: Some(
-                            "backend answered 101 to a request that asked no upgrade".into(),
-                        ),
-                        ..outcome(Some(index), Some(upstream_duration))
-                    },
+                    outcome(Some(index), Some(upstream_duration)),
+                    Some("backend answered 101 to a request that asked no upgrade".into()),
                 ));
             }
             if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =

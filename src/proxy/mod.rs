@@ -4,8 +4,8 @@
 //! from the published table; `headers` owns header rewriting; `body` the response body type;
 //! `error` the mapping from failures to statuses; `framing` the independent check of HTTP/1
 //! request framing; `h1` gatehouse's own server loop for bodiless HTTP/1.1 requests; `park`
-//! lets idle keep-alive connections give a session's state back. None of
-//! these take a lock.
+//! lets idle keep-alive connections give a session's state back; `stall` finds the clients that
+//! stop taking their responses. None of these take a lock.
 
 pub mod body;
 pub mod error;
@@ -15,3 +15,4 @@ pub mod headers;
 pub mod l4;
 pub mod l7;
 pub mod park;
+pub mod stall;
