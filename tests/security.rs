@@ -598,7 +598,8 @@ async fn small_window_client(address: std::net::SocketAddr) -> tokio::net::TcpSt
 async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
     let (gatehouse, _backend, dir) = send_timeout_gatehouse().await;
     let web = gatehouse.listener_address("web").unwrap();
-    let size = 8 << 20;
+    // More than the sockets and gatehouse buffer, even with a large `tcp_wmem`.
+    let size = 32 << 20;
     // gatehouse's own HTTP/1 loop; hyper's (a chunked upload goes to it); HTTP/2 (h2c) with
     // the stream's window shut.
     let own = format!("GET /bytes?n={size}&by=own HTTP/1.1\r\nhost: x\r\n\r\n");
