@@ -688,3 +688,81 @@ async fn a_client_reading_slowly_but_steadily_gets_its_whole_response() {
     assert_eq!(body.len(), size, "the whole body arrived");
     drop(dir);
 }
+
+#[tokio::test]
+async fn an_http2_stream_kept_shut_is_cut_off_while_others_move() {
+    let (gatehouse, _backend, dir) = send_timeout_gatehouse().await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let (mut reader, mut writer) = tokio::net::TcpStream::connect(web)
+        .await
+        .unwrap()
+        .into_split();
+    let request = |stream: u32, path: &str| {
+        let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
+        block.extend_from_slice(path.as_bytes());
+        block.extend_from_slice(&[0x41, 1, b'x']);
+        h2_frame(0x1, 0x5, stream, &block)
+    };
+    // Every stream's window starts shut; stream 1 (32 MiB) never gets any.
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    opening.extend(request(1, &format!("/bytes?n={}", 32 << 20)));
+    writer.write_all(&opening).await.unwrap();
+    let drained = tokio::spawn(async move {
+        let mut buffer = vec![0u8; 65536];
+        while let Ok(1..) = reader.read(&mut buffer).await {}
+    });
+    // A small request every 100 ms on a new stream whose window is opened: the connection
+    // keeps moving while stream 1 waits.
+    let started = std::time::Instant::now();
+    let mut stream = 3;
+    while !drained.is_finished() && started.elapsed() < DEADLINE {
+        let mut next = request(stream, "/bytes?n=10");
+        next.extend(h2_frame(0x8, 0, stream, &1000u32.to_be_bytes()));
+        if writer.write_all(&next).await.is_err() {
+            break;
+        }
+        stream += 2;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let moving_for = started.elapsed();
+    assert!(
+        moving_for < DEADLINE / 2,
+        "not closed while the other streams moved ({moving_for:?})"
+    );
+    assert!(
+        moving_for >= Duration::from_secs(1),
+        "not before send_timeout"
+    );
+    tokio::time::timeout(DEADLINE, drained)
+        .await
+        .expect("the connection was closed")
+        .unwrap();
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    eventually("the cut-off stream's line", async || {
+        let log = std::fs::read_to_string(dir.path("access.log")).unwrap_or_default();
+        lines = log
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
+        lines.iter().any(|line| line["error"].is_string())
+    })
+    .await;
+    let cut: Vec<_> = lines
+        .iter()
+        .filter(|line| line["error"].is_string())
+        .collect();
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    assert_eq!(
+        cut[0]["error"],
+        "client accepted nothing for limits.send_timeout"
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|line| line["ended"] == "complete")
+            .count()
+            >= 5,
+        "the small requests were answered: {lines:?}"
+    );
+}

@@ -269,7 +269,7 @@ where
         framing::Tracker::new(connection.clone(), requests)
     });
     let (io, reclaim) = Reclaimable::new(framing::FramingGuard::new(stream, tracker));
-    let progress = Arc::new(stall::ClientProgress::default());
+    let progress = Arc::new(stall::ClientProgress::starting_now());
     let mut checks = SessionChecks {
         idle: park::IdleWatch::new(activity, &connection),
         stall: stall::StallCheck::new(progress.clone()),
@@ -453,9 +453,10 @@ struct SessionChecks {
 /// every [`park::CHECK_PERIOD`] the idle check may end it so the connection parks. An HTTP/2
 /// session (also as h2c) ends gracefully (GOAWAY) once a `header_timeout` passed with no
 /// request in flight and none begun or ended, as an idle HTTP/1 keep-alive connection closes
-/// after its `header_timeout` (checked every `header_timeout`, or every check period on a
-/// plain listener, where the session may turn out to be HTTP/1 and park). A session whose
-/// client accepted nothing of its responses for `send_timeout` is ended at once. Its first
+/// after its `header_timeout` (checked every `header_timeout` or half a `send_timeout`,
+/// whichever is shorter, or every check period on a plain listener, where the session may
+/// turn out to be HTTP/1 and park). A session whose client left a response untaken for
+/// `send_timeout` (see [`stall`]) is ended at once. Its first
 /// head is held to `head_deadline` (the parked deadline, when the session resumes a parked
 /// connection).
 async fn drive_session<F, E>(
@@ -476,7 +477,7 @@ where
     let period = if parkable {
         park::CHECK_PERIOD
     } else {
-        idle_limit
+        idle_limit.min(limits.send_timeout / 2)
     };
     let mut check = std::pin::pin!(tokio::time::sleep(period));
     let mut cancelled = std::pin::pin!(shutdown.cancelled());
@@ -532,7 +533,7 @@ where
             }
             SessionEvent::IdleCheck => {
                 let now = tokio::time::Instant::now();
-                if checks.stall.stalled(now, limits.send_timeout) {
+                if checks.stall.stalled(now, limits.send_timeout, period) {
                     // Not gracefully: a graceful end would wait for the very responses the
                     // client does not take. Dropped, they let their backends go.
                     tracing::debug!(client = %connection.client, "client accepted nothing for limits.send_timeout: closing");
