@@ -207,19 +207,14 @@ async fn the_access_log_line_carries_every_field() {
 
 /// A backend that answers every request head with 120 headers (gatehouse takes 100).
 async fn too_many_headers_backend() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = socket.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = socket.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buffer[..n]),
-                    }
+                if read_request_head(&mut stream).await.is_none() {
+                    return;
                 }
                 let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
                 for index in 0..120 {

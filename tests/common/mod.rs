@@ -551,14 +551,9 @@ pub async fn resetting_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
         while let Ok((mut stream, _)) = socket.accept().await {
             let seen = seen.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buffer[..n]),
-                    }
-                }
+                let Some(head) = read_request_head(&mut stream).await else {
+                    return;
+                };
                 let text = String::from_utf8_lossy(&head);
                 seen.lock()
                     .unwrap()
@@ -569,6 +564,20 @@ pub async fn resetting_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
         }
     });
     (address, lines)
+}
+
+/// Reads from `stream` until a whole request head (through its empty line) arrived; `None`
+/// when the peer closed or the read failed first.
+pub async fn read_request_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buffer[..n]),
+        }
+    }
+    Some(head)
 }
 
 /// A loopback port with nothing listening.
