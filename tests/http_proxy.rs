@@ -424,12 +424,9 @@ async fn an_idle_http2_connection_over_tls_is_closed_but_never_one_with_a_reques
     idle_http2_connection_closes(tls).await;
 }
 
-#[tokio::test]
-async fn websocket_upgrade_is_tunnelled_after_101() {
-    let backend = TestBackend::start("b").await;
-    let dir = TestDir::new();
-    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
-
+/// Asks `web` for a WebSocket upgrade of `/ws` (the test backend echoes on it); the
+/// connection and the response head, lower-cased.
+async fn websocket(web: std::net::SocketAddr) -> (TcpStream, String) {
     let mut stream = TcpStream::connect(web).await.unwrap();
     stream
         .write_all(
@@ -447,17 +444,31 @@ async fn websocket_upgrade_is_tunnelled_after_101() {
             .unwrap();
         head.push(byte[0]);
     }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    (stream, String::from_utf8_lossy(&head).to_lowercase())
+}
+
+/// Writes `message` into an echoing tunnel and reads it back.
+async fn echo(stream: &mut TcpStream, message: &[u8]) {
+    stream.write_all(message).await.unwrap();
+    let mut echoed = vec![0u8; message.len()];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, message);
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled_after_101() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
+
+    let (mut stream, head) = websocket(web).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     for message in [&b"hello tunnel"[..], &[0u8, 1, 2, 255][..]] {
-        stream.write_all(message).await.unwrap();
-        let mut echoed = vec![0u8; message.len()];
-        tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(echoed, message);
+        echo(&mut stream, message).await;
     }
     let seen = &backend.requests()[0];
     assert_eq!(seen.header("upgrade").as_deref(), Some("websocket"));
@@ -474,5 +485,32 @@ async fn websocket_upgrade_is_tunnelled_after_101() {
     assert!(
         refused.starts_with("HTTP/1.1 200"),
         "no 101 from the backend, no tunnel: {refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_silent_both_ways_for_the_idle_timeout_is_closed() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let pool = "    timeouts: { idle: 1s }\n";
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", pool).await;
+    let (mut stream, head) = websocket(web).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    // A message every 300 ms keeps it open past the idle timeout.
+    let talking = std::time::Instant::now();
+    while talking.elapsed() < Duration::from_secs(2) {
+        echo(&mut stream, b"ping").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let silent = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .expect("the silent tunnel was closed")
+        .unwrap();
+    assert!(
+        silent.elapsed() >= Duration::from_millis(600),
+        "closed {:?} into the silence",
+        silent.elapsed()
     );
 }

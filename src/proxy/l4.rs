@@ -2,8 +2,9 @@
 //! over to another backend on connect failure), optionally send a PROXY header, then copy
 //! both ways with correct half-close until both sides are done or the connection idles out.
 //!
-//! The copy uses two fixed 64 KiB buffers allocated once per connection
-//! (`copy_bidirectional_with_sizes`): nothing is allocated per chunk.
+//! The copy ([`tunnel`], also used for upgraded HTTP connections) uses two fixed 64 KiB
+//! buffers allocated once per connection (`copy_bidirectional_with_sizes`): nothing is
+//! allocated per chunk.
 
 use super::l7::Connection;
 use crate::access_log::AccessRecord;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Copy buffer per direction.
+/// Copy buffer per direction of a TCP connection.
 const BUFFER: usize = 64 * 1024;
 
 /// Proxies one client connection to a backend of the listener's pool.
@@ -109,23 +110,7 @@ where
         }
     }
     let _in_flight = backend.stats.start();
-    let activity = Arc::new(AtomicU64::new(now_nanos()));
-    let mut upstream = Observed::new(stream, Activity(activity.clone()));
-    let idle = pool.config.timeouts.idle;
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER);
-    tokio::pin!(copy);
-    let outcome = loop {
-        tokio::select! {
-            result = &mut copy => break result.ok(),
-            () = tokio::time::sleep(idle.max(Duration::from_millis(100)) / 4) => {
-                let quiet = now_nanos().saturating_sub(activity.load(Ordering::Relaxed));
-                if Duration::from_nanos(quiet) >= idle {
-                    tracing::debug!(backend = %backend.name, "L4 connection idle: closing");
-                    break None;
-                }
-            }
-        }
-    };
+    let outcome = tunnel(&mut client, stream, pool.config.timeouts.idle, BUFFER).await;
     if listener.access_log.enabled() {
         let (bytes_in, bytes_out) = outcome.unwrap_or((0, 0));
         listener.access_log.log(AccessRecord {
@@ -137,6 +122,39 @@ where
             route: target.route.clone(),
             ..connection.access_record("tcp")
         });
+    }
+}
+
+/// Copies both ways between `client` and `upstream` through a `buffer`-byte buffer each way,
+/// with correct half-close, until both sides are done or no byte moved either way for
+/// `idle`; the bytes moved each way (client to upstream, upstream to client), `None` when it
+/// failed or idled out. Carries TCP connections and upgraded HTTP ones (WebSocket) alike:
+/// neither holds its backend connection for ever once both ends fall silent.
+pub async fn tunnel<C, U>(
+    client: &mut C,
+    upstream: U,
+    idle: Duration,
+    buffer: usize,
+) -> Option<(u64, u64)>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Arc::new(AtomicU64::new(now_nanos()));
+    let mut upstream = Observed::new(upstream, Activity(activity.clone()));
+    let copy = tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, buffer, buffer);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            result = &mut copy => return result.ok(),
+            () = tokio::time::sleep(idle.max(Duration::from_millis(100)) / 4) => {
+                let quiet = now_nanos().saturating_sub(activity.load(Ordering::Relaxed));
+                if Duration::from_nanos(quiet) >= idle {
+                    tracing::debug!("tunnel idle for timeouts.idle: closing");
+                    return None;
+                }
+            }
+        }
     }
 }
 

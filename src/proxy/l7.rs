@@ -40,6 +40,9 @@ use tokio_util::task::TaskTracker;
 
 /// hyper refuses a read buffer below this.
 pub const MIN_BUF_SIZE: usize = 8192;
+/// Copy buffer per direction of an upgraded connection (WebSocket): tokio's default, small,
+/// as such connections may idle by the thousand.
+const UPGRADED_BUFFER: usize = 8 * 1024;
 /// Concurrent HTTP/2 streams per client connection.
 const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Streams a client may open and reset before they are accepted (rapid reset,
@@ -1168,13 +1171,14 @@ fn forward<'a>(
                 (client_upgrade, status)
             {
                 let backend = response.body_mut().take_upgraded();
+                let idle = pool.config.timeouts.idle;
                 connection.listener.tunnels.spawn(async move {
                     let _in_flight = in_flight;
-                    let (Ok(client), Some(mut backend)) = (client_upgrade.await, backend) else {
+                    let (Ok(client), Some(backend)) = (client_upgrade.await, backend) else {
                         return;
                     };
                     let mut client = TokioIo::new(client);
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                    super::l4::tunnel(&mut client, backend, idle, UPGRADED_BUFFER).await;
                 });
                 headers::strip_hop_by_hop(response.headers_mut(), true);
                 return Ok((
