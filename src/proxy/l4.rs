@@ -2,9 +2,9 @@
 //! over to another backend on connect failure), optionally send a PROXY header, then copy
 //! both ways with correct half-close until both sides are done or the connection idles out.
 //!
-//! The copy ([`tunnel`], also used for upgraded HTTP connections) uses two fixed 64 KiB
-//! buffers allocated once per connection (`copy_bidirectional_with_sizes`): nothing is
-//! allocated per chunk.
+//! The copy ([`tunnel`], also used for upgraded HTTP connections) uses two fixed buffers
+//! allocated once per connection (`copy_bidirectional_with_sizes`; 64 KiB each for TCP):
+//! nothing is allocated per chunk.
 
 use super::l7::Connection;
 use crate::access_log::AccessRecord;
