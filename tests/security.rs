@@ -587,6 +587,22 @@ async fn send_timeout_gatehouse() -> (Arc<gatehouse::server::Gatehouse>, TestBac
     (gatehouse, backend, dir)
 }
 
+/// An h2c client's preface and a SETTINGS frame that starts every stream's window shut
+/// (SETTINGS_INITIAL_WINDOW_SIZE 0).
+fn h2_shut_windows() -> Vec<u8> {
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    opening
+}
+
+/// A HEADERS frame asking for `GET path` on `stream` (host `x`), ending the stream.
+fn h2_get(stream: u32, path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x41, 1, b'x']);
+    h2_frame(0x1, 0x5, stream, &block)
+}
+
 /// A client connection that takes in little at a time: a few KiB of receive buffer.
 async fn small_window_client(address: std::net::SocketAddr) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -602,18 +618,12 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
     let size = 32 << 20;
     // gatehouse's own HTTP/1 loop; hyper's (a chunked upload goes to it); HTTP/2 (h2c) with
     // the stream's window shut.
-    let own = format!("GET /bytes?n={size}&by=own HTTP/1.1\r\nhost: x\r\n\r\n");
+    let own = format!("GET /bytes?n={size} HTTP/1.1\r\nhost: x\r\n\r\n");
     let hyper = format!(
-        "POST /bytes?n={size}&by=hyper HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        "POST /bytes?n={size} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
     );
-    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    // SETTINGS_INITIAL_WINDOW_SIZE = 0, then a GET with a literal :path.
-    h2.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]));
-    let path = format!("/bytes?n={size}&by=h2");
-    let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
-    block.extend_from_slice(path.as_bytes());
-    block.extend_from_slice(&[0x41, 1, b'x']);
-    h2.extend(h2_frame(0x1, 0x5, 1, &block));
+    let mut h2 = h2_shut_windows();
+    h2.extend(h2_get(1, &format!("/bytes?n={size}")));
     let mut clients = Vec::new();
     for request in [own.into_bytes(), hyper.into_bytes(), h2] {
         let mut client = small_window_client(web).await;
@@ -664,8 +674,9 @@ async fn a_client_reading_slowly_but_steadily_gets_its_whole_response() {
         )
         .await
         .unwrap();
-    // Pauses of a third of send_timeout between reads: gatehouse's writes wait on each one
-    // (8 MiB is more than the two sockets' buffers hold), never for a whole send_timeout.
+    // Pauses of a third of send_timeout between reads: gatehouse's writes wait on the client
+    // in between (the test fails if the timer is not set again after a write it took), never
+    // for a whole send_timeout.
     let mut received = Vec::new();
     let mut buffer = vec![0u8; 1 << 20];
     let started = std::time::Instant::now();
@@ -697,16 +708,9 @@ async fn an_http2_stream_kept_shut_is_cut_off_while_others_move() {
         .await
         .unwrap()
         .into_split();
-    let request = |stream: u32, path: &str| {
-        let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
-        block.extend_from_slice(path.as_bytes());
-        block.extend_from_slice(&[0x41, 1, b'x']);
-        h2_frame(0x1, 0x5, stream, &block)
-    };
     // Every stream's window starts shut; stream 1 (32 MiB) never gets any.
-    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    opening.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]));
-    opening.extend(request(1, &format!("/bytes?n={}", 32 << 20)));
+    let mut opening = h2_shut_windows();
+    opening.extend(h2_get(1, &format!("/bytes?n={}", 32 << 20)));
     writer.write_all(&opening).await.unwrap();
     let drained = tokio::spawn(async move {
         let mut buffer = vec![0u8; 65536];
@@ -717,7 +721,7 @@ async fn an_http2_stream_kept_shut_is_cut_off_while_others_move() {
     let started = std::time::Instant::now();
     let mut stream = 3;
     while !drained.is_finished() && started.elapsed() < DEADLINE {
-        let mut next = request(stream, "/bytes?n=10");
+        let mut next = h2_get(stream, "/bytes?n=10");
         next.extend(h2_frame(0x8, 0, stream, &1000u32.to_be_bytes()));
         if writer.write_all(&next).await.is_err() {
             break;

@@ -278,7 +278,7 @@ where
         stall: stall::StallCheck::new(progress.clone()),
     };
     let service_connection = connection.clone();
-    let service_progress = progress.clone();
+    let service_progress = progress;
     let service = service_fn(move |request: Request<Incoming>| {
         let connection = service_connection.clone();
         let progress = service_progress.clone();
