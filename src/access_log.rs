@@ -295,3 +295,38 @@ fn render(record: &AccessRecord, format: AccessLogFormat) -> String {
         AccessLogFormat::Text => record.text(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error is the last field of both formats: JSON `null` or the text, text `error=-`
+    /// or the text quoted (it may hold spaces and quotes).
+    #[test]
+    fn both_formats_carry_the_error() {
+        let mut record = AccessRecord {
+            listener: Arc::from("web"),
+            status: 502,
+            kind: "http",
+            ended: Some(Ended::Complete),
+            ..AccessRecord::default()
+        };
+        assert!(record.text().ends_with("ended=complete error=-"));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&record.json()).unwrap()["error"],
+            serde_json::Value::Null
+        );
+        record.error = Some(Cow::Borrowed("backend failed: connect: \"refused\""));
+        assert!(
+            record
+                .text()
+                .ends_with(r#"error="backend failed: connect: \"refused\"""#),
+            "{}",
+            record.text()
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&record.json()).unwrap()["error"],
+            "backend failed: connect: \"refused\""
+        );
+    }
+}

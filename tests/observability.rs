@@ -314,11 +314,7 @@ pools:
 
     let mut records: Vec<serde_json::Value> = Vec::new();
     eventually("nine access log lines", async || {
-        let log = std::fs::read_to_string(dir.path("access.log")).unwrap_or_default();
-        records = log
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect();
+        records = access_log_lines(&dir);
         records.len() == 9
     })
     .await;

@@ -633,11 +633,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
     // Nothing is read: each connection stalls with its response half sent.
     let mut lines: Vec<serde_json::Value> = Vec::new();
     eventually("three access-log lines", async || {
-        let log = std::fs::read_to_string(dir.path("access.log")).unwrap_or_default();
-        lines = log
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect();
+        lines = access_log_lines(&dir);
         lines.len() == 3
     })
     .await;
@@ -744,11 +740,7 @@ async fn an_http2_stream_kept_shut_is_cut_off_while_others_move() {
         .unwrap();
     let mut lines: Vec<serde_json::Value> = Vec::new();
     eventually("the cut-off stream's line", async || {
-        let log = std::fs::read_to_string(dir.path("access.log")).unwrap_or_default();
-        lines = log
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect();
+        lines = access_log_lines(&dir);
         lines.iter().any(|line| line["error"].is_string())
     })
     .await;

@@ -467,7 +467,7 @@ async fn write_response<T: AsyncWrite + Unpin>(
                 Poll::Ready(Ok(())) => {
                     progressed = true;
                     flushed = false;
-                    stall.blocked = false;
+                    stall.took();
                 }
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Pending => {
@@ -531,6 +531,11 @@ struct SendStall {
 }
 
 impl SendStall {
+    /// The client took a write: a next blocked one starts the wait again.
+    fn took(&mut self) {
+        self.blocked = false;
+    }
+
     /// A write the client did not take: whether it has taken nothing for the whole limit
     /// (else the task is woken when it will have).
     #[cold]

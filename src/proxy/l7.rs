@@ -459,9 +459,8 @@ struct SessionChecks {
 /// after its `header_timeout` (checked every `header_timeout` or half a `send_timeout`,
 /// whichever is shorter, or every check period on a plain listener, where the session may
 /// turn out to be HTTP/1 and park). A session whose client left a response untaken for
-/// `send_timeout` (see [`stall`]) is ended at once. Its first
-/// head is held to `head_deadline` (the parked deadline, when the session resumes a parked
-/// connection).
+/// `send_timeout` (see [`stall`]) is ended at once. Its first head is held to
+/// `head_deadline` (the parked deadline, when the session resumes a parked connection).
 async fn drive_session<F, E>(
     mut session: Pin<&mut F>,
     graceful_shutdown: impl Fn(Pin<&mut F>),

@@ -566,6 +566,15 @@ pub async fn resetting_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     (address, lines)
 }
 
+/// The lines of the JSON access log `dir/access.log` written so far.
+pub fn access_log_lines(dir: &TestDir) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.path("access.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
 /// Reads from `stream` until a whole request head (through its empty line) arrived; `None`
 /// when the peer closed or the read failed first.
 pub async fn read_request_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
