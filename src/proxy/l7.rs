@@ -943,7 +943,7 @@ type Forwarded = (Response<ProxyBody>, Outcome);
 struct Unforwarded {
     error: ProxyError,
     outcome: Outcome,
-    failure: Option<String>,
+    failure: Option<Cow<'static, str>>,
 }
 
 /// Methods that may be replayed once a backend has seen them (when they carry no body).
@@ -1114,7 +1114,7 @@ fn forward<'a>(
                     return Err(unforwarded(
                         ProxyError::BadRequest("malformed request body"),
                         outcome(Some(index), Some(upstream_duration)),
-                        Some(error),
+                        Some(Cow::Owned(error)),
                     ));
                 }
                 Ok(Err(failed)) => {
@@ -1129,7 +1129,7 @@ fn forward<'a>(
                     last_error = unforwarded(
                         kind,
                         outcome(Some(index), Some(upstream_duration)),
-                        Some(error),
+                        Some(Cow::Owned(error)),
                     );
                     // Unsent, the request goes on as it is; sent, only a replayable one goes on.
                     next = failed
@@ -1152,7 +1152,11 @@ fn forward<'a>(
                 last_error = unforwarded(
                     ProxyError::BackendFailed,
                     outcome(Some(index), Some(upstream_duration)),
-                    Some(format!("backend answered {status}; no retry was possible")),
+                    Some(Cow::Borrowed(if status == StatusCode::BAD_GATEWAY {
+                        "backend answered 502; no retry was possible"
+                    } else {
+                        "backend answered 503; no retry was possible"
+                    })),
                 );
                 next = Some(UpstreamBody::empty());
                 continue;
@@ -1163,7 +1167,9 @@ fn forward<'a>(
                 return Err(unforwarded(
                     ProxyError::BackendFailed,
                     outcome(Some(index), Some(upstream_duration)),
-                    Some("backend answered 101 to a request that asked no upgrade".into()),
+                    Some(Cow::Borrowed(
+                        "backend answered 101 to a request that asked no upgrade",
+                    )),
                 ));
             }
             if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
