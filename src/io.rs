@@ -9,8 +9,49 @@ use prometheus::IntCounter;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+
+/// A client connection that can be closed with a TCP reset instead of a FIN.
+///
+/// A connection cut off because its client takes nothing (`limits.send_timeout`) still has
+/// what gatehouse wrote to it queued in the kernel — up to the socket's send buffer,
+/// megabytes. Closed normally, the kernel keeps that queue, and keeps offering it to a client
+/// that reads nothing, for minutes after gatehouse let the socket go; many such clients hold
+/// the memory every other connection sends from. Reset, the queue is dropped at once (nginx's
+/// `reset_timedout_connection`, HAProxy's `nolinger`).
+pub trait ResetOnClose {
+    /// Makes the coming close of the connection a reset.
+    fn reset_on_close(&self);
+}
+
+impl ResetOnClose for TcpStream {
+    fn reset_on_close(&self) {
+        // A linger of zero makes close() send RST and drop the send queue. Failing, the
+        // close stays a normal one.
+        let _ = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO));
+    }
+}
+
+impl<T: ResetOnClose + ?Sized> ResetOnClose for Box<T> {
+    fn reset_on_close(&self) {
+        (**self).reset_on_close();
+    }
+}
+
+impl<T: ResetOnClose> ResetOnClose for tokio_rustls::server::TlsStream<T> {
+    fn reset_on_close(&self) {
+        self.get_ref().0.reset_on_close();
+    }
+}
+
+impl<T: ResetOnClose, O> ResetOnClose for Observed<T, O> {
+    fn reset_on_close(&self) {
+        self.inner.reset_on_close();
+    }
+}
 
 /// Sees what a stream reads and writes.
 pub trait Observer {

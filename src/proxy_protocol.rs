@@ -4,6 +4,7 @@
 //! Parsing is pure ([`parse`]) so it can be fuzzed and property-tested; [`read_header`] does
 //! the I/O, keeping any bytes read past the header for the protocol that follows.
 
+use crate::io::ResetOnClose;
 use bytes::{Bytes, BytesMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
@@ -296,6 +297,12 @@ impl<T> Prefixed<T> {
     /// The bytes still to replay, and the wrapped stream.
     pub fn into_parts(self) -> (Bytes, T) {
         (self.prefix, self.inner)
+    }
+}
+
+impl<T: ResetOnClose> ResetOnClose for Prefixed<T> {
+    fn reset_on_close(&self) {
+        self.inner.reset_on_close();
     }
 }
 

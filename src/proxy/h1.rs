@@ -22,6 +22,7 @@ use super::headers;
 use super::l7::{self, ClientBody, Connection};
 use super::park::{self, Watched};
 use crate::config::Limits;
+use crate::io::ResetOnClose;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -84,7 +85,7 @@ pub async fn serve<T>(
     mut head_deadline: Instant,
 ) -> End
 where
-    T: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + ResetOnClose + Unpin,
 {
     let max_head = limits.max_header_bytes.max(l7::MIN_BUF_SIZE);
     let mut read = BytesMut::with_capacity(READ_BUFFER);
@@ -93,6 +94,7 @@ where
         limit: limits.send_timeout,
         timer: None,
         blocked: false,
+        cut_off: false,
     };
     // One timer for the session, moved only when it fires: per request the deadlines are
     // two stored instants.
@@ -204,7 +206,12 @@ where
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
                 return End::Closed;
             }
-            Err(_) => return End::Closed,
+            Err(_) => {
+                if stall.cut_off {
+                    stream.reset_on_close();
+                }
+                return End::Closed;
+            }
         }
         if write.capacity() > KEEP_WRITE_BUFFER {
             write = Vec::new();
@@ -514,7 +521,10 @@ async fn write_response<T: AsyncWrite + Unpin>(
         // Boxed: its timer would otherwise take room in every response's state.
         Poll::Pending => Box::pin(tokio::time::timeout(stall.limit, stream.flush()))
             .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
+            .map_err(|_| {
+                stall.cut_off = true;
+                io::Error::from(io::ErrorKind::TimedOut)
+            })??,
     }
     Ok(ending)
 }
@@ -522,12 +532,15 @@ async fn write_response<T: AsyncWrite + Unpin>(
 /// Bounds how long a client may accept nothing of a response (`limits.send_timeout`): a
 /// client that stops reading would otherwise hold the response's backend connection for ever.
 /// One per connection; its timer is made on the first write a client does not take (most
-/// connections never need it) and set again on each one after a write it took.
+/// connections never need it) and set again on each one after a write it took. A connection
+/// cut off is reset (see [`ResetOnClose`]).
 struct SendStall {
     limit: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The last write was not taken (the timer runs).
     blocked: bool,
+    /// The client took nothing for the whole limit: the connection is cut off.
+    cut_off: bool,
 }
 
 impl SendStall {
@@ -550,7 +563,8 @@ impl SendStall {
             None => self.timer.insert(Box::pin(tokio::time::sleep(self.limit))),
         };
         self.blocked = true;
-        timer.as_mut().poll(cx).is_ready()
+        self.cut_off = timer.as_mut().poll(cx).is_ready();
+        self.cut_off
     }
 }
 
@@ -927,6 +941,11 @@ mod tests {
         drop(writer);
         let expected = format!("HEAD2\r\nab\r\n{COPY_LIMIT:x}\r\n{large}\r\n2\r\ncd\r\n0\r\n\r\n");
         assert_eq!(String::from_utf8(reading.await.unwrap()).unwrap(), expected);
+    }
+
+    /// An in-memory stream has no reset to send.
+    impl ResetOnClose for tokio::io::DuplexStream {
+        fn reset_on_close(&self) {}
     }
 
     /// A session's state is what every busy connection holds, and keeps for `park::LINGER`

@@ -14,7 +14,7 @@ use super::park;
 use super::stall;
 use crate::access_log::AccessRecord;
 use crate::config::{Limits, ProxyProtocolVersion};
-use crate::io::Reclaimable;
+use crate::io::{Reclaimable, ResetOnClose};
 use crate::metrics::Rejection;
 use crate::proxy_protocol;
 use crate::upstream::body::{ClientWait, UpstreamBody};
@@ -209,7 +209,7 @@ pub async fn serve<I>(
     mut head_deadline: Option<tokio::time::Instant>,
 ) -> Served<I>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + ResetOnClose + Unpin + Send + 'static,
 {
     let limits = listener.config.limits;
     if negotiated != Negotiated::Http2 {
@@ -261,7 +261,7 @@ async fn serve_hyper<I>(
     head_deadline: Option<tokio::time::Instant>,
 ) -> Served<I>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + ResetOnClose + Unpin + Send + 'static,
 {
     let limits = listener.config.limits;
     let activity = stream.activity().clone();
@@ -340,6 +340,13 @@ where
             answer_late_head(reclaim.await.ok(), listener).await;
             Served::Ended
         }
+        SessionEnd::Stalled => {
+            // The session is gone, so its stream is back already.
+            if let Ok(guarded) = reclaim.await {
+                guarded.reset_on_close();
+            }
+            Served::Ended
+        }
     }
 }
 
@@ -354,7 +361,7 @@ pub async fn serve_all<I>(
     mut negotiated: Negotiated,
     shutdown: CancellationToken,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + ResetOnClose + Unpin + Send + 'static,
 {
     let mut stream = park::Watched::new(io);
     let mut head_deadline = None;
@@ -443,6 +450,8 @@ enum SessionEnd<E> {
     Parked,
     /// The head begun while parked missed the parked deadline.
     HeadLate,
+    /// Cut off: its client took nothing of a response for `limits.send_timeout`.
+    Stalled,
 }
 
 /// What a hyper session's periodic check looks at: whether the session is idle, and whether
@@ -539,7 +548,7 @@ where
                     // Not gracefully: a graceful end would wait for the very responses the
                     // client does not take. Dropped, they let their backends go.
                     tracing::debug!(client = %connection.client, "client accepted nothing for limits.send_timeout: closing");
-                    return SessionEnd::Ended(Ok(()));
+                    return SessionEnd::Stalled;
                 }
                 let verdict = connection.framing();
                 let parks = verdict.is_some_and(|verdict| watch.park(connection, verdict));

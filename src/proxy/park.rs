@@ -21,6 +21,7 @@
 
 use super::framing::Verdict;
 use super::l7::Connection;
+use crate::io::ResetOnClose;
 use crate::proxy_protocol::Prefixed;
 use bytes::Bytes;
 use std::io;
@@ -105,6 +106,12 @@ impl<T> Watched<T> {
     /// Has `bytes`, read already, read again first (by the session taking over).
     pub fn replay(&mut self, bytes: Bytes) {
         self.inner.set_prefix(bytes);
+    }
+}
+
+impl<T: ResetOnClose> ResetOnClose for Watched<T> {
+    fn reset_on_close(&self) {
+        self.inner.reset_on_close();
     }
 }
 
