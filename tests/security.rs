@@ -446,6 +446,41 @@ async fn connection_caps_per_client_and_per_listener_refuse_cleanly() {
     }
 }
 
+#[tokio::test]
+async fn max_connections_holds_when_clients_arrive_at_once() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    // Four workers accept the burst side by side: the cap is one count across them.
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nruntime: {{ worker_threads: 4 }}\nlisteners:\n  small: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ max_connections: 3 }} }}\npools:\n{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let address = gatehouse.listener_address("small").unwrap();
+    let burst = (0..40).map(|_| {
+        tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            let mut status = [0u8; 12];
+            let read = tokio::time::timeout(DEADLINE, stream.read_exact(&mut status)).await;
+            let served = matches!(read, Ok(Ok(_))) && &status == b"HTTP/1.1 200";
+            // Held open, served or not, until every client has its answer.
+            (served, stream)
+        })
+    });
+    let mut served = 0;
+    let mut held = Vec::new();
+    for client in burst.collect::<Vec<_>>() {
+        let (was_served, stream) = client.await.unwrap();
+        served += usize::from(was_served);
+        held.push(stream);
+    }
+    assert!(
+        (1..=3).contains(&served),
+        "{served} of 40 clients arriving at once were served under max_connections: 3"
+    );
+}
+
 /// One HTTP/2 frame: 9-byte header then payload.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let length = payload.len() as u32;
