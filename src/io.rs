@@ -59,6 +59,8 @@ pub trait Observer {
     fn read(&mut self, bytes: &[u8]);
     /// `count` bytes were just written.
     fn wrote(&mut self, count: usize);
+    /// A write waits: the peer takes no more for now.
+    fn write_waits(&mut self) {}
 }
 
 /// An observer that may be absent, so a stream observed on some connections and not on
@@ -73,6 +75,12 @@ impl<O: Observer> Observer for Option<O> {
     fn wrote(&mut self, count: usize) {
         if let Some(observer) = self {
             observer.wrote(count);
+        }
+    }
+
+    fn write_waits(&mut self) {
+        if let Some(observer) = self {
+            observer.write_waits();
         }
     }
 }
@@ -93,6 +101,11 @@ impl<T, O> Observed<T, O> {
     /// The wrapped stream.
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+
+    /// What the observer saw.
+    pub fn observer(&self) -> &O {
+        &self.observer
     }
 
     /// The wrapped stream, unwrapped (to seat it in the waiting room).
@@ -128,8 +141,10 @@ impl<T: AsyncWrite + Unpin, O: Observer + Unpin> AsyncWrite for Observed<T, O> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(written)) = polled {
-            this.observer.wrote(written);
+        match polled {
+            Poll::Ready(Ok(written)) => this.observer.wrote(written),
+            Poll::Pending => this.observer.write_waits(),
+            Poll::Ready(Err(_)) => {}
         }
         polled
     }
@@ -141,8 +156,10 @@ impl<T: AsyncWrite + Unpin, O: Observer + Unpin> AsyncWrite for Observed<T, O> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(written)) = polled {
-            this.observer.wrote(written);
+        match polled {
+            Poll::Ready(Ok(written)) => this.observer.wrote(written),
+            Poll::Pending => this.observer.write_waits(),
+            Poll::Ready(Err(_)) => {}
         }
         polled
     }

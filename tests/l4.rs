@@ -162,6 +162,118 @@ async fn ten_mib_of_random_bytes_both_ways_intact() {
     );
 }
 
+/// A server that hands each connection it accepts to the test, which plays the backend.
+async fn held_server() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<TcpStream>) {
+    let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    let (accepted, held) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            let _ = accepted.send(stream);
+        }
+    });
+    (address, held)
+}
+
+/// A client connection that takes in little at a time: a few KiB of receive buffer.
+async fn small_window_client(address: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(address).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_tunnel_idle_for_timeouts_idle_is_closed_and_a_side_that_stopped_reading_reset() {
+    let (backend, mut held) = held_server().await;
+    let dir = TestDir::new();
+    let pool = "    timeouts: { idle: 1s }\n";
+    let gatehouse = start_gatehouse(&dir, &tcp_config(pool, &[("b", backend)], "")).await;
+    let db = gatehouse.listener_address("db").unwrap();
+    let flood = vec![b'x'; 32 << 20];
+
+    // Silent both ways after an exchange: closed (not reset), the bytes logged.
+    let mut quiet = TcpStream::connect(db).await.unwrap();
+    quiet.write_all(b"ping").await.unwrap();
+    let mut quiet_backend = held.recv().await.unwrap();
+    let mut ping = [0u8; 4];
+    quiet_backend.read_exact(&mut ping).await.unwrap();
+    quiet_backend.write_all(b"pong!").await.unwrap();
+    let mut pong = [0u8; 5];
+    quiet.read_exact(&mut pong).await.unwrap();
+    // The client stops reading while the backend floods it.
+    let mut stalled = small_window_client(db).await;
+    stalled.write_all(b"go").await.unwrap();
+    let mut flooding = held.recv().await.unwrap();
+    let sent = flood.clone();
+    tokio::spawn(async move { flooding.write_all(&sent).await });
+    // The backend stops reading while the client floods it.
+    let flooding_client = TcpStream::connect(db).await.unwrap();
+    let mut deaf_backend = held.recv().await.unwrap();
+    let (_client_reader, mut client_writer) = flooding_client.into_split();
+    tokio::spawn(async move { client_writer.write_all(&flood).await });
+
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    eventually("three access-log lines", async || {
+        lines = access_log_lines(&dir);
+        lines.len() == 3
+    })
+    .await;
+    let line_of = |stream: &TcpStream| {
+        let address = stream.local_addr().unwrap().to_string();
+        lines
+            .iter()
+            .find(|line| line["client"] == address.as_str())
+            .unwrap_or_else(|| panic!("no line for {address} in {lines:?}"))
+            .clone()
+    };
+    let quiet_line = line_of(&quiet);
+    assert_eq!(quiet_line["error"], "no byte either way for timeouts.idle");
+    assert_eq!(
+        (
+            quiet_line["bytes_in"].as_u64(),
+            quiet_line["bytes_out"].as_u64()
+        ),
+        (Some(4), Some(5))
+    );
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, quiet.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "closed normally: {read:?}");
+
+    let stalled_line = line_of(&stalled);
+    assert_eq!(
+        stalled_line["error"],
+        "client took nothing for timeouts.idle"
+    );
+    assert!(
+        stalled_line["bytes_out"].as_u64().unwrap() > 0,
+        "{stalled_line}"
+    );
+    let read = tokio::time::timeout(DEADLINE, stalled.read_to_end(&mut rest)).await;
+    let error = read
+        .unwrap()
+        .expect_err("reset, so the kernel dropped its queue");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+
+    let deaf_line = lines
+        .iter()
+        .find(|line| line["error"] == "backend took nothing for timeouts.idle")
+        .unwrap_or_else(|| panic!("no stalled backend in {lines:?}"));
+    assert!(deaf_line["bytes_in"].as_u64().unwrap() > 0, "{deaf_line}");
+    let mut buffer = vec![0u8; 1 << 20];
+    let read = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match deaf_backend.read(&mut buffer).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(error) => return Err(error),
+            }
+        }
+    })
+    .await;
+    let error = read.unwrap().expect_err("the backend connection is reset");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+}
+
 #[tokio::test]
 async fn half_close_keeps_the_other_direction_open() {
     let counting = counting_server().await;

@@ -9,11 +9,12 @@
 use super::l7::Connection;
 use crate::access_log::AccessRecord;
 use crate::config::ProxyProtocolVersion;
-use crate::io::{Observed, Observer};
+use crate::io::{Observed, Observer, ResetOnClose};
 use crate::metrics::Rejection;
 use crate::proxy_protocol;
 use crate::upstream::backend::now_nanos;
 use crate::upstream::table::ListenerTable;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -26,7 +27,7 @@ const BUFFER: usize = 64 * 1024;
 /// Proxies one client connection to a backend of the listener's pool.
 pub async fn serve<I>(mut client: I, connection: &Connection, listener: &ListenerTable)
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send,
+    I: AsyncRead + AsyncWrite + ResetOnClose + Unpin + Send,
 {
     let started = Instant::now();
     let Some(target) = listener.pool_target() else {
@@ -110,69 +111,167 @@ where
         }
     }
     let _in_flight = backend.stats.start();
-    let outcome = tunnel(&mut client, stream, pool.config.timeouts.idle, BUFFER).await;
+    let tunneled = tunnel(&mut client, &mut stream, pool.config.timeouts.idle, BUFFER).await;
+    if let TunnelEnd::IdledOut {
+        client_stalled: true,
+        ..
+    } = tunneled.end
+    {
+        client.reset_on_close();
+    }
     if listener.access_log.enabled() {
-        let (bytes_in, bytes_out) = outcome.unwrap_or((0, 0));
         listener.access_log.log(AccessRecord {
             time: Some(SystemTime::now() - started.elapsed()),
-            bytes_in,
-            bytes_out,
+            bytes_in: tunneled.bytes_in,
+            bytes_out: tunneled.bytes_out,
             duration: started.elapsed(),
             backend: backend.name.clone(),
             route: target.route.clone(),
+            error: tunneled.error(),
             ..connection.access_record("tcp")
         });
     }
 }
 
+/// How a tunnel ended, and what it moved.
+#[derive(Debug)]
+pub struct Tunneled {
+    /// Bytes written to the upstream (from the client).
+    pub bytes_in: u64,
+    /// Bytes written to the client (from the upstream).
+    pub bytes_out: u64,
+    pub end: TunnelEnd,
+}
+
+/// Why a tunnel ended.
+#[derive(Debug)]
+pub enum TunnelEnd {
+    /// Both sides closed.
+    Closed,
+    /// A read or write on either side failed.
+    Failed(std::io::Error),
+    /// No byte moved either way for the idle timeout. `client_stalled`: bytes for the client
+    /// were still waiting for it to take them — the caller resets it (see [`ResetOnClose`])
+    /// so the kernel does not keep them; a stalled upstream is reset by [`tunnel`] itself.
+    IdledOut {
+        client_stalled: bool,
+        upstream_stalled: bool,
+    },
+}
+
+impl Tunneled {
+    /// Why the tunnel ended early, for its access-log line; `None` when both sides closed.
+    pub fn error(&self) -> Option<Cow<'static, str>> {
+        Some(match &self.end {
+            TunnelEnd::Closed => return None,
+            TunnelEnd::Failed(error) => Cow::Owned(format!("tunnel: {error}")),
+            TunnelEnd::IdledOut {
+                client_stalled: true,
+                ..
+            } => Cow::Borrowed("client took nothing for timeouts.idle"),
+            TunnelEnd::IdledOut {
+                upstream_stalled: true,
+                ..
+            } => Cow::Borrowed("backend took nothing for timeouts.idle"),
+            TunnelEnd::IdledOut { .. } => Cow::Borrowed("no byte either way for timeouts.idle"),
+        })
+    }
+}
+
 /// Copies both ways between `client` and `upstream` through a `buffer`-byte buffer each way,
 /// with correct half-close, until both sides are done or no byte moved either way for
-/// `idle`; the bytes moved each way (client to upstream, upstream to client), `None` when it
-/// failed or idled out. Carries TCP connections and upgraded HTTP ones (WebSocket) alike:
-/// neither holds its backend connection for ever once both ends fall silent.
+/// `idle`. Carries TCP connections and upgraded HTTP ones (WebSocket) alike: neither holds
+/// its backend connection for ever once both ends fall silent, and a side that stopped taking
+/// what it is sent does not leave it queued in the kernel after the close.
 pub async fn tunnel<C, U>(
     client: &mut C,
-    upstream: U,
+    upstream: &mut U,
     idle: Duration,
     buffer: usize,
-) -> Option<(u64, u64)>
+) -> Tunneled
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    U: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + ResetOnClose + Unpin,
 {
-    let activity = Arc::new(AtomicU64::new(now_nanos()));
-    let mut upstream = Observed::new(upstream, Activity(activity.clone()));
-    let copy = tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, buffer, buffer);
-    tokio::pin!(copy);
-    loop {
-        tokio::select! {
-            result = &mut copy => return result.ok(),
-            () = tokio::time::sleep(idle.max(Duration::from_millis(100)) / 4) => {
-                let quiet = now_nanos().saturating_sub(activity.load(Ordering::Relaxed));
-                if Duration::from_nanos(quiet) >= idle {
-                    tracing::debug!("tunnel idle for timeouts.idle: closing");
-                    return None;
+    let moved_at = Arc::new(AtomicU64::new(now_nanos()));
+    let mut client = Observed::new(client, Side::default());
+    let mut upstream = Observed::new(upstream, Side::touching(moved_at.clone()));
+    // `None`: idled out (the sides say how once the copy lets go of them).
+    let ended = {
+        let copy =
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, buffer, buffer);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                result = &mut copy => break Some(match result {
+                    Ok(_) => TunnelEnd::Closed,
+                    Err(error) => TunnelEnd::Failed(error),
+                }),
+                () = tokio::time::sleep(idle.max(Duration::from_millis(100)) / 4) => {
+                    let quiet = now_nanos().saturating_sub(moved_at.load(Ordering::Relaxed));
+                    if Duration::from_nanos(quiet) >= idle {
+                        tracing::debug!("tunnel idle for timeouts.idle: closing");
+                        break None;
+                    }
                 }
             }
+        }
+    };
+    let end = ended.unwrap_or(TunnelEnd::IdledOut {
+        client_stalled: client.observer().waiting,
+        upstream_stalled: upstream.observer().waiting,
+    });
+    if let TunnelEnd::IdledOut {
+        upstream_stalled: true,
+        ..
+    } = end
+    {
+        upstream.get_ref().reset_on_close();
+    }
+    Tunneled {
+        bytes_in: upstream.observer().written,
+        bytes_out: client.observer().written,
+        end,
+    }
+}
+
+/// What one side of a tunnel took, and whether a write to it waits.
+#[derive(Default)]
+struct Side {
+    written: u64,
+    waiting: bool,
+    /// Where the upstream side records the time of the last byte moved, for the idle
+    /// timeout (every byte the client moves crosses the upstream side too).
+    moved_at: Option<Arc<AtomicU64>>,
+}
+
+impl Side {
+    fn touching(moved_at: Arc<AtomicU64>) -> Side {
+        Side {
+            moved_at: Some(moved_at),
+            ..Side::default()
+        }
+    }
+
+    fn touch(&self) {
+        if let Some(moved_at) = &self.moved_at {
+            moved_at.store(now_nanos(), Ordering::Relaxed);
         }
     }
 }
 
-/// Records the time of the last byte moved, for the idle timeout.
-struct Activity(Arc<AtomicU64>);
-
-impl Activity {
-    fn touch(&self) {
-        self.0.store(now_nanos(), Ordering::Relaxed);
-    }
-}
-
-impl Observer for Activity {
+impl Observer for Side {
     fn read(&mut self, _bytes: &[u8]) {
         self.touch();
     }
 
-    fn wrote(&mut self, _count: usize) {
+    fn wrote(&mut self, count: usize) {
         self.touch();
+        self.written += count as u64;
+        self.waiting = false;
+    }
+
+    fn write_waits(&mut self) {
+        self.waiting = true;
     }
 }

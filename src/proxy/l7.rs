@@ -1188,11 +1188,13 @@ fn forward<'a>(
                 let idle = pool.config.timeouts.idle;
                 connection.listener.tunnels.spawn(async move {
                     let _in_flight = in_flight;
-                    let (Ok(client), Some(backend)) = (client_upgrade.await, backend) else {
+                    let (Ok(client), Some(mut backend)) = (client_upgrade.await, backend) else {
                         return;
                     };
+                    // The client's socket is inside hyper's upgrade: a client that stopped
+                    // reading is closed, not reset (its backend is reset by the tunnel).
                     let mut client = TokioIo::new(client);
-                    super::l4::tunnel(&mut client, backend, idle, UPGRADED_BUFFER).await;
+                    super::l4::tunnel(&mut client, &mut backend, idle, UPGRADED_BUFFER).await;
                 });
                 headers::strip_hop_by_hop(response.headers_mut(), true);
                 return Ok((

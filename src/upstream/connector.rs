@@ -159,6 +159,12 @@ impl UpstreamStream {
     }
 }
 
+impl crate::io::ResetOnClose for UpstreamStream {
+    fn reset_on_close(&self) {
+        self.tcp().reset_on_close();
+    }
+}
+
 impl AsyncRead for UpstreamStream {
     fn poll_read(
         self: Pin<&mut Self>,
