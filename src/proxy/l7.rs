@@ -1010,6 +1010,7 @@ fn forward<'a>(
             }
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let multiplexed = request.version() == Version::HTTP_2;
         let (head, body, replayable, client_wait) =
             upstream_request(request, upgrade, bytes_in, target.max_body_bytes).map_err(
                 |error| Unforwarded {
@@ -1204,6 +1205,9 @@ fn forward<'a>(
             }
 
             headers::strip_hop_by_hop(response.headers_mut(), false);
+            if multiplexed {
+                response.body_mut().read_multiplexed();
+            }
             let response = response.map(|body| ProxyBody::upstream(body, in_flight));
             return Ok((response, outcome(Some(index), Some(upstream_duration))));
         }

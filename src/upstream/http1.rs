@@ -18,7 +18,7 @@
 use super::body::UpstreamBody;
 use super::connections::BackendConnections;
 use super::connector::UpstreamStream;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -46,6 +46,12 @@ const MIN_SPARE: usize = 2048;
 /// less CPU per MiB on the peer benchmark's large-1m (docs/benchmarks.md). An idle pooled
 /// connection does not keep a buffer this large.
 const READ_LARGE: usize = 256 * 1024;
+/// Read size while a large body streams to an HTTP/2 client. What a read takes waits in
+/// memory until the client's flow-control window lets it go, and one client has up to 100
+/// streams: a client that keeps its windows almost shut would otherwise hold up to
+/// [`READ_LARGE`] of gatehouse's memory per stream (measured: 10.8 MiB per connection). Two
+/// HTTP/2 frames of the default size; HAProxy holds 16 KiB per stream.
+const READ_MULTIPLEXED: usize = 32 * 1024;
 /// Longest chunk-size line (extensions included).
 const MAX_CHUNK_LINE: usize = 4096;
 /// A header span's name length marking a header consumed here (no header name is empty).
@@ -221,6 +227,7 @@ impl Connection {
             framing: Framing::Done,
             upload: None,
             stall: Stall::new(stall_limit),
+            large_read: READ_LARGE,
         });
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
@@ -667,6 +674,9 @@ pub struct ResponseBody {
     /// (boxed: rare, and large).
     upload: Option<Box<Upload>>,
     stall: Stall,
+    /// Read size while a large body streams: [`READ_LARGE`], or [`READ_MULTIPLEXED`] for a
+    /// response to an HTTP/2 client.
+    large_read: usize,
 }
 
 /// Bounds how long a backend may go silent inside a response body. Without it a backend
@@ -736,6 +746,11 @@ impl ResponseBody {
             connection.read.freeze(),
             connection.stream,
         ))
+    }
+
+    /// The body goes to an HTTP/2 client: it is read in pieces of [`READ_MULTIPLEXED`].
+    pub fn read_multiplexed(&mut self) {
+        self.large_read = READ_MULTIPLEXED;
     }
 
     /// A body already at its end hands the connection back at once.
@@ -814,7 +829,7 @@ impl Body for ResponseBody {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     if *left > READ_SMALL as u64 {
-                        READ_LARGE
+                        this.large_read
                     } else {
                         READ_SMALL
                     }
@@ -824,7 +839,7 @@ impl Body for ResponseBody {
                         let data = connection.read.split().freeze();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    READ_LARGE
+                    this.large_read
                 }
                 Framing::Chunked(chunk) => match decode_chunked(chunk, &mut connection.read) {
                     Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
@@ -838,10 +853,12 @@ impl Body for ResponseBody {
                 },
             };
             make_room(&mut connection.read, wanted);
+            // At most a large read, however much room the buffer has: what is read waits in
+            // memory until the client takes it.
             let polled = tokio_util::io::poll_read_buf(
                 Pin::new(&mut connection.stream),
                 cx,
-                &mut connection.read,
+                &mut (&mut connection.read).limit(this.large_read),
             );
             match polled {
                 // While the request body still goes up, the backend may rightly wait for it.
@@ -1204,6 +1221,77 @@ mod tests {
         fn write(&self, head: &mut Vec<u8>) {
             write_header(head, "host", self.0.as_bytes());
         }
+    }
+
+    /// One response of `body` bytes from a backend whose whole answer is already waiting in
+    /// the socket when the body is read, read as for an HTTP/2 client or not: the sizes of
+    /// the pieces it came in.
+    async fn pieces_of_a_waiting_body(body: usize, multiplexed: bool) -> Vec<usize> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let backend = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut head = [0u8; 1024];
+            let _ = stream.read(&mut head).await;
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {body}\r\n\r\n").into_bytes();
+            answer.resize(answer.len() + body, b'x');
+            stream.write_all(&answer).await.expect("answer");
+            stream
+        });
+        // Room for the whole answer, so it is all waiting before the first piece is read.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .set_recv_buffer_size(4 * body as u32)
+            .expect("buffer");
+        let stream = socket.connect(address).await.expect("connect");
+        let request = http::Request::get("/")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let set = SetHost(HeaderValue::from_static("backend"));
+        let sent = Connection::new(UpstreamStream::Plain(stream)).send(
+            &request,
+            &set,
+            UpstreamBody::empty(),
+            None,
+            Duration::from_secs(10),
+        );
+        let mut response = sent.await.expect("response");
+        let _backend = backend.await.expect("backend");
+        if multiplexed {
+            response.body_mut().read_multiplexed();
+        }
+        let mut body = response.into_body();
+        let mut pieces = Vec::new();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            pieces.push(frame.expect("frame").into_data().expect("data").len());
+        }
+        pieces
+    }
+
+    /// What a body read takes waits in gatehouse until its client takes it; an HTTP/2 client
+    /// keeping its windows shut holds up to 100 streams' worth: their pieces are small.
+    #[tokio::test]
+    async fn a_body_for_an_http2_client_is_read_in_small_pieces() {
+        let body = 1 << 20;
+        let pieces = pieces_of_a_waiting_body(body, true).await;
+        assert_eq!(pieces.iter().sum::<usize>(), body);
+        assert!(
+            pieces.iter().all(|&piece| piece <= READ_MULTIPLEXED),
+            "{pieces:?}"
+        );
+        let pieces = pieces_of_a_waiting_body(body, false).await;
+        assert_eq!(pieces.iter().sum::<usize>(), body);
+        assert!(
+            pieces.iter().any(|&piece| piece > READ_MULTIPLEXED),
+            "{pieces:?}"
+        );
     }
 
     #[test]
