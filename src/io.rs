@@ -14,14 +14,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-/// A client connection that can be closed with a TCP reset instead of a FIN.
+/// A connection that can be closed with a TCP reset instead of a FIN.
 ///
-/// A connection cut off because its client takes nothing (`limits.send_timeout`) still has
-/// what gatehouse wrote to it queued in the kernel — up to the socket's send buffer,
-/// megabytes. Closed normally, the kernel keeps that queue, and keeps offering it to a client
-/// that reads nothing, for minutes after gatehouse let the socket go; many such clients hold
-/// the memory every other connection sends from. Reset, the queue is dropped at once (nginx's
-/// `reset_timedout_connection`, HAProxy's `nolinger`).
+/// A connection cut off because its peer takes nothing (a client past `limits.send_timeout`,
+/// either side of a tunnel past `timeouts.idle`) still has what gatehouse wrote to it queued
+/// in the kernel — up to the socket's send buffer, megabytes. Closed normally, the kernel
+/// keeps that queue, and keeps offering it to a peer that reads nothing, for minutes after
+/// gatehouse let the socket go; many such peers hold the memory every other connection sends
+/// from. Reset, the queue is dropped at once (nginx's `reset_timedout_connection`, HAProxy's
+/// `nolinger`).
 pub trait ResetOnClose {
     /// Makes the coming close of the connection a reset.
     fn reset_on_close(&self);

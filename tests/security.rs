@@ -723,7 +723,10 @@ async fn a_tls_client_that_stops_reading_is_cut_off_and_reset_too() {
         let connector = tokio_rustls::TlsConnector::from(ca.client_config(&[alpn]));
         let name = rustls::pki_types::ServerName::try_from("portal.example.gov").unwrap();
         let tcp = small_window_client(secure).await;
-        let mut client = connector.connect(name, tcp).await.unwrap();
+        let mut client = tokio::time::timeout(DEADLINE, connector.connect(name, tcp))
+            .await
+            .expect("handshake deadline")
+            .unwrap();
         client.write_all(&request).await.unwrap();
         client.flush().await.unwrap();
         clients.push(client);

@@ -140,6 +140,7 @@ pub struct Tunneled {
     pub bytes_in: u64,
     /// Bytes written to the client (from the upstream).
     pub bytes_out: u64,
+    /// Why it ended.
     pub end: TunnelEnd,
 }
 
