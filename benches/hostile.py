@@ -2,7 +2,7 @@
 """What hostile clients leave behind in gatehouse and in the kernel (docs/benchmarks.md).
 
     benches/hostile.py slow-read  [--bin target/release/gatehouse] [--clients 50]
-    benches/hostile.py h2-windows [--bin ...] [--clients 10] [--window 1] [--size 200000]
+    benches/hostile.py h2-windows [--bin ...] [--clients 10] [--window 1] [--size 200000] [--open-connection]
     benches/hostile.py h1-stall   [--bin ...] [--clients 200]
 
 slow-read: clients request 32 MiB and read nothing; gatehouse (limits.send_timeout: 1s) cuts
@@ -10,8 +10,10 @@ them off. Prints what the kernel still holds for them afterwards (orphan sockets
 memory from /proc/net/sockstat): a reset connection leaves nothing.
 
 h2-windows: each h2c client opens 100 streams for a large body with every stream's window
-set to --window bytes (SETTINGS_INITIAL_WINDOW_SIZE) and never opens them further. Prints
-gatehouse's RSS growth per client, and what it read from its backend per stream (ss).
+set to --window bytes (SETTINGS_INITIAL_WINDOW_SIZE) and never opens them further (nor reads
+its socket). With --open-connection it also opens the connection's window wide, so with a
+wide --window (2147483647) gatehouse may send freely until the client's TCP window fills.
+Prints gatehouse's RSS growth per client, and what it read from its backend per stream (ss).
 
 h1-stall: HTTP/1.1 clients request 32 MiB and read nothing (send_timeout left at 60 s).
 Prints gatehouse's RSS growth per client connection.
@@ -182,6 +184,8 @@ def h2_windows(args, workdir):
         for _ in range(args.clients):
             client = small_window_client(web)
             opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, struct.pack(">HI", 4, args.window))
+            if args.open_connection:
+                opening += h2_frame(8, 0, 0, struct.pack(">I", 2**31 - 1 - 65535))
             for index in range(100):
                 block = bytes([0x82, 0x86, 0x44, 4]) + b"/big" + bytes([0x41, 1]) + b"x"
                 opening += h2_frame(1, 5, 2 * index + 1, block)
@@ -191,7 +195,8 @@ def h2_windows(args, workdir):
         grown = (rss_kib(gatehouse.pid) - before) / 1024
         read = read_per_upstream_socket(backend)
         median = f"{read[len(read) // 2]:.0f} KiB" if read else "unknown (no ss)"
-        print(f"h2-windows: window {args.window}, {args.clients} clients x 100 streams: gatehouse RSS "
+        print(f"h2-windows: window {args.window}{' (connection window open)' if args.open_connection else ''}, "
+              f"{args.clients} clients x 100 streams: gatehouse RSS "
               f"+{grown:.1f} MiB ({grown / args.clients:.2f} MiB per client); read per stream: median {median}")
     finally:
         gatehouse.terminate()
@@ -222,6 +227,7 @@ def main():
     parser.add_argument("--clients", type=int)
     parser.add_argument("--window", type=int, default=1)
     parser.add_argument("--size", type=int, default=200000)
+    parser.add_argument("--open-connection", action="store_true")
     args = parser.parse_args()
     defaults = {"slow-read": 50, "h2-windows": 10, "h1-stall": 200}
     args.clients = args.clients or defaults[args.probe]

@@ -51,6 +51,12 @@ const MAX_PENDING_RESETS: usize = 20;
 /// Streams gatehouse may reset because of client protocol errors before it closes the
 /// connection.
 const MAX_LOCAL_RESETS: usize = 256;
+/// Response bytes an HTTP/2 stream may have waiting to be written (hyper's default: 400
+/// KiB). A client that opens its flow-control windows wide and then stops reading makes each
+/// of its 100 streams fill that much: measured 50 MiB per connection with the default, 19
+/// with this (11.7 with 64 KiB, 8.3 with 32 KiB — but large HTTP/2 downloads then cost 70 %
+/// and 90 % more CPU per MiB; with this, about a third more: docs/benchmarks.md).
+const H2_SEND_BUFFER: usize = 128 * 1024;
 
 /// What every connection of one listener shares: one pointer in each connection's facts
 /// instead of three fields.
@@ -626,6 +632,7 @@ fn session_builder(limits: Limits, negotiated: Negotiated) -> auto::Builder<Toki
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
+        .max_send_buf_size(H2_SEND_BUFFER)
         // No PINGs: an idle connection is closed by `drive_session` (hyper's keep-alive
         // reads the clock on every poll of the connection), a vanished client by TCP
         // keepalive.
