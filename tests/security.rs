@@ -394,16 +394,22 @@ async fn route_body_limits_answer_413() {
     );
 }
 
-#[tokio::test]
-async fn connection_caps_per_client_and_per_listener_refuse_cleanly() {
+/// Four workers accepting on each listener (the caps count across them): `per-client` holds
+/// two connections per client address, `small` three in all.
+async fn capped_gatehouse() -> (Arc<gatehouse::server::Gatehouse>, TestBackend, TestDir) {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
-    // Four workers accept on each listener: the caps count across them.
     let yaml = format!(
         "admin: {{ listen: \"127.0.0.1:0\" }}\nruntime: {{ worker_threads: 4 }}\nlisteners:\n  per-client: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ max_connections_per_client: 2 }} }}\n  small: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ max_connections: 3 }} }}\npools:\n{}",
         pool_yaml("p", &[("b", backend.address)], "")
     );
     let gatehouse = start_gatehouse(&dir, &yaml).await;
+    (gatehouse, backend, dir)
+}
+
+#[tokio::test]
+async fn connection_caps_per_client_and_per_listener_refuse_cleanly() {
+    let (gatehouse, _backend, _dir) = capped_gatehouse().await;
     for (listener, cap) in [("per-client", 2), ("small", 3)] {
         let address = gatehouse.listener_address(listener).unwrap();
         let mut held = Vec::new();
@@ -448,14 +454,8 @@ async fn connection_caps_per_client_and_per_listener_refuse_cleanly() {
 
 #[tokio::test]
 async fn max_connections_holds_when_clients_arrive_at_once() {
-    let backend = TestBackend::start("b").await;
-    let dir = TestDir::new();
     // Four workers accept the burst side by side: the cap is one count across them.
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}\nruntime: {{ worker_threads: 4 }}\nlisteners:\n  small: {{ listen: \"127.0.0.1:0\", pool: p, limits: {{ max_connections: 3 }} }}\npools:\n{}",
-        pool_yaml("p", &[("b", backend.address)], "")
-    );
-    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let (gatehouse, _backend, _dir) = capped_gatehouse().await;
     let address = gatehouse.listener_address("small").unwrap();
     let burst = (0..40).map(|_| {
         tokio::spawn(async move {
@@ -687,17 +687,8 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
         // Reset, not closed: the kernel dropped what gatehouse had queued for this client
         // (closed normally, it would still be offering it). What reached the client's own
         // buffer is read, then the reset.
-        let mut received = Vec::new();
-        let read = tokio::time::timeout(DEADLINE, client.read_to_end(&mut received))
-            .await
-            .unwrap_or_else(|_| panic!("{by}: the connection was not closed"));
-        let error = read.expect_err("closed without a reset");
-        assert_eq!(
-            error.kind(),
-            std::io::ErrorKind::ConnectionReset,
-            "{by}: {error}"
-        );
-        assert!(received.len() < size, "{by}: {} bytes", received.len());
+        let received = bytes_before_reset(&mut client, by).await;
+        assert!(received < size, "{by}: {received} bytes");
     }
 }
 
@@ -744,16 +735,7 @@ async fn a_tls_client_that_stops_reading_is_cut_off_and_reset_too() {
             .find(|line| line["client"] == address.as_str())
             .unwrap_or_else(|| panic!("{by}: no line for {address} in {lines:?}"));
         assert_eq!(line["ended"], "client_aborted", "{by}: {line}");
-        let mut received = Vec::new();
-        let read = tokio::time::timeout(DEADLINE, client.read_to_end(&mut received))
-            .await
-            .unwrap_or_else(|_| panic!("{by}: the connection was not closed"));
-        let error = read.expect_err("closed without a reset");
-        assert_eq!(
-            error.kind(),
-            std::io::ErrorKind::ConnectionReset,
-            "{by}: {error}"
-        );
+        bytes_before_reset(&mut client, by).await;
     }
 }
 

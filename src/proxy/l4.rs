@@ -16,7 +16,6 @@ use crate::upstream::backend::now_nanos;
 use crate::upstream::table::ListenerTable;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -194,9 +193,9 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + ResetOnClose + Unpin,
 {
-    let moved_at = Arc::new(AtomicU64::new(now_nanos()));
+    let moved_at = AtomicU64::new(now_nanos());
     let mut client = Observed::new(client, Side::default());
-    let mut upstream = Observed::new(upstream, Side::touching(moved_at.clone()));
+    let mut upstream = Observed::new(upstream, Side::touching(&moved_at));
     // `None`: idled out (the sides say how once the copy lets go of them).
     let ended = {
         let copy =
@@ -238,16 +237,16 @@ where
 
 /// What one side of a tunnel took, and whether a write to it waits.
 #[derive(Default)]
-struct Side {
+struct Side<'a> {
     written: u64,
     waiting: bool,
     /// Where the upstream side records the time of the last byte moved, for the idle
     /// timeout (every byte the client moves crosses the upstream side too).
-    moved_at: Option<Arc<AtomicU64>>,
+    moved_at: Option<&'a AtomicU64>,
 }
 
-impl Side {
-    fn touching(moved_at: Arc<AtomicU64>) -> Side {
+impl<'a> Side<'a> {
+    fn touching(moved_at: &'a AtomicU64) -> Self {
         Side {
             moved_at: Some(moved_at),
             ..Side::default()
@@ -255,13 +254,13 @@ impl Side {
     }
 
     fn touch(&self) {
-        if let Some(moved_at) = &self.moved_at {
+        if let Some(moved_at) = self.moved_at {
             moved_at.store(now_nanos(), Ordering::Relaxed);
         }
     }
 }
 
-impl Observer for Side {
+impl Observer for Side<'_> {
     fn read(&mut self, _bytes: &[u8]) {
         self.touch();
     }

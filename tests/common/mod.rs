@@ -616,6 +616,34 @@ pub async fn raw_exchange(address: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&received).into_owned()
 }
 
+/// Reads `stream` to its end, which must be a reset (TCP RST: the peer dropped what it had
+/// queued) and not a close; the bytes read before it. `what` names the stream in failures.
+pub async fn bytes_before_reset(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    what: &str,
+) -> usize {
+    let mut buffer = vec![0u8; 1 << 16];
+    let mut received = 0;
+    let reading = async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) => panic!("{what}: closed without a reset after {received} bytes"),
+                Ok(read) => received += read,
+                Err(error) => return error,
+            }
+        }
+    };
+    let error = tokio::time::timeout(DEADLINE, reading)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the connection was not closed"));
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "{what}: {error}"
+    );
+    received
+}
+
 /// Reads from `stream` into `received` until `done` holds for the text read so far.
 pub async fn read_until(
     stream: &mut (impl tokio::io::AsyncRead + Unpin),
