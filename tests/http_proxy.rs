@@ -10,7 +10,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 #[tokio::test]
@@ -422,40 +422,6 @@ async fn an_idle_http2_connection_over_tls_is_closed_but_never_one_with_a_reques
     let tls = connector.connect(name, tcp).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     idle_http2_connection_closes(tls).await;
-}
-
-/// Asks `web` for a WebSocket upgrade of `/ws` (the test backend echoes on it); the
-/// connection and the response head, lower-cased.
-async fn websocket(web: std::net::SocketAddr) -> (TcpStream, String) {
-    let mut stream = TcpStream::connect(web).await.unwrap();
-    stream
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(DEADLINE, stream.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        head.push(byte[0]);
-    }
-    (stream, String::from_utf8_lossy(&head).to_lowercase())
-}
-
-/// Writes `message` into an echoing tunnel and reads it back.
-async fn echo(stream: &mut TcpStream, message: &[u8]) {
-    stream.write_all(message).await.unwrap();
-    let mut echoed = vec![0u8; message.len()];
-    tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(echoed, message);
 }
 
 #[tokio::test]

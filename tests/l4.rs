@@ -175,13 +175,6 @@ async fn held_server() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<TcpS
     (address, held)
 }
 
-/// A client connection that takes in little at a time: a few KiB of receive buffer.
-async fn small_window_client(address: SocketAddr) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(address).await.unwrap()
-}
-
 #[tokio::test]
 async fn a_tunnel_idle_for_timeouts_idle_is_closed_and_a_side_that_stopped_reading_reset() {
     let (backend, mut held) = held_server().await;

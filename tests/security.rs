@@ -453,6 +453,54 @@ async fn connection_caps_per_client_and_per_listener_refuse_cleanly() {
 }
 
 #[tokio::test]
+async fn websockets_hold_their_connection_places_while_they_last() {
+    // A tunnel is its client's connection: it counts against both caps and in the gauge for
+    // as long as it is open, so WebSockets cannot open connections past the caps.
+    let (gatehouse, _backend, _dir) = capped_gatehouse().await;
+    for (listener, cap) in [("per-client", 2), ("small", 3)] {
+        let address = gatehouse.listener_address(listener).unwrap();
+        let mut tunnels = Vec::new();
+        for _ in 0..cap {
+            let (mut stream, head) = websocket(address).await;
+            assert!(head.starts_with("http/1.1 101"), "{listener}: {head}");
+            echo(&mut stream, b"open").await;
+            tunnels.push(stream);
+        }
+        let active = metric(
+            &metrics_text(&gatehouse).await,
+            "gatehouse_connections_active",
+            &[("listener", listener)],
+        );
+        assert_eq!(
+            active,
+            Some(f64::from(cap)),
+            "{listener}: tunnels are active connections"
+        );
+        let refused = raw_exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(
+            refused.is_empty(),
+            "{listener}: over the cap while the tunnels are open: {refused:?}"
+        );
+        for tunnel in &mut tunnels {
+            echo(tunnel, b"still open").await;
+        }
+        drop(tunnels);
+        eventually(
+            "a place freed by a closed tunnel is usable again",
+            async || {
+                raw_exchange(
+                    address,
+                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )
+                .await
+                .starts_with("HTTP/1.1 200")
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
 async fn max_connections_holds_when_clients_arrive_at_once() {
     // Four workers accept the burst side by side: the cap is one count across them.
     let (gatehouse, _backend, _dir) = capped_gatehouse().await;
@@ -638,13 +686,6 @@ fn h2_get(stream: u32, path: &str) -> Vec<u8> {
     h2_frame(0x1, 0x5, stream, &block)
 }
 
-/// A client connection that takes in little at a time: a few KiB of receive buffer.
-async fn small_window_client(address: std::net::SocketAddr) -> tokio::net::TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(address).await.unwrap()
-}
-
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
     let (gatehouse, _backend, dir) = send_timeout_gatehouse().await;
@@ -737,6 +778,39 @@ async fn a_tls_client_that_stops_reading_is_cut_off_and_reset_too() {
         assert_eq!(line["ended"], "client_aborted", "{by}: {line}");
         bytes_before_reset(&mut client, by).await;
     }
+}
+
+#[tokio::test]
+async fn a_websocket_client_that_stops_reading_is_reset_at_the_idle_timeout() {
+    // A backend that accepts the upgrade and then pushes more than any buffer holds.
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = backend.accept().await.unwrap();
+        read_request_head(&mut stream).await.unwrap();
+        stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = stream.write_all(&vec![b'x'; 32 << 20]).await;
+    });
+    let dir = TestDir::new();
+    let pool = "    timeouts: { idle: 1s }\n";
+    let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", address)], "", pool).await;
+    let (mut stream, head) = upgrade_to_websocket(small_window_client(web).await).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    // The client reads nothing more (and sends nothing): once the buffers on the way are
+    // full, nothing moves, and the tunnel idles out.
+    eventually("the tunnel ended", async || {
+        let text = metrics_text(&gatehouse).await;
+        metric(
+            &text,
+            "gatehouse_connections_active",
+            &[("listener", "web")],
+        ) == Some(0.0)
+    })
+    .await;
+    bytes_before_reset(&mut stream, "stalled WebSocket client").await;
 }
 
 #[tokio::test]

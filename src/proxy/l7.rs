@@ -30,7 +30,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
@@ -89,6 +89,9 @@ pub struct Connection {
     pub denied: bool,
     /// Whether the independent HTTP/1 framing check follows this connection (not HTTP/2).
     pub checks_framing: bool,
+    /// Its WebSocket tunnel idled out with bytes waiting for the client: the client's socket
+    /// is reset when the upgrade hands it back (see `serve_hyper`).
+    reset_client: AtomicBool,
     /// What that check found (kept here, not in an allocation of its own).
     verdict: Verdict,
     /// Requests handled so far on this connection (HTTP/1 handles them in order).
@@ -127,6 +130,7 @@ impl Connection {
             tls: None,
             denied: false,
             checks_framing: http,
+            reset_client: AtomicBool::new(false),
             verdict: Verdict::default(),
             requests: AtomicU64::new(0),
             answered: AtomicU64::new(0),
@@ -332,7 +336,17 @@ where
             },
             Err(_) => Served::Ended,
         },
-        SessionEnd::Ended(Ok(())) => Served::Ended,
+        SessionEnd::Ended(Ok(())) => {
+            // hyper gives the stream back when it lets go of it: at once, or, for a
+            // connection upgraded to a WebSocket, when its tunnel ends. Until then the
+            // connection keeps its place under `max_connections` and in the gauges.
+            if let Ok(guarded) = reclaim.await {
+                if connection.reset_client.load(Ordering::Relaxed) {
+                    guarded.reset_on_close();
+                }
+            }
+            Served::Ended
+        }
         SessionEnd::Ended(Err(error)) => {
             if record_connection_error(listener, &connection, &*error) {
                 // hyper closes a connection whose request head is late without a word; the
@@ -756,7 +770,7 @@ impl From<Response<ProxyBody>> for Handled {
 pub fn handle(
     request: Request<ClientBody>,
     read_by: ReadBy,
-    connection: &Connection,
+    connection: &Arc<Connection>,
 ) -> impl Future<Output = Handled> + '_ {
     async move {
         let started = Instant::now();
@@ -981,7 +995,7 @@ fn is_idempotent(method: &Method) -> bool {
 #[allow(clippy::manual_async_fn)]
 fn forward<'a>(
     mut request: Request<ClientBody>,
-    connection: &'a Connection,
+    connection: &'a Arc<Connection>,
     listener: &'a ListenerTable,
     target: &'a Target,
     bytes_in: Option<Arc<AtomicU64>>,
@@ -1194,15 +1208,26 @@ fn forward<'a>(
             {
                 let backend = response.body_mut().take_upgraded();
                 let idle = pool.config.timeouts.idle;
+                let client_connection = Arc::clone(connection);
                 connection.listener.tunnels.spawn(async move {
                     let _in_flight = in_flight;
                     let (Ok(client), Some(mut backend)) = (client_upgrade.await, backend) else {
                         return;
                     };
-                    // The client's socket is inside hyper's upgrade: a client that stopped
-                    // reading is closed, not reset (its backend is reset by the tunnel).
                     let mut client = TokioIo::new(client);
-                    super::l4::tunnel(&mut client, &mut backend, idle, UPGRADED_BUFFER).await;
+                    let tunneled =
+                        super::l4::tunnel(&mut client, &mut backend, idle, UPGRADED_BUFFER).await;
+                    // The client's socket is inside hyper's upgrade: `serve_hyper` resets it
+                    // once the upgrade, dropped here, hands it back.
+                    if let super::l4::TunnelEnd::IdledOut {
+                        client_stalled: true,
+                        ..
+                    } = tunneled.end
+                    {
+                        client_connection
+                            .reset_client
+                            .store(true, Ordering::Relaxed);
+                    }
                 });
                 headers::strip_hop_by_hop(response.headers_mut(), true);
                 return Ok((

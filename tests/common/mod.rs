@@ -667,6 +667,52 @@ pub async fn read_until(
         .expect("the answer arrives");
 }
 
+/// Asks `web` for a WebSocket upgrade of `/ws` (the test backend echoes on it); the
+/// connection and the response head, lower-cased.
+pub async fn websocket(web: std::net::SocketAddr) -> (TcpStream, String) {
+    upgrade_to_websocket(TcpStream::connect(web).await.unwrap()).await
+}
+
+/// Asks for a WebSocket upgrade of `/ws` on `stream`; the stream and the response head,
+/// lower-cased.
+pub async fn upgrade_to_websocket(mut stream: TcpStream) -> (TcpStream, String) {
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    (stream, String::from_utf8_lossy(&head).to_lowercase())
+}
+
+/// A client connection with a 4 KiB receive buffer: one that stops reading fills up fast.
+pub async fn small_window_client(address: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(address).await.unwrap()
+}
+
+/// Writes `message` into an echoing tunnel and reads it back.
+pub async fn echo(stream: &mut TcpStream, message: &[u8]) {
+    stream.write_all(message).await.unwrap();
+    let mut echoed = vec![0u8; message.len()];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, message);
+}
+
 /// Reads one metric sample's value from the text exposition.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
