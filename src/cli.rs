@@ -241,6 +241,7 @@ fn running_config(admin: std::net::SocketAddr) -> Result<Config, String> {
 /// Runs gatehouse with `config` until SIGTERM/SIGINT, then drains. `before_serving` runs on
 /// the runtime first (the demo starts its backends there).
 pub fn run(config: Config, before_serving: Option<Box<dyn FnOnce() + Send>>) -> ExitCode {
+    crate::open_files::raise_for(&config);
     // The control plane's runtime (and, with one worker, the data plane's too): more
     // workers run runtimes of their own (see `workers`).
     let mut builder = tokio::runtime::Builder::new_current_thread();

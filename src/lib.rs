@@ -27,6 +27,7 @@ pub mod health;
 pub mod io;
 pub mod listener;
 pub mod metrics;
+pub mod open_files;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod rate_limit;

@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_gatehouse");
 
@@ -145,8 +146,14 @@ impl Drop for Running {
 
 impl Running {
     fn start(args: &[&str]) -> Running {
-        let mut child = Command::new(BINARY)
-            .args(args)
+        let mut command = Command::new(BINARY);
+        command.args(args);
+        Running::start_command(command)
+    }
+
+    /// Starts gatehouse as `command` says (a shell that sets limits first, say).
+    fn start_command(mut command: Command) -> Running {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -560,4 +567,41 @@ async fn sigusr1_reopens_the_access_log_file_for_logrotate() {
     .await;
     let rotated = std::fs::read_to_string(dir.path("access.log.1")).unwrap();
     assert!(rotated.contains("/before-rotation"));
+}
+
+#[tokio::test]
+async fn the_open_files_limit_is_raised_to_the_hard_limit_and_a_short_one_named() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let config = simple_config(&dir, backend.address, "5s");
+    // A hard limit below what the default max_connections (10,000) may take, and a soft one
+    // below that, as a shell's default 1,024 would be.
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("ulimit -Sn 256 && ulimit -Hn 4096 && exec \"$0\" \"$@\"")
+        .args([BINARY, "run", "--config", config.to_str().unwrap()]);
+    let running = Running::start_command(command);
+    running.wait_for_log("raised the open-files limit to its hard limit");
+    running
+        .wait_for_log("the open-files limit is below what the listeners' max_connections may take");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", running.child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let values: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(values, ["4096", "4096"], "{open_files}");
+    // More connections than the old soft limit, all served.
+    let web = running.listener("web");
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        held.push(TcpStream::connect(web).await.unwrap());
+    }
+    let answer = raw_exchange(
+        web,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
