@@ -34,6 +34,9 @@ const BACKLOG: i32 = 4096;
 const KEEPALIVE: Duration = Duration::from_secs(60);
 /// Pause after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// At most one log line per this long about accept errors that go on (they come twenty
+/// times a second while the process is out of file descriptors).
+const ACCEPT_ERROR_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// Binds `address` with SO_REUSEADDR (and SO_REUSEPORT when asked), non-blocking, ready to
 /// be registered with each worker's runtime.
@@ -129,6 +132,7 @@ impl AcceptLoop {
             shutdown: self.shutdown,
             room,
         });
+        let mut accept_errors = AcceptErrors::default();
         loop {
             let accepted = tokio::select! {
                 accepted = socket.accept() => accepted,
@@ -137,7 +141,9 @@ impl AcceptLoop {
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(listener = %self.context.name, %error, "accept failed");
+                    if let Some(failures) = accept_errors.failed(std::time::Instant::now()) {
+                        tracing::warn!(listener = %self.context.name, %error, failures, "accept failed");
+                    }
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
@@ -179,6 +185,30 @@ impl AcceptLoop {
             }
         }
         tracing::info!(listener = %self.context.name, worker = workers::current(), "stopped accepting");
+    }
+}
+
+/// Paces the log lines about failed accepts: the first at once, then at most one per
+/// [`ACCEPT_ERROR_LOG_PERIOD`], saying how many failed since the last.
+#[derive(Default)]
+struct AcceptErrors {
+    unlogged: u64,
+    logged_at: Option<std::time::Instant>,
+}
+
+impl AcceptErrors {
+    /// An accept failed `now`: the number of failures to log, if a line is due.
+    #[cold]
+    fn failed(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.unlogged += 1;
+        let due = self
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= ACCEPT_ERROR_LOG_PERIOD);
+        if !due {
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -578,4 +608,23 @@ async fn serve_tls(stream: ClientStream, mut client: Box<Client>) {
         Box::pin(served).await;
     }
     drop(client);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Out of file descriptors, accepts fail twenty times a second: one line, then one per
+    /// period with the count.
+    #[test]
+    fn failed_accepts_are_logged_once_per_period_with_their_count() {
+        let mut errors = AcceptErrors::default();
+        let start = std::time::Instant::now();
+        assert_eq!(errors.failed(start), Some(1));
+        for tick in 1..200 {
+            assert_eq!(errors.failed(start + ACCEPT_ERROR_PAUSE * tick), None);
+        }
+        assert_eq!(errors.failed(start + ACCEPT_ERROR_LOG_PERIOD), Some(200));
+        assert_eq!(errors.failed(start + ACCEPT_ERROR_LOG_PERIOD), None);
+    }
 }
