@@ -340,6 +340,55 @@ async fn a_replaced_certificate_is_served_on_new_connections() {
     );
 }
 
+#[tokio::test]
+async fn a_renewed_certificate_is_picked_up_without_a_reload() {
+    let a = TestBackend::start("a").await;
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let listener = |directory: &str| {
+        format!("  secure:\n    listen: \"127.0.0.1:0\"\n    protocol: https\n    tls:\n      certificates:\n        - {{ cert: {directory}/site.crt, key: {directory}/site.key }}\n    pool: p\n")
+    };
+    for directory in ["tls", "renewed"] {
+        std::fs::create_dir(dir.path(directory)).unwrap();
+    }
+    ca.leaf(&dir, "tls/site", &["first.example.gov"]);
+    let gatehouse = start_gatehouse(&dir, &yaml(&[("a", a.address, 1)], &listener("tls"))).await;
+    gatehouse::watch::spawn(gatehouse.clone());
+    let secure = gatehouse.listener_address("secure").unwrap();
+    // Whether the certificate served verifies for `name` (there is one: the listener's).
+    let connector = tokio_rustls::TlsConnector::from(ca.client_config(&[b"http/1.1"]));
+    let serves = async |name: &'static str| {
+        let tcp = tokio::net::TcpStream::connect(secure).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(name).unwrap();
+        connector.connect(name, tcp).await.is_ok()
+    };
+    assert!(serves("first.example.gov").await);
+
+    // Renewed in place (a certificate directory of its own, as certbot's).
+    ca.leaf(&dir, "tls/site", &["second.example.gov"]);
+    eventually("the renewed certificate served", async || {
+        serves("second.example.gov").await
+    })
+    .await;
+
+    // The configuration moves the certificate elsewhere: the watcher follows it there.
+    ca.leaf(&dir, "renewed/site", &["third.example.gov"]);
+    dir.write(
+        "gatehouse.yaml",
+        &yaml(&[("a", a.address, 1)], &listener("renewed")),
+    );
+    eventually("the moved certificate served", async || {
+        serves("third.example.gov").await
+    })
+    .await;
+    ca.leaf(&dir, "renewed/site", &["fourth.example.gov"]);
+    eventually(
+        "the certificate renewed in its new place served",
+        async || serves("fourth.example.gov").await,
+    )
+    .await;
+}
+
 /// Starts the file watcher and waits until a change of `dir/gatehouse.yaml` made by
 /// `change` switches traffic to `expected`.
 async fn watch_case(change: impl FnOnce(&TestDir, &str), what: &str) {
