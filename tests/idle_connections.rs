@@ -236,13 +236,7 @@ async fn a_parked_connection_can_upgrade_to_a_websocket_tunnel() {
     let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
     let mut client = parked_connection(&gatehouse, web).await;
     let mut received = Vec::new();
-    client
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    client.write_all(WEBSOCKET_REQUEST).await.unwrap();
     read_until(&mut client, &mut received, |text| {
         text.contains("HTTP/1.1 101") && text.ends_with("\r\n\r\n")
     })

@@ -407,6 +407,30 @@ async fn capped_gatehouse() -> (Arc<gatehouse::server::Gatehouse>, TestBackend, 
     (gatehouse, backend, dir)
 }
 
+/// With `held` taking every place of `listener` at `address`, a next connection is closed
+/// unanswered; once they close, a place is usable again.
+async fn over_the_cap_refused_until_released<T>(
+    listener: &str,
+    address: std::net::SocketAddr,
+    held: Vec<T>,
+) {
+    let refused = raw_exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        refused.is_empty(),
+        "{listener}: over the cap is closed: {refused:?}"
+    );
+    drop(held);
+    eventually("a freed place is usable again", async || {
+        raw_exchange(
+            address,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .starts_with("HTTP/1.1 200")
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn connection_caps_per_client_and_per_listener_refuse_cleanly() {
     let (gatehouse, _backend, _dir) = capped_gatehouse().await;
@@ -424,21 +448,7 @@ async fn connection_caps_per_client_and_per_listener_refuse_cleanly() {
             assert_eq!(&buffer, b"HTTP/1.1 200");
             held.push(stream);
         }
-        let refused = raw_exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(
-            refused.is_empty(),
-            "{listener}: over the cap is closed: {refused:?}"
-        );
-        drop(held);
-        eventually("a freed slot is usable again", async || {
-            raw_exchange(
-                address,
-                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            )
-            .await
-            .starts_with("HTTP/1.1 200")
-        })
-        .await;
+        over_the_cap_refused_until_released(listener, address, held).await;
         let text = metrics_text(&gatehouse).await;
         assert!(
             metric(
@@ -476,27 +486,10 @@ async fn websockets_hold_their_connection_places_while_they_last() {
             Some(f64::from(cap)),
             "{listener}: tunnels are active connections"
         );
-        let refused = raw_exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(
-            refused.is_empty(),
-            "{listener}: over the cap while the tunnels are open: {refused:?}"
-        );
         for tunnel in &mut tunnels {
-            echo(tunnel, b"still open").await;
+            echo(tunnel, b"open").await;
         }
-        drop(tunnels);
-        eventually(
-            "a place freed by a closed tunnel is usable again",
-            async || {
-                raw_exchange(
-                    address,
-                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                )
-                .await
-                .starts_with("HTTP/1.1 200")
-            },
-        )
-        .await;
+        over_the_cap_refused_until_released(listener, address, tunnels).await;
     }
 }
 

@@ -667,6 +667,11 @@ pub async fn read_until(
         .expect("the answer arrives");
 }
 
+/// A WebSocket upgrade request for `/ws` (the test backend accepts it and echoes).
+pub const WEBSOCKET_REQUEST: &[u8] =
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+      Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
 /// Asks `web` for a WebSocket upgrade of `/ws` (the test backend echoes on it); the
 /// connection and the response head, lower-cased.
 pub async fn websocket(web: std::net::SocketAddr) -> (TcpStream, String) {
@@ -676,13 +681,7 @@ pub async fn websocket(web: std::net::SocketAddr) -> (TcpStream, String) {
 /// Asks for a WebSocket upgrade of `/ws` on `stream`; the stream and the response head,
 /// lower-cased.
 pub async fn upgrade_to_websocket(mut stream: TcpStream) -> (TcpStream, String) {
-    stream
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    stream.write_all(WEBSOCKET_REQUEST).await.unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
