@@ -2,9 +2,11 @@
 //! over to another backend on connect failure), optionally send a PROXY header, then copy
 //! both ways with correct half-close until both sides are done or the connection idles out.
 //!
-//! The copy ([`tunnel`], also used for upgraded HTTP connections) uses two fixed buffers
-//! allocated once per connection (`copy_bidirectional_with_sizes`; 64 KiB each for TCP):
-//! nothing is allocated per chunk.
+//! The copy ([`tunnel`], also used for upgraded HTTP connections) is a [`relay`]: a
+//! direction holds a buffer (64 KiB for TCP) only while bytes are on their way, so an idle
+//! tunnel holds none.
+//!
+//! [`relay`]: super::relay
 
 use super::l7::Connection;
 use crate::access_log::AccessRecord;
@@ -198,13 +200,12 @@ where
     let mut upstream = Observed::new(upstream, Side::touching(&moved_at));
     // `None`: idled out (the sides say how once the copy lets go of them).
     let ended = {
-        let copy =
-            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, buffer, buffer);
+        let copy = super::relay::relay(&mut client, &mut upstream, buffer);
         tokio::pin!(copy);
         loop {
             tokio::select! {
                 result = &mut copy => break Some(match result {
-                    Ok(_) => TunnelEnd::Closed,
+                    Ok(()) => TunnelEnd::Closed,
                     Err(error) => TunnelEnd::Failed(error),
                 }),
                 () = tokio::time::sleep(idle.max(Duration::from_millis(100)) / 4) => {

@@ -15,4 +15,5 @@ pub mod headers;
 pub mod l4;
 pub mod l7;
 pub mod park;
+pub mod relay;
 pub mod stall;
