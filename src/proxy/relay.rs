@@ -53,6 +53,7 @@ struct Pipe {
     read_done: bool,
     /// Written since the last flush (a TLS writer may hold bytes until flushed).
     need_flush: bool,
+    /// Everything relayed and the writer shut down: nothing more to do this way.
     done: bool,
 }
 
