@@ -40,8 +40,9 @@ use tokio_util::task::TaskTracker;
 
 /// hyper refuses a read buffer below this.
 pub const MIN_BUF_SIZE: usize = 8192;
-/// Copy buffer per direction of an upgraded connection (WebSocket): tokio's default, small,
-/// as such connections may idle by the thousand.
+/// Copy buffer per direction of an upgraded connection (WebSocket) while bytes move (an
+/// idle one holds none, see `relay`): small, as WebSocket messages are, so many busy ones
+/// stay cheap.
 const UPGRADED_BUFFER: usize = 8 * 1024;
 /// Concurrent HTTP/2 streams per client connection.
 const MAX_CONCURRENT_STREAMS: u32 = 100;

@@ -5,7 +5,8 @@
 //! `error` the mapping from failures to statuses; `framing` the independent check of HTTP/1
 //! request framing; `h1` gatehouse's own server loop for bodiless HTTP/1.1 requests; `park`
 //! lets idle keep-alive connections give a session's state back; `stall` finds the clients that
-//! stop taking their responses. None of these take a lock.
+//! stop taking their responses; `l4` the TCP proxy, whose tunnels (and WebSockets) copy both
+//! ways through `relay`. None of these take a lock.
 
 pub mod body;
 pub mod error;
