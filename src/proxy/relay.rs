@@ -227,6 +227,29 @@ mod tests {
         assert_eq!(&hello, b"hello");
     }
 
+    /// A worker keeps at most `SPARES` buffers however many directions give theirs back at
+    /// once (a burst of tunnels going quiet), and hands them out again before making new ones.
+    #[test]
+    fn a_worker_keeps_at_most_its_spares() {
+        let size = 4_321;
+        let spares = || SPARE.with_borrow(|spare| spare.iter().filter(|b| b.len() == size).count());
+        let held: Vec<_> = (0..SPARES + 5).map(|_| take(size)).collect();
+        assert_eq!(spares(), 0);
+        for buffer in held {
+            give_back(buffer);
+        }
+        assert_eq!(spares(), SPARES, "the rest were freed");
+        let taken = take(size);
+        assert_eq!(taken.len(), size);
+        assert_eq!(spares(), SPARES - 1, "a spare was handed out");
+        assert_eq!(
+            take(size / 2).len(),
+            size / 2,
+            "a size with no spare is made new"
+        );
+        assert_eq!(spares(), SPARES - 1);
+    }
+
     /// A direction holds a buffer only while its bytes wait for the writer: once written
     /// out and the reader has nothing more, the buffer is back with the worker's spares.
     #[tokio::test]
