@@ -281,7 +281,12 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
             changes.push(format!("pool {} removed", pool.name));
         }
     }
-    if old.admin != new.admin
+    if old.admin.token != new.admin.token {
+        // Said apart (never the token itself): a rotation is worth finding in the log.
+        changes.push("admin token changed".to_string());
+    }
+    if old.admin.listen != new.admin.listen
+        || old.admin.token_file != new.admin.token_file
         || old.shutdown_timeout != new.shutdown_timeout
         || old.access_log != new.access_log
     {

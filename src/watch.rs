@@ -1,5 +1,6 @@
 //! Reload on file change: the configuration file and the files it names (TLS certificates,
-//! keys and CA bundles), so a renewed certificate is served without anyone reloading.
+//! keys and CA bundles, the admin token), so a renewed certificate is served, and a rotated
+//! token required, without anyone reloading.
 //!
 //! Directories are watched rather than files because editors replace files by rename,
 //! certbot re-points symlinks and Kubernetes swaps a `..data` symlink; events are filtered to
@@ -36,6 +37,9 @@ impl Watched {
     fn of(path: &Path, config: &Config) -> Self {
         let mut watched = Watched::default();
         watched.add(path);
+        if let Some(token_file) = &config.admin.token_file {
+            watched.add(token_file);
+        }
         for listener in &config.listeners {
             if let Some(tls) = &listener.tls {
                 for certificate in &tls.certificates {
@@ -119,7 +123,7 @@ pub fn spawn(gatehouse: Arc<Gatehouse>) {
         &path,
         &gatehouse.publisher.table().load().config,
     ));
-    tracing::info!(file = %path.display(), "watching the configuration file and the certificates it names for changes");
+    tracing::info!(file = %path.display(), "watching the configuration file and the certificates and token file it names for changes");
     tokio::spawn(async move {
         while changes.recv().await.is_some() {
             while changes.try_recv().is_ok() {}

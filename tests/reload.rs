@@ -392,6 +392,57 @@ async fn a_renewed_certificate_is_picked_up_without_a_reload() {
     .await;
 }
 
+/// A rotated admin token is required as soon as its file changes (the watcher follows the
+/// token file the configuration names): the old token is refused, the new one accepted, and
+/// the audit log says the token changed without saying what it is. Probed with a backend
+/// state call, which needs the token but reloads nothing.
+#[tokio::test]
+async fn a_rotated_admin_token_is_required_without_a_reload() {
+    let a = TestBackend::start("a").await;
+    let dir = TestDir::new();
+    dir.write("token", "first-token\n");
+    let text = yaml(&[("a", a.address, 1)], "").replacen(
+        "admin: { listen: \"127.0.0.1:0\" }",
+        "admin: { listen: \"127.0.0.1:0\", token_file: token }",
+        1,
+    );
+    let gatehouse = start_gatehouse(&dir, &text).await;
+    gatehouse::watch::spawn(gatehouse.clone());
+    let admin = gatehouse.admin_address();
+    let activate_with = async |token: &str| {
+        send(
+            Request::put(format!("http://{admin}/api/v1/pools/p/backends/a/state"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(Full::new(Bytes::from_static(br#"{"state":"active"}"#)))
+                .unwrap(),
+        )
+        .await
+        .status
+    };
+    assert_eq!(activate_with("first-token").await, StatusCode::OK);
+
+    dir.write("token", "second-token\n");
+    eventually("the old token refused", async || {
+        activate_with("first-token").await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert_eq!(activate_with("second-token").await, StatusCode::OK);
+    // Written by the watcher's reload just after it put the new token in force.
+    let audit = || std::fs::read_to_string(dir.path("audit.jsonl")).unwrap_or_default();
+    let rotation = serde_json::json!(["admin token changed"]);
+    eventually("the watcher's reload audited", async || {
+        audit().lines().any(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+            entry["source"] == "file" && entry["changes"] == rotation
+        })
+    })
+    .await;
+    assert!(
+        !audit().contains("second-token"),
+        "the token is never written out"
+    );
+}
+
 /// Starts the file watcher and waits until a change of `dir/gatehouse.yaml` made by
 /// `change` switches traffic to `expected`.
 async fn watch_case(change: impl FnOnce(&TestDir, &str), what: &str) {

@@ -55,6 +55,9 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// The bearer token mutating admin calls need (the token file's trimmed content).
     pub token: Option<String>,
+    /// Where the token was read from: the file watcher follows it, so a rotated token takes
+    /// effect without a reload.
+    pub token_file: Option<PathBuf>,
 }
 
 /// Where access-log lines go.

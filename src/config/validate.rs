@@ -186,6 +186,7 @@ fn build(raw: RawConfig, text: &str, file: &Path, base: &Path, p: &mut Problems)
         admin: AdminConfig {
             listen: admin_listen,
             token,
+            token_file: raw.admin.token_file.as_deref().map(resolve),
         },
         worker_threads: raw.runtime.worker_threads.unwrap_or(0),
         shutdown_timeout,
