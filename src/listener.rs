@@ -332,7 +332,8 @@ impl Client {
         let listener = self.listener.clone();
         let config = &listener.config;
         let metrics = &listener.metrics;
-        let client = self.connection.client.ip();
+        let address = self.connection.client.ip();
+        let client = config.limits.client_key(address);
         let cap = config.limits.max_connections_per_client;
         let Ok(slot) = self.gate.counts.per_client.admit(client, cap) else {
             metrics.reject(Rejection::MaxConnections);
@@ -348,7 +349,7 @@ impl Client {
             metrics.reject(Rejection::RateLimit);
             return false;
         }
-        if !listener.admits(client) {
+        if !listener.admits(address) {
             if !config.protocol.is_http() {
                 metrics.reject(Rejection::Acl);
                 return false;

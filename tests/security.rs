@@ -285,6 +285,79 @@ async fn rate_limits_answer_429_with_retry_after() {
     );
 }
 
+/// The status code of a request on a new connection whose PROXY header names `client` (as a
+/// fronting L4 balancer would), on a listener with `proxy_protocol: true`; "" when gatehouse
+/// closed the connection without an answer.
+async fn status_from(listener: std::net::SocketAddr, client: &str) -> String {
+    let request = format!(
+        "PROXY TCP6 {client} 2001:db8:ffff::1 40000 80\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw_exchange(listener, request.as_bytes()).await;
+    answer.split(' ').nth(1).unwrap_or_default().to_string()
+}
+
+/// An IPv6 client counts by its /64 (`limits.client_ipv6_prefix`): another address of the
+/// same /64 shares its rate limit and its connection cap; an address of another /64 does not.
+#[tokio::test]
+async fn ipv6_clients_are_limited_per_64_prefix() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (_gatehouse, web) = single_pool_gatehouse(
+        &dir,
+        &[("b", backend.address)],
+        ", proxy_protocol: true, rate_limit: { requests_per_second: 0.01, burst: 1 }",
+        "",
+    )
+    .await;
+    assert_eq!(status_from(web, "2001:db8:1:2::1").await, "200");
+    assert_eq!(
+        status_from(web, "2001:db8:1:2:ffff::9").await,
+        "429",
+        "the same /64: its budget is spent"
+    );
+    assert_eq!(
+        status_from(web, "2001:db8:1:3::1").await,
+        "200",
+        "another /64"
+    );
+
+    let capped_dir = TestDir::new();
+    let (_capped, capped) = single_pool_gatehouse(
+        &capped_dir,
+        &[("b", backend.address)],
+        ", proxy_protocol: true, limits: { max_connections_per_client: 1 }",
+        "",
+    )
+    .await;
+    let mut held = tokio::net::TcpStream::connect(capped).await.unwrap();
+    held.write_all(
+        b"PROXY TCP6 2001:db8:1:2::1 2001:db8:ffff::1 40000 80\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let mut piece = [0u8; 1024];
+    while !answer.starts_with(b"HTTP/1.1 200") {
+        let read = tokio::time::timeout(DEADLINE, held.read(&mut piece))
+            .await
+            .expect("an answer on the held connection")
+            .unwrap();
+        assert!(read > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&piece[..read]);
+    }
+    assert_eq!(
+        status_from(capped, "2001:db8:1:2:ffff::9").await,
+        "",
+        "the same /64 holds its one connection"
+    );
+    assert_eq!(
+        status_from(capped, "2001:db8:1:3::1").await,
+        "200",
+        "another /64"
+    );
+    drop(held);
+}
+
 async fn h2_gatehouse() -> (Arc<gatehouse::server::Gatehouse>, TestBackend, TestDir) {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();

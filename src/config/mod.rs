@@ -11,9 +11,9 @@ pub mod raw;
 pub mod units;
 mod validate;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -175,6 +175,25 @@ pub struct Limits {
     pub max_connections: usize,
     /// Open connections per client address; 0 = unlimited.
     pub max_connections_per_client: u32,
+    /// The length of the IPv6 prefix the per-client limits count as one client.
+    pub client_ipv6_prefix: u8,
+}
+
+impl Limits {
+    /// The client that `rate_limit` and `max_connections_per_client` count `address` as: an
+    /// IPv4 client by its address (also written IPv4-mapped), an IPv6 client by its
+    /// `client_ipv6_prefix` network — an IPv6 host takes any address of its /64 at will
+    /// (privacy addresses), so per address its limits would not hold.
+    pub fn client_key(&self, address: IpAddr) -> IpAddr {
+        match address {
+            IpAddr::V4(_) => address,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => Ipv6Net::new(v6, self.client_ipv6_prefix)
+                    .map_or(address, |network| IpAddr::V6(network.network())),
+            },
+        }
+    }
 }
 
 /// How a route matches the request's host (case-insensitive, port ignored).

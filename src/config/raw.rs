@@ -124,6 +124,7 @@ pub struct RawLimits {
     pub send_timeout: Option<String>,
     pub max_connections: Option<usize>,
     pub max_connections_per_client: Option<u32>,
+    pub client_ipv6_prefix: Option<u8>,
 }
 
 /// One entry of `routes:`; first match wins.

@@ -377,7 +377,14 @@ fn listener_config(
         ),
         max_connections: raw.limits.max_connections.unwrap_or(10_000),
         max_connections_per_client: raw.limits.max_connections_per_client.unwrap_or(0),
+        client_ipv6_prefix: raw.limits.client_ipv6_prefix.unwrap_or(64),
     };
+    if !(1..=128).contains(&limits.client_ipv6_prefix) {
+        p.push(
+            format!("{path}.limits.client_ipv6_prefix"),
+            "must be between 1 and 128",
+        );
+    }
     if limits.header_timeout.is_zero() {
         p.push(
             format!("{path}.limits.header_timeout"),
@@ -944,5 +951,44 @@ mod tests {
         let error = send_timeout(", limits: { send_timeout: 0s }").unwrap_err();
         assert_eq!(error.problems[0].path, "listeners.web.limits.send_timeout");
         assert_eq!(error.problems[0].message, "must be above zero");
+    }
+
+    /// Per-client limits count an IPv6 client by its /64 unless told otherwise, an IPv4 one
+    /// (also written IPv4-mapped) by its address; a prefix outside 1..=128 is refused.
+    #[test]
+    fn ipv6_clients_are_counted_per_prefix() {
+        let yaml = |limits: &str| {
+            format!("listeners:\n  web: {{ listen: \"127.0.0.1:0\", pool: app{limits} }}\npools:\n  app:\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n")
+        };
+        let path = std::path::Path::new("/nonexistent/t.yaml");
+        let limits = |extra: &str| {
+            crate::config::parse(&yaml(extra), path).map(|config| config.listeners[0].limits)
+        };
+        let key = |limits: &crate::config::Limits, address: &str| {
+            limits.client_key(address.parse().unwrap()).to_string()
+        };
+        let default = limits("").unwrap();
+        assert_eq!(default.client_ipv6_prefix, 64);
+        assert_eq!(
+            key(&default, "2001:db8:1:2:aaaa:bbbb:cccc:dddd"),
+            "2001:db8:1:2::"
+        );
+        assert_eq!(key(&default, "2001:db8:1:2::1"), "2001:db8:1:2::");
+        assert_eq!(key(&default, "2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(key(&default, "192.0.2.7"), "192.0.2.7");
+        assert_eq!(key(&default, "::ffff:192.0.2.7"), "192.0.2.7");
+        let exact = limits(", limits: { client_ipv6_prefix: 128 }").unwrap();
+        assert_eq!(key(&exact, "2001:db8:1:2::1"), "2001:db8:1:2::1");
+        let wide = limits(", limits: { client_ipv6_prefix: 48 }").unwrap();
+        assert_eq!(key(&wide, "2001:db8:1:2::1"), "2001:db8:1::");
+        for refused in ["0", "129"] {
+            let error = limits(&format!(", limits: {{ client_ipv6_prefix: {refused} }}"))
+                .expect_err(refused);
+            assert_eq!(
+                error.problems[0].path,
+                "listeners.web.limits.client_ipv6_prefix"
+            );
+            assert_eq!(error.problems[0].message, "must be between 1 and 128");
+        }
     }
 }

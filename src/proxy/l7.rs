@@ -786,10 +786,10 @@ pub fn handle(
             .enabled()
             .then(|| Box::new(access_record(&request, connection)));
         let bytes_in = record.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
-        let limited = listener
-            .rate_limiter
-            .as_ref()
-            .and_then(|limiter| limiter.check(connection.client.ip()).err());
+        let limited = listener.rate_limiter.as_ref().and_then(|limiter| {
+            let client = listener.config.limits.client_key(connection.client.ip());
+            limiter.check(client).err()
+        });
         let index = connection.requests.fetch_add(1, Ordering::Relaxed);
         let ambiguous = connection
             .framing()
