@@ -930,16 +930,16 @@ mod tests {
         }
     }
 
+    /// The limits of a listener `web` whose entry ends with `extra` (`, limits: {...}`).
+    fn web_limits(extra: &str) -> Result<crate::config::Limits, crate::config::ConfigError> {
+        let yaml = format!("listeners:\n  web: {{ listen: \"127.0.0.1:0\", pool: app{extra} }}\npools:\n  app:\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n");
+        crate::config::parse(&yaml, std::path::Path::new("/nonexistent/t.yaml"))
+            .map(|config| config.listeners[0].limits)
+    }
+
     #[test]
     fn send_timeout_defaults_to_a_minute_and_must_be_above_zero() {
-        let yaml = |limits: &str| {
-            format!("listeners:\n  web: {{ listen: \"127.0.0.1:0\", pool: app{limits} }}\npools:\n  app:\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n")
-        };
-        let path = std::path::Path::new("/nonexistent/t.yaml");
-        let send_timeout = |limits: &str| {
-            crate::config::parse(&yaml(limits), path)
-                .map(|config| config.listeners[0].limits.send_timeout)
-        };
+        let send_timeout = |extra: &str| web_limits(extra).map(|limits| limits.send_timeout);
         assert_eq!(
             send_timeout("").unwrap(),
             std::time::Duration::from_secs(60)
@@ -957,17 +957,10 @@ mod tests {
     /// (also written IPv4-mapped) by its address; a prefix outside 1..=128 is refused.
     #[test]
     fn ipv6_clients_are_counted_per_prefix() {
-        let yaml = |limits: &str| {
-            format!("listeners:\n  web: {{ listen: \"127.0.0.1:0\", pool: app{limits} }}\npools:\n  app:\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n")
-        };
-        let path = std::path::Path::new("/nonexistent/t.yaml");
-        let limits = |extra: &str| {
-            crate::config::parse(&yaml(extra), path).map(|config| config.listeners[0].limits)
-        };
         let key = |limits: &crate::config::Limits, address: &str| {
             limits.client_key(address.parse().unwrap()).to_string()
         };
-        let default = limits("").unwrap();
+        let default = web_limits("").unwrap();
         assert_eq!(default.client_ipv6_prefix, 64);
         assert_eq!(
             key(&default, "2001:db8:1:2:aaaa:bbbb:cccc:dddd"),
@@ -977,12 +970,12 @@ mod tests {
         assert_eq!(key(&default, "2001:db8:1:3::1"), "2001:db8:1:3::");
         assert_eq!(key(&default, "192.0.2.7"), "192.0.2.7");
         assert_eq!(key(&default, "::ffff:192.0.2.7"), "192.0.2.7");
-        let exact = limits(", limits: { client_ipv6_prefix: 128 }").unwrap();
+        let exact = web_limits(", limits: { client_ipv6_prefix: 128 }").unwrap();
         assert_eq!(key(&exact, "2001:db8:1:2::1"), "2001:db8:1:2::1");
-        let wide = limits(", limits: { client_ipv6_prefix: 48 }").unwrap();
+        let wide = web_limits(", limits: { client_ipv6_prefix: 48 }").unwrap();
         assert_eq!(key(&wide, "2001:db8:1:2::1"), "2001:db8:1::");
         for refused in ["0", "129"] {
-            let error = limits(&format!(", limits: {{ client_ipv6_prefix: {refused} }}"))
+            let error = web_limits(&format!(", limits: {{ client_ipv6_prefix: {refused} }}"))
                 .expect_err(refused);
             assert_eq!(
                 error.problems[0].path,
