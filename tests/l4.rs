@@ -252,6 +252,43 @@ async fn a_tunnel_idle_for_timeouts_idle_is_closed_and_a_side_that_stopped_readi
     bytes_before_reset(&mut deaf_backend, "deaf backend").await;
 }
 
+/// A backend that resets the connection mid-exchange ends the tunnel as failed: the client's
+/// connection closes, and the access log says how (`tunnel: ` and the backend's error).
+#[tokio::test]
+async fn a_backend_reset_is_logged_as_the_tunnel_failing() {
+    let (resetting, seen) = resetting_backend().await;
+    let dir = TestDir::new();
+    let gatehouse = start_gatehouse(&dir, &tcp_config("", &[("r", resetting)], "")).await;
+    let db = gatehouse.listener_address("db").unwrap();
+    let mut client = TcpStream::connect(db).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(DEADLINE, client.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the client's connection ends with the tunnel"
+    );
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["GET / HTTP/1.1"]);
+    let mut lines = Vec::new();
+    eventually("the tunnel's access-log line", async || {
+        lines = access_log_lines(&dir);
+        !lines.is_empty()
+    })
+    .await;
+    let error = lines[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("tunnel: ") && error.to_lowercase().contains("reset"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[0]["backend"], "r");
+    assert_eq!(lines[0]["bytes_in"].as_u64(), Some(27));
+}
+
 #[tokio::test]
 async fn half_close_keeps_the_other_direction_open() {
     let counting = counting_server().await;
