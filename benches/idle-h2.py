@@ -8,9 +8,10 @@ its answer, and keeps them open, idle; then opens as many more the same way, the
 still open. Prints the RSS growth of PIDS (comma-separated: the proxy's processes) per
 connection after the preface and after the request, for each batch: the first includes what
 the process takes once (allocator arenas, buffers it keeps), the second is what one more idle
-connection costs while the others live. Start the proxy (one worker) in front of a backend
-first; benches/profile.sh's nginx backend and benches/peerbench-candidate.sh's configuration
-serve.
+connection costs while the others live. Start the proxy first, one worker, in front of any
+origin (docs/benchmarks.md's figures: the nginx origin benches/profile.sh writes, gatehouse
+configured as benches/peerbench-candidate.sh configures it, nginx and HAProxy as the peer
+benchmark does).
 """
 import argparse
 import resource
