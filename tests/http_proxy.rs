@@ -10,7 +10,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[tokio::test]
@@ -479,4 +479,107 @@ async fn a_websocket_silent_both_ways_for_the_idle_timeout_is_closed() {
         "closed {:?} into the silence",
         silent.elapsed()
     );
+}
+
+/// A backend that answers 401 as soon as it has a request's head, reads nothing more and
+/// keeps its connection open: an application refusing an upload before reading it.
+async fn refusing_backend() -> std::net::SocketAddr {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut stream).await.is_some() {
+                    let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 6\r\n\r\nlog in";
+                    if stream.write_all(answer).await.is_ok() {
+                        tokio::time::sleep(DEADLINE).await;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Sends a POST to `path` with a 16 MiB body whole — more than the sockets on the way
+/// hold — before reading anything, as most scripts and SDKs do; then reads the answer's
+/// head. The connection stays open.
+async fn post_whole_then_read(web: std::net::SocketAddr, path: &str) -> (TcpStream, String) {
+    let size = 16 << 20;
+    let mut request =
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n").into_bytes();
+    request.resize(request.len() + size, b'd');
+    let mut stream = TcpStream::connect(web).await.unwrap();
+    tokio::time::timeout(DEADLINE, stream.write_all(&request))
+        .await
+        .expect("the upload goes out")
+        .unwrap_or_else(|error| panic!("the upload to {path} was cut off: {error}"));
+    let mut received = Vec::new();
+    read_until(&mut stream, &mut received, |text| text.contains("\r\n\r\n")).await;
+    (stream, String::from_utf8_lossy(&received).into_owned())
+}
+
+#[tokio::test]
+async fn an_answer_given_before_the_upload_was_read_reaches_a_client_that_sends_first() {
+    let refusing = refusing_backend().await;
+    let dir = TestDir::new();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web:\n    listen: \"127.0.0.1:0\"\n    routes:\n      - {{ path_prefix: \"/down\", pool: down }}\n    pool: p\npools:\n{}{}",
+        pool_yaml("p", &[("app", refusing)], ""),
+        pool_yaml("down", &[("gone", closed_port())], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+
+    // The backend's 401, given after the first bytes of the body.
+    let (mut stream, head) = post_whole_then_read(web, "/documents").await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    // The rest of the body was read and thrown away: the connection takes the next request.
+    stream
+        .write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut next = Vec::new();
+    read_until(&mut stream, &mut next, |text| text.contains("log in")).await;
+    assert!(next.starts_with(b"HTTP/1.1 401"), "{next:?}");
+
+    // gatehouse's own answer, given before it read any of the body.
+    let (_stream, head) = post_whole_then_read(web, "/down/form").await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+}
+
+#[tokio::test]
+async fn an_unread_upload_is_drained_for_a_bounded_time_and_never_asked_for() {
+    let refusing = refusing_backend().await;
+    let dir = TestDir::new();
+    let listener = ", routes: [ { path_prefix: \"/small\", pool: p, max_body_bytes: 1000 } ]";
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("app", refusing)], listener, "").await;
+
+    // A client that stops sending its body after the answer is not waited for long.
+    let mut stream = TcpStream::connect(web).await.unwrap();
+    let mut request =
+        b"POST /documents HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n".to_vec();
+    request.resize(request.len() + 65536, b'd');
+    stream.write_all(&request).await.unwrap();
+    let mut received = Vec::new();
+    read_until(&mut stream, &mut received, |text| text.contains("log in")).await;
+    let answered = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .expect("a silent unread body is given up on");
+    assert!(
+        answered.elapsed() >= Duration::from_secs(4),
+        "given up on after {:?}, before its 5 s",
+        answered.elapsed()
+    );
+
+    // `Expect: 100-continue` refused at its head: the body is never asked for.
+    let refused = raw_exchange(
+        web,
+        b"POST /small HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 413"), "{refused}");
+    assert!(!refused.contains("100 Continue"), "{refused}");
 }

@@ -17,7 +17,7 @@ use crate::config::{Limits, ProxyProtocolVersion};
 use crate::io::{Reclaimable, ResetOnClose};
 use crate::metrics::Rejection;
 use crate::proxy_protocol;
-use crate::upstream::body::{ClientWait, UpstreamBody};
+use crate::upstream::body::{ClientWait, StreamedBody, UpstreamBody};
 use crate::upstream::publisher::SharedTable;
 use crate::upstream::table::{ListenerTable, Target};
 use http::{header, request, Method, Request, Response, StatusCode, Version};
@@ -297,8 +297,10 @@ where
         // and a pointer moves for less than the handler's state (≈ 2.5 KB).
         Box::pin(async move {
             let unanswered = Unanswered(&connection);
+            let (parts, body) = request.into_parts();
+            let body = StreamedBody::new(body, parts.version, &parts.headers);
             let mut response = handle(
-                request.map(ClientBody::Streaming),
+                Request::from_parts(parts, ClientBody::Streaming(body)),
                 ReadBy::Hyper,
                 &connection,
             )

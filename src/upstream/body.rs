@@ -1,13 +1,17 @@
 //! The body of a request to a backend: the client's body (or none), counted and held to the
-//! route's `max_body_bytes` while it streams.
+//! route's `max_body_bytes` while it streams, and read to its end when answered unread.
 
 use bytes::Bytes;
+use http::{header, HeaderMap, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// A request's body as the server that read its head holds it.
 #[derive(Debug, Default)]
@@ -15,7 +19,7 @@ pub enum ClientBody {
     #[default]
     Empty,
     /// Streamed by a hyper session as the client sends it.
-    Streaming(Incoming),
+    Streaming(StreamedBody),
     /// Read with its head by gatehouse's own HTTP/1 loop: a body that had arrived whole.
     Whole(Bytes),
 }
@@ -27,6 +31,111 @@ impl ClientBody {
             ClientBody::Empty => true,
             ClientBody::Streaming(body) => body.is_end_stream(),
             ClientBody::Whole(bytes) => bytes.is_empty(),
+        }
+    }
+}
+
+/// How long an unread HTTP/1 request body is read and thrown away after its answer, at
+/// most (nginx's `lingering_time`).
+const DRAIN_TIME: Duration = Duration::from_secs(30);
+
+/// How long the client may send nothing while its unread body is thrown away (nginx's
+/// `lingering_timeout`).
+const DRAIN_STALL: Duration = Duration::from_secs(5);
+
+/// A request body a hyper session streams in as the client sends it.
+///
+/// Most scripts and SDKs send a whole request before they read its answer. When gatehouse
+/// or a backend answers before the body is read (401, 413, 502…), closing the connection
+/// on the unread rest makes the kernel reset it, and the reset destroys the answer: the
+/// client sees "connection reset" instead of its 401. So an HTTP/1 body dropped before its
+/// end is read to its end and thrown away in the background, for at most [`DRAIN_TIME`]
+/// and at most [`DRAIN_STALL`] without a byte, as nginx does; the connection then takes
+/// the client's next request, or closes. An HTTP/2 stream is not drained: hyper resets
+/// just that stream, which tells the client to stop sending.
+#[derive(Debug)]
+pub struct StreamedBody {
+    /// Taken when dropped, to be drained.
+    body: Option<Incoming>,
+    drain: Drain,
+}
+
+/// Whether a [`StreamedBody`] is drained when dropped before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    Never,
+    /// `Expect: 100-continue`: only once read from, which sends the client its 100
+    /// Continue (until then the client holds its body back, so there is nothing to drain,
+    /// and draining it would ask for it).
+    OnceRead,
+    Always,
+}
+
+impl StreamedBody {
+    /// The body of a request with `version` and `headers`, as hyper streams it in.
+    pub fn new(body: Incoming, version: Version, headers: &HeaderMap) -> Self {
+        let drain = if version >= Version::HTTP_2 {
+            Drain::Never
+        } else if headers
+            .get(header::EXPECT)
+            .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        {
+            Drain::OnceRead
+        } else {
+            Drain::Always
+        };
+        StreamedBody {
+            body: Some(body),
+            drain,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.drain == Drain::OnceRead {
+            self.drain = Drain::Always;
+        }
+        match &mut self.body {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for StreamedBody {
+    fn drop(&mut self) {
+        if self.drain != Drain::Always {
+            return;
+        }
+        let Some(body) = self.body.take().filter(|body| !body.is_end_stream()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(drain(body));
+        }
+    }
+}
+
+/// Reads `body` to its end and throws it away, within [`DRAIN_TIME`] and [`DRAIN_STALL`].
+async fn drain(mut body: Incoming) {
+    let deadline = Instant::now() + DRAIN_TIME;
+    loop {
+        let due = deadline.min(Instant::now() + DRAIN_STALL);
+        match tokio::time::timeout_at(due, body.frame()).await {
+            Ok(Some(Ok(_))) => {}
+            Ok(None) | Ok(Some(Err(_))) | Err(_) => return,
         }
     }
 }
@@ -98,7 +207,7 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.body {
-            ClientBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Streaming(body) => body.poll_frame(cx),
             ClientBody::Whole(bytes) => {
                 let bytes = std::mem::take(bytes);
                 this.body = ClientBody::Empty;
