@@ -159,7 +159,7 @@ async fn heads_it_does_not_serve_get_the_answers_hyper_gives() {
 }
 
 #[tokio::test]
-async fn a_client_that_leaves_abandons_its_request_in_flight() {
+async fn a_client_whose_connection_resets_abandons_its_request_in_flight() {
     let backend = TestBackend::start("b").await;
     let dir = TestDir::new();
     let (gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
@@ -180,6 +180,8 @@ async fn a_client_that_leaves_abandons_its_request_in_flight() {
         active().await == Some(1.0)
     })
     .await;
+    // Closed with a reset (zero linger): the client is gone, not only done sending.
+    client.set_zero_linger().unwrap();
     drop(client);
     // Long before the backend would answer (8 s), the request is dropped.
     tokio::time::timeout(
@@ -190,6 +192,48 @@ async fn a_client_that_leaves_abandons_its_request_in_flight() {
     )
     .await
     .expect("the request ends when its client leaves");
+}
+
+#[tokio::test]
+async fn a_client_that_closes_its_sending_side_is_answered_then_closed() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
+    // Requests read by gatehouse's own loop (two pipelined; a form whose body came with its
+    // head) and by a hyper session (a chunked upload), each followed by the client's FIN.
+    let cases: [(&str, &[u8], usize); 3] = [
+        (
+            "pipelined",
+            b"GET /slow?ms=300 HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n",
+            2,
+        ),
+        (
+            "form",
+            b"POST /slow?ms=300 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\na=1",
+            1,
+        ),
+        (
+            "chunked upload",
+            b"POST /slow?ms=300 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\na=1\r\n0\r\n\r\n",
+            1,
+        ),
+    ];
+    for (what, request, answers) in cases {
+        let mut client = TcpStream::connect(web).await.unwrap();
+        client.write_all(request).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        tokio::time::timeout(DEADLINE, client.read_to_end(&mut received))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the connection was not closed"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&received).to_ascii_lowercase();
+        assert_eq!(
+            text.matches("http/1.1 200").count(),
+            answers,
+            "{what}: {text}"
+        );
+    }
 }
 
 /// Writes `bytes` on `client`, then reads until `answers` answers from backend `b` arrived.

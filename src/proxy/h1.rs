@@ -162,21 +162,23 @@ where
         };
         // In a block of its own, so the session's state does not hold the request's future
         // and the response's writing side by side.
+        let mut sending_done = false;
         let handled = {
             let read_by = l7::ReadBy::OwnLoop { size: head.size };
             let mut handling = std::pin::pin!(l7::handle(head.request, read_by, connection));
-            // Like hyper, a client that closes while its request is in flight abandons it:
-            // the request is dropped (its backend exchange with it). Bytes of a next request
-            // that arrive meanwhile are kept.
+            // A client whose connection resets while its request is in flight is gone: the
+            // request is dropped (its backend exchange with it). One that closes only its
+            // sending side (half-close) may still read: it is answered, then the connection
+            // closes. Bytes of a next request that arrive meanwhile are kept.
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(response) = handling.as_mut().poll(cx) {
                     return Poll::Ready(Some(response));
                 }
-                if read.is_empty() && read.capacity() > 0 {
-                    let polled =
-                        tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut read);
-                    if let Poll::Ready(Ok(0) | Err(_)) = polled {
-                        return Poll::Ready(None);
+                if !sending_done && read.is_empty() && read.capacity() > 0 {
+                    match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut read) {
+                        Poll::Ready(Ok(0)) => sending_done = true,
+                        Poll::Ready(Err(_)) => return Poll::Ready(None),
+                        Poll::Ready(Ok(_)) | Poll::Pending => {}
                     }
                 }
                 Poll::Pending
@@ -191,7 +193,7 @@ where
             return End::Closed;
         };
         response.body_mut().answers(connection.clone());
-        let closing = head.close || shutdown.is_cancelled();
+        let closing = head.close || sending_done || shutdown.is_cancelled();
         let written = write_response(
             stream,
             &mut write,

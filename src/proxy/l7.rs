@@ -641,6 +641,9 @@ fn session_builder(limits: Limits, negotiated: Negotiated) -> auto::Builder<Toki
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes.max(MIN_BUF_SIZE))
+        // A client may close its sending side once its request is out and still read the
+        // answer (half-close): the answer is written, then the connection closed.
+        .half_close(true)
         .keep_alive(true);
     builder
         .http2()
