@@ -11,7 +11,7 @@
 #   PB_THREADS=2 benches/profile.sh split h2            # gatehouse with two workers (default one, as in the peer benchmark)
 #   benches/profile.sh ceiling [PLACEMENT] [SECONDS]    # large-1m: what each core pays per MiB
 #
-# SCENARIO: http (default), https, h2, tcp, post (a 600-byte form over HTTP/1.1). PLACEMENT
+# SCENARIO: http (default), https, h2, tcp, post (a 600-byte form over HTTP/1.1), upload (1 MiB PUT over HTTP/1.1). PLACEMENT
 # (ceiling): direct (wrk on the backend's core), direct-cross (wrk on the other core),
 # gatehouse or nginx (the proxy on the other core, wrk on the backend's, as in the peer
 # benchmark). Needs nginx, h2load (nghttp2-client), valgrind or perf, and a release build (`cargo build --release`). Output goes to $OUT (default
@@ -21,7 +21,7 @@ mode="${1:?usage: profile.sh callgrind|perf|split [http|https|h2|tcp|post] [amou
 scenario="${2:-http}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/gatehouse-profile}"
-rm -rf "$OUT" && mkdir -p "$OUT/backend/www"
+rm -rf "$OUT" && mkdir -p "$OUT/backend/www/up"
 export PB_WORKDIR="$OUT" PB_THREADS="${PB_THREADS:-1}"
 export PB_HTTP_PORT=18080 PB_HTTPS_PORT=18443 PB_TCP_PORT=18081
 export PB_B1=127.0.0.1:18901 PB_B2=127.0.0.1:18902
@@ -39,10 +39,12 @@ http {
   client_body_temp_path $OUT/backend/cb; proxy_temp_path $OUT/backend/px;
   fastcgi_temp_path $OUT/backend/fc; uwsgi_temp_path $OUT/backend/uw; scgi_temp_path $OUT/backend/sc;
   keepalive_requests 100000000; keepalive_timeout 300s; sendfile on; tcp_nopush on; tcp_nodelay on;
+  client_max_body_size 0;
   server {
     listen $PB_B1; listen $PB_B2; root $OUT/backend/www;
     location = / { return 200 "hello\n"; }
     location = /1m { }
+    location /up/ { dav_methods PUT; }
   }
 }
 EOF
@@ -68,10 +70,18 @@ case "$scenario" in
     head -c 450 /dev/zero | tr '\0' 'x' | sed 's/^/name=Jane+Doe\&street=1+Main+St\&case=/' | head -c 600 >"$OUT/form"
     proto=(--h1 -d "$OUT/form" -H "content-type: application/x-www-form-urlencoded")
     ;;
+  # A document upload: 1 MiB PUT over HTTP/1.1 keep-alive (its body streams after its
+  # head), which the backend stores (WebDAV) and answers once it has read all of it.
+  upload)
+    url="http://127.0.0.1:$PB_HTTP_PORT/up/document"
+    head -c 1048576 /dev/zero >"$OUT/upload"
+    proto=(--h1 -d "$OUT/upload" -H ":method: PUT" -H "content-type: application/pdf")
+    ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac
-connections=64
+connections=64 warmup=20000
 [ "$scenario" = h2 ] && connections=16
+[ "$scenario" = upload ] && connections=8 warmup=500
 
 wait_for_port() {
   for _ in $(seq 1 600); do
@@ -104,6 +114,7 @@ http {
   access_log off; client_body_temp_path $OUT/proxy/cb; proxy_temp_path $OUT/proxy/px;
   fastcgi_temp_path $OUT/proxy/fc; uwsgi_temp_path $OUT/proxy/uw; scgi_temp_path $OUT/proxy/sc;
   keepalive_requests 100000000; keepalive_timeout 300s; tcp_nodelay on;
+  client_max_body_size 0; proxy_request_buffering off;
   upstream be { server $PB_B1; server $PB_B2; keepalive 512; keepalive_requests 100000000; keepalive_timeout 300s; }
   server {
     listen 127.0.0.1:$PB_HTTP_PORT; listen 127.0.0.1:$PB_HTTPS_PORT ssl http2;
@@ -200,7 +211,7 @@ HAPROXY
     else
       start_gatehouse
     fi
-    h2load "${proto[@]}" -n 20000 -c "$connections" -t 1 "$url" >/dev/null
+    h2load "${proto[@]}" -n "$warmup" -c "$connections" -t 1 "$url" >/dev/null
     ticks() { awk '{ print $14, $15 }' "/proc/$target/stat"; }
     read -r user_before system_before < <(ticks)
     perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait \
