@@ -297,15 +297,9 @@ where
         // and a pointer moves for less than the handler's state (≈ 2.5 KB).
         Box::pin(async move {
             let unanswered = Unanswered(&connection);
-            let (parts, body) = request.into_parts();
-            let body = StreamedBody::new(body, parts.version, &parts.headers);
-            let mut response = handle(
-                Request::from_parts(parts, ClientBody::Streaming(body)),
-                ReadBy::Hyper,
-                &connection,
-            )
-            .await
-            .response;
+            let mut response = handle(StreamedBody::request(request), ReadBy::Hyper, &connection)
+                .await
+                .response;
             std::mem::forget(unanswered);
             response.body_mut().answers(connection);
             Ok::<_, Infallible>(response.map(|body| body.watch_client(progress)))

@@ -2,7 +2,7 @@
 //! route's `max_body_bytes` while it streams, and read to its end when answered unread.
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Version};
+use http::{header, Request, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -72,11 +72,13 @@ enum Drain {
 }
 
 impl StreamedBody {
-    /// The body of a request with `version` and `headers`, as hyper streams it in.
-    pub fn new(body: Incoming, version: Version, headers: &HeaderMap) -> Self {
-        let drain = if version >= Version::HTTP_2 {
+    /// `request` with its body as hyper streams it in.
+    #[inline]
+    pub fn request(request: Request<Incoming>) -> Request<ClientBody> {
+        let drain = if request.version() >= Version::HTTP_2 {
             Drain::Never
-        } else if headers
+        } else if request
+            .headers()
             .get(header::EXPECT)
             .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"))
         {
@@ -84,10 +86,12 @@ impl StreamedBody {
         } else {
             Drain::Always
         };
-        StreamedBody {
-            body: Some(body),
-            drain,
-        }
+        request.map(|body| {
+            ClientBody::Streaming(StreamedBody {
+                body: Some(body),
+                drain,
+            })
+        })
     }
 
     fn is_end_stream(&self) -> bool {
