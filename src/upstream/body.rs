@@ -2,7 +2,7 @@
 //! route's `max_body_bytes` while it streams, and read to its end when answered unread.
 
 use bytes::Bytes;
-use http::{header, Request, Version};
+use http::{header, Request};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -35,7 +35,7 @@ impl ClientBody {
     }
 }
 
-/// How long an unread HTTP/1 request body is read and thrown away after its answer, at
+/// How long an unread request body is read and thrown away after its answer, at
 /// most (nginx's `lingering_time`).
 const DRAIN_TIME: Duration = Duration::from_secs(30);
 
@@ -48,11 +48,12 @@ const DRAIN_STALL: Duration = Duration::from_secs(5);
 /// Most scripts and SDKs send a whole request before they read its answer. When gatehouse
 /// or a backend answers before the body is read (401, 413, 502…), closing the connection
 /// on the unread rest makes the kernel reset it, and the reset destroys the answer: the
-/// client sees "connection reset" instead of its 401. So an HTTP/1 body dropped before its
-/// end is read to its end and thrown away in the background, for at most [`DRAIN_TIME`]
-/// and at most [`DRAIN_STALL`] without a byte, as nginx does; the connection then takes
-/// the client's next request, or closes. An HTTP/2 stream is not drained: hyper resets
-/// just that stream, which tells the client to stop sending.
+/// client sees "connection reset" instead of its 401. So a body dropped before its end is
+/// read to its end and thrown away in the background, for at most [`DRAIN_TIME`] and at
+/// most [`DRAIN_STALL`] without a byte, as nginx does; the connection then takes the
+/// client's next request, or closes. HTTP/2 streams too: resetting the stream instead
+/// (RST_STREAM with NO_ERROR, as RFC 9113 allows) makes curl 7.x — Debian 12's — report
+/// error 92 instead of the answer it was sent.
 #[derive(Debug)]
 pub struct StreamedBody {
     /// Taken when dropped, to be drained.
@@ -63,7 +64,6 @@ pub struct StreamedBody {
 /// Whether a [`StreamedBody`] is drained when dropped before its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drain {
-    Never,
     /// `Expect: 100-continue`: only once read from, which sends the client its 100
     /// Continue (until then the client holds its body back, so there is nothing to drain,
     /// and draining it would ask for it).
@@ -75,13 +75,11 @@ impl StreamedBody {
     /// `request` with its body as hyper streams it in.
     #[inline]
     pub fn request(request: Request<Incoming>) -> Request<ClientBody> {
-        let drain = if request.version() >= Version::HTTP_2 {
-            Drain::Never
-        } else if request
+        let expects_continue = request
             .headers()
             .get(header::EXPECT)
-            .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-        {
+            .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let drain = if expects_continue {
             Drain::OnceRead
         } else {
             Drain::Always
