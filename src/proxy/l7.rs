@@ -297,7 +297,8 @@ where
         // and a pointer moves for less than the handler's state (≈ 2.5 KB).
         Box::pin(async move {
             let unanswered = Unanswered(&connection);
-            let mut response = handle(StreamedBody::request(request), ReadBy::Hyper, &connection)
+            let streamed = StreamedBody::wrap_for(&request);
+            let mut response = handle(request.map(streamed), ReadBy::Hyper, &connection)
                 .await
                 .response;
             std::mem::forget(unanswered);

@@ -64,6 +64,8 @@ pub struct StreamedBody {
 /// Whether a [`StreamedBody`] is drained when dropped before its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drain {
+    /// A request without a body: nothing to drain.
+    Never,
     /// `Expect: 100-continue`: only once read from, which sends the client its 100
     /// Continue (until then the client holds its body back, so there is nothing to drain,
     /// and draining it would ask for it).
@@ -72,24 +74,28 @@ enum Drain {
 }
 
 impl StreamedBody {
-    /// `request` with its body as hyper streams it in.
-    #[inline]
-    pub fn request(request: Request<Incoming>) -> Request<ClientBody> {
-        let expects_continue = request
+    /// What wraps the body of `request` as hyper streams it in:
+    /// `request.map(StreamedBody::wrap_for(&request))` (the request is not moved more than
+    /// its `map` moves it).
+    pub fn wrap_for(request: &Request<Incoming>) -> impl FnOnce(Incoming) -> ClientBody {
+        // A body of length zero is known without a lock (an HTTP/2 stream's end is not).
+        let drain = if request.body().size_hint().exact() == Some(0) {
+            Drain::Never
+        } else if request
             .headers()
             .get(header::EXPECT)
-            .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        let drain = if expects_continue {
+            .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        {
             Drain::OnceRead
         } else {
             Drain::Always
         };
-        request.map(|body| {
+        move |body| {
             ClientBody::Streaming(StreamedBody {
                 body: Some(body),
                 drain,
             })
-        })
+        }
     }
 
     fn is_end_stream(&self) -> bool {
