@@ -103,16 +103,22 @@ pools:
 #[test]
 fn check_refuses_unknown_keys_and_bad_yaml() {
     let dir = TestDir::new();
+    // serde stops at the first unknown key; check goes on to report every one of them and
+    // the problems validation finds in the rest of the file, all in one run.
     let unknown = dir.write(
         "unknown.yaml",
-        "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\n    timeout: 5s\npools:\n  p: { backends: [] }\n",
+        "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\n    timeout: 5s\npools:\n  p:\n    backends:\n      - name: a\n        address: \"127.0.0.1:99999\"\n        wieght: 2\n",
     );
     let (ok, _, stderr) = check(&unknown);
     assert!(!ok);
-    assert!(
-        stderr.contains(":5:5: listeners.web.timeout: unknown field `timeout`"),
-        "{stderr}"
-    );
+    for needle in [
+        ":5:5: listeners.web.timeout: unknown field `timeout`",
+        ":10:9: pools.p.backends[0].address: invalid socket address \"127.0.0.1:99999\"",
+        ":11:9: pools.p.backends[0].wieght: unknown field `wieght`, expected one of `name`",
+        "3 problem(s) found",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
 
     let syntax = dir.write("syntax.yaml", "listeners:\n  web: {listen: \"x\"\n");
     let (ok, _, stderr) = check(&syntax);

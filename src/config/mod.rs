@@ -1,13 +1,15 @@
 //! Configuration: the YAML file → raw serde structs → one validation pass → typed [`Config`].
 //!
 //! The pipeline has two stages (as sozu's `command/src/config.rs` does): [`raw`] mirrors the
-//! file and refuses unknown keys; [`validate`] turns it into typed values (durations, socket
+//! file and refuses unknown keys ([`read`] reports all of them, not only the first serde
+//! meets); [`validate`] turns it into typed values (durations, socket
 //! addresses, CIDRs, loaded certificates) and collects *every* problem, each with its key path
 //! and, where the [`locate`] scanner can tell, its line and column. `gatehouse check`, start-up
 //! and every reload run exactly this code, so they can never disagree.
 
 mod locate;
 pub mod raw;
+mod read;
 pub mod units;
 mod validate;
 

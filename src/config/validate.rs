@@ -2,6 +2,7 @@
 
 use super::locate::Locator;
 use super::raw::*;
+use super::read::read;
 use super::units::{parse_duration, parse_status_range};
 use super::*;
 use std::collections::HashSet;
@@ -47,56 +48,21 @@ impl Problems {
 }
 
 pub(super) fn parse_and_validate(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
-    let raw: RawConfig = serde_yaml::from_str(text).map_err(|error| vec![yaml_problem(&error)])?;
-    let base = file.parent().unwrap_or(Path::new("")).to_path_buf();
-    let mut problems = Problems {
-        locator: Locator::new(text),
-        found: Vec::new(),
-    };
-    let config = build(raw, text, file, &base, &mut problems);
-    if problems.found.is_empty() {
-        Ok(config)
-    } else {
-        problems
-            .found
-            .sort_by_key(|problem| (problem.line.unwrap_or(usize::MAX), problem.column));
-        Err(problems.found)
-    }
-}
-
-/// Turns a serde_yaml error ("path: message at line L column C") into a [`Problem`].
-fn yaml_problem(error: &serde_yaml::Error) -> Problem {
-    let location = error.location();
-    let mut message = error.to_string();
-    if let Some(cut) = message.find(" at line ") {
-        message.truncate(cut);
-    }
-    let (mut path, mut message) = match message.split_once(": ") {
-        Some((path, rest)) if !path.contains(' ') && !path.is_empty() => {
-            (path.to_string(), rest.to_string())
+    let locator = Locator::new(text);
+    let (raw, found) = read(text, &locator);
+    let mut problems = Problems { locator, found };
+    let config = raw.map(|raw| {
+        let base = file.parent().unwrap_or(Path::new("")).to_path_buf();
+        build(raw, text, file, &base, &mut problems)
+    });
+    match config {
+        Some(config) if problems.found.is_empty() => Ok(config),
+        _ => {
+            problems
+                .found
+                .sort_by_key(|problem| (problem.line.unwrap_or(usize::MAX), problem.column));
+            Err(problems.found)
         }
-        _ => (String::new(), message),
-    };
-    if let Some(field) = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split_once('`'))
-        .map(|(field, _)| field.to_string())
-    {
-        path = if path.is_empty() {
-            field
-        } else {
-            format!("{path}.{field}")
-        };
-    }
-    if let Some(cut) = message.find("expected struct Raw") {
-        message.truncate(cut);
-        message.push_str("expected a mapping");
-    }
-    Problem {
-        path,
-        line: location.as_ref().map(|l| l.line()),
-        column: location.as_ref().map(|l| l.column()),
-        message,
     }
 }
 
