@@ -1,9 +1,10 @@
-//! The file's text → [`RawConfig`], reporting every unknown key rather than only the first.
+//! The file's text → [`RawConfig`], reporting every key serde refuses rather than only the first.
 //!
-//! serde stops at the first key it does not know (`deny_unknown_fields`), so an operator who
-//! mistyped two keys and an address would fix them one `check` at a time. Each unknown key
-//! serde reports is taken out of a copy of the document, which is parsed again, until the
-//! copy parses or something other than an unknown key stops it; the validation pass then
+//! serde stops at the first key it cannot take — unknown (`deny_unknown_fields`), or with a
+//! value of the wrong type (`fail_open: maybe`) — so an operator who mistyped two keys and an
+//! address would fix them one `check` at a time. Each key serde refuses is taken out of a copy
+//! of the document, which is parsed again, until the copy parses or something that cannot be
+//! left out stops it (a syntax error, a missing or duplicate name); the validation pass then
 //! reports the rest of the file's problems beside them.
 
 use super::locate::Locator;
@@ -11,13 +12,13 @@ use super::raw::RawConfig;
 use super::Problem;
 use serde_yaml::Value;
 
-/// How many unknown keys one reading reports before it stops looking (each costs a parse).
-const MAX_UNKNOWN_KEYS: usize = 64;
+/// How many refused keys one reading reports before it stops looking (each costs a parse).
+const MAX_SKIPPED_KEYS: usize = 64;
 
-/// The raw configuration when serde could build it (with unknown keys left out), and the
+/// The raw configuration when serde could build it (with refused keys left out), and the
 /// problems found on the way. `None` means a problem stopped serde, and it is in the list.
 pub(super) fn read(text: &str, locator: &Locator) -> (Option<RawConfig>, Vec<Problem>) {
-    let mut error = match serde_yaml::from_str::<RawConfig>(text) {
+    let error = match serde_yaml::from_str::<RawConfig>(text) {
         Ok(raw) => return (Some(raw), Vec::new()),
         Err(error) => error,
     };
@@ -25,29 +26,55 @@ pub(super) fn read(text: &str, locator: &Locator) -> (Option<RawConfig>, Vec<Pro
     let Ok(mut document) = serde_yaml::from_str::<Value>(text) else {
         return (None, problems);
     };
-    for _ in 0..MAX_UNKNOWN_KEYS {
-        let Some((parent, field)) = unknown_field(&error) else {
-            break;
-        };
-        if !remove_field(&mut document, &parent, &field) {
+    let mut skipped: Vec<String> = Vec::new();
+    for _ in 0..MAX_SKIPPED_KEYS {
+        let Some(last) = problems.last() else { break };
+        let path = last.path.clone();
+        if !can_skip(last) || !remove_key(&mut document, &path) {
             break;
         }
+        skipped.push(path);
         let reparsed = serde_yaml::to_string(&document)
             .and_then(|text| serde_yaml::from_str::<RawConfig>(&text));
-        match reparsed {
+        let next = match reparsed {
             Ok(raw) => return (Some(raw), problems),
-            Err(next) => {
-                // Positions serde gives now are in the rewritten copy: place it in the file.
-                let mut problem = yaml_problem(&next);
-                let position = locator.find(&problem.path);
-                problem.line = position.map(|(line, _)| line);
-                problem.column = position.map(|(_, column)| column);
-                problems.push(problem);
-                error = next;
-            }
+            Err(next) => yaml_problem(&next),
+        };
+        if missing_field(&next).is_some_and(|missing| skipped.contains(&missing)) {
+            // The key is missing because it was taken out: reported already.
+            break;
         }
+        // Positions serde gives now are in the rewritten copy: place the problem in the file.
+        let position = locator.find(&next.path);
+        problems.push(Problem {
+            line: position.map(|(line, _)| line),
+            column: position.map(|(_, column)| column),
+            ..next
+        });
     }
     (None, problems)
+}
+
+/// Whether the problem is one key's, which can be left out to read on: not a syntax error
+/// (no path), not a sequence item (taking it out would renumber the rest), not a missing key.
+fn can_skip(problem: &Problem) -> bool {
+    !problem.path.is_empty()
+        && !problem.path.ends_with(']')
+        && !problem.message.starts_with("missing field")
+}
+
+/// The full path of the key in "missing field `key`" (`listeners.web.listen`).
+fn missing_field(problem: &Problem) -> Option<String> {
+    let field = problem
+        .message
+        .strip_prefix("missing field `")?
+        .split_once('`')?
+        .0;
+    Some(if problem.path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{}.{field}", problem.path)
+    })
 }
 
 /// Turns a serde_yaml error ("path: message at line L column C") into a [`Problem`].
@@ -95,24 +122,13 @@ fn unknown_field_name(message: &str) -> Option<&str> {
         .map(|(field, _)| field)
 }
 
-/// The mapping's path and the key when `error` is an unknown key.
-fn unknown_field(error: &serde_yaml::Error) -> Option<(String, String)> {
-    let mut message = error.to_string();
-    if let Some(cut) = message.find(" at line ") {
-        message.truncate(cut);
-    }
-    let (path, message) = split_path(&message);
-    let field = unknown_field_name(&message)?.to_string();
-    Some((path, field))
-}
-
-/// Removes `field` from the mapping at `path`, written as serde_yaml writes paths
-/// (`pools.portal.backends[0]`; empty for the top level). Names may contain dots
-/// (`listeners.tax.v2`), so at each mapping the longest key the path continues with is taken.
-fn remove_field(document: &mut Value, path: &str, field: &str) -> bool {
+/// Removes the key at `path`, written as serde_yaml writes paths
+/// (`pools.portal.backends[0].weight`). Names may contain dots (`listeners.tax.v2`), so at
+/// each mapping the longest key the path continues with is taken.
+fn remove_key(document: &mut Value, path: &str) -> bool {
     let mut node = document;
     let mut rest = path;
-    while !rest.is_empty() {
+    loop {
         if let Some(after) = rest.strip_prefix('[') {
             let Some((index, after)) = after.split_once(']') else {
                 return false;
@@ -126,33 +142,33 @@ fn remove_field(document: &mut Value, path: &str, field: &str) -> bool {
             };
             node = item;
             rest = after.strip_prefix('.').unwrap_or(after);
-        } else {
-            let Some(mapping) = node.as_mapping_mut() else {
-                return false;
-            };
-            let Some((key, name_length)) = mapping
-                .keys()
-                .filter_map(|key| {
-                    let name = key_text(key)?;
-                    let after = rest.strip_prefix(name.as_str())?;
-                    (after.is_empty() || after.starts_with(['.', '[']))
-                        .then(|| (key.clone(), name.len()))
-                })
-                .max_by_key(|(_, length)| *length)
-            else {
-                return false;
-            };
-            let Some(child) = mapping.get_mut(&key) else {
-                return false;
-            };
-            node = child;
-            rest = &rest[name_length..];
-            rest = rest.strip_prefix('.').unwrap_or(rest);
+            continue;
         }
+        let Some(mapping) = node.as_mapping_mut() else {
+            return false;
+        };
+        let Some((key, name_length)) = mapping
+            .keys()
+            .filter_map(|key| {
+                let name = key_text(key)?;
+                let after = rest.strip_prefix(name.as_str())?;
+                (after.is_empty() || after.starts_with(['.', '[']))
+                    .then(|| (key.clone(), name.len()))
+            })
+            .max_by_key(|(_, length)| *length)
+        else {
+            return false;
+        };
+        rest = &rest[name_length..];
+        if rest.is_empty() {
+            return mapping.shift_remove(&key).is_some();
+        }
+        let Some(child) = mapping.get_mut(&key) else {
+            return false;
+        };
+        node = child;
+        rest = rest.strip_prefix('.').unwrap_or(rest);
     }
-    node.as_mapping_mut()
-        .and_then(|mapping| mapping.shift_remove(field))
-        .is_some()
 }
 
 /// A mapping key as it appears in a path: names are strings, but `8080:` is a number.
@@ -210,15 +226,32 @@ pools:
     }
 
     #[test]
-    fn a_problem_that_is_not_an_unknown_key_ends_the_reading_after_it() {
+    fn a_value_of_the_wrong_type_is_reported_and_left_out_too() {
+        let text = "listeners: {}\npools:\n  p:\n    fail_open: maybe\n    backends: [ { name: a, address: \"127.0.0.1:2\", weight: heavy } ]\nextra: 1\n";
         assert_eq!(
-            paths("listeners: {}\npools: {}\nextra: 1\nadmin: { listen: [1] }\n"),
-            ["extra", "admin.listen"]
+            paths(text),
+            ["pools.p.fail_open", "pools.p.backends[0].weight", "extra"]
         );
+    }
+
+    #[test]
+    fn what_cannot_be_left_out_ends_the_reading_after_it() {
         assert_eq!(
             paths("listeners: [\n").len(),
             1,
             "a syntax error stops at once"
+        );
+        // A required key of the wrong type is reported once, not again as missing.
+        assert_eq!(
+            paths(
+                "extra: 1\nlisteners:\n  web: { listen: [1], pool: p }\n  other: {}\npools: {}\n"
+            ),
+            ["extra", "listeners.web.listen"]
+        );
+        // A key missing from the file is reported as such.
+        assert_eq!(
+            paths("listeners:\n  web: { pool: p }\npools: {}\n"),
+            ["listeners.web"]
         );
     }
 
