@@ -13,7 +13,8 @@ use crate::config::Config;
 use crate::reload::{self, Source};
 use crate::server::Gatehouse;
 use arc_swap::ArcSwap;
-use notify::RecursiveMode;
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -79,6 +80,19 @@ impl Watched {
     }
 }
 
+/// Whether an event may have changed a file: not a mere opening or reading of it.
+///
+/// inotify reports every open, so without this a reload, which opens the files it watches,
+/// would set off the next one, for ever. A write's close is kept: it is the moment a writer
+/// has finished.
+fn changes_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Starts watching `gatehouse.config_path` and the files its configuration names; logs (and
 /// keeps serving) if watching fails.
 pub fn spawn(gatehouse: Arc<Gatehouse>) {
@@ -91,6 +105,7 @@ pub fn spawn(gatehouse: Arc<Gatehouse>) {
         let watched = filter.load();
         let relevant = events
             .iter()
+            .filter(|event| changes_content(&event.kind))
             .flat_map(|event| event.paths.iter())
             .any(|path| watched.covers(path));
         if relevant {

@@ -14,6 +14,7 @@ use http_body_util::Full;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn yaml(backends: &[(&str, SocketAddr, u32)], extra_listeners: &str) -> String {
@@ -458,6 +459,38 @@ async fn watch_case(change: impl FnOnce(&TestDir, &str), what: &str) {
         get(web, "x", "/").await.backend().as_deref() == Some("b")
     })
     .await;
+    assert_reloads_settle(&gatehouse, what).await;
+}
+
+/// Reload attempts made so far, whatever their result.
+async fn reload_attempts(gatehouse: &Gatehouse) -> f64 {
+    let text = metrics_text(gatehouse).await;
+    ["success", "failure"]
+        .iter()
+        .filter_map(|result| {
+            metric(
+                &text,
+                "gatehouse_config_reloads_total",
+                &[("result", result)],
+            )
+        })
+        .sum()
+}
+
+/// The watcher's reloads stop once the change is in force: a reload reads the files it
+/// watches, and must not take its own reading for a change (which reloaded every 200 ms,
+/// for ever). One trailing reload is allowed for a change whose events straddled the
+/// debounce window; after it, two seconds without any.
+async fn assert_reloads_settle(gatehouse: &Gatehouse, what: &str) {
+    let quiet = Duration::from_secs(1);
+    tokio::time::sleep(quiet).await;
+    let before = reload_attempts(gatehouse).await;
+    tokio::time::sleep(quiet * 2).await;
+    let after = reload_attempts(gatehouse).await;
+    assert_eq!(
+        before, after,
+        "{what}: the watcher kept reloading an unchanged file"
+    );
 }
 
 #[tokio::test]
@@ -524,6 +557,7 @@ async fn file_watching_follows_a_kubernetes_configmap_symlink_swap() {
         get(web, "x", "/").await.backend().as_deref() == Some("b")
     })
     .await;
+    assert_reloads_settle(&gatehouse, "symlink swap picked up").await;
 }
 
 #[tokio::test]
