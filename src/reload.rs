@@ -104,31 +104,25 @@ async fn transaction(gatehouse: &Gatehouse) -> Result<Vec<String>, ConfigError> 
     if changes.is_empty() {
         return Ok(changes);
     }
-    let problem = |file: &std::path::Path, path: String, message: String| ConfigError {
-        file: file.to_path_buf(),
-        problems: vec![Problem {
-            path,
-            line: None,
-            column: None,
-            message,
-        }],
+    let problem = |config: &Config, path: String, message: String| ConfigError {
+        file: config.path.clone(),
+        problems: vec![Problem::located(&config.text, path, message)],
     };
     let prepared = gatehouse
         .prepare_listeners(&new)
         .map_err(|(name, address, error)| {
             problem(
-                &new.path,
+                &new,
                 format!("listeners.{name}.listen"),
                 format!("cannot bind {address}: {error}"),
             )
         })?;
-    let file = new.path.clone();
     let new = Arc::new(new);
     gatehouse
         .publisher
         .apply_config(new.clone())
         .await
-        .map_err(|error| problem(&file, String::new(), error))?;
+        .map_err(|error| problem(&new, String::new(), error))?;
     gatehouse.commit_listeners(prepared);
     gatehouse.health.reconcile(&new);
     Ok(changes)

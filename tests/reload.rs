@@ -286,6 +286,29 @@ async fn listeners_open_and_close_on_reload() {
         0,
         "unchanged file: no changes"
     );
+
+    // An address another socket holds: refused, placed in the file, the old one serving.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    dir.write(
+        "gatehouse.yaml",
+        &yaml(
+            &[("a", a.address, 1)],
+            &format!("  taken:\n    listen: \"{address}\"\n    pool: p\n"),
+        ),
+    );
+    let (status, body) = reload_api(&gatehouse).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let error = &body["errors"][0];
+    assert_eq!(error["path"], "listeners.taken.listen", "{body}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with(&format!("cannot bind {address}"))),
+        "{body}"
+    );
+    assert!(error["line"].is_u64() && error["column"].is_u64(), "{body}");
+    assert_eq!(get(web, "x", "/").await.status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -404,6 +404,20 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// A problem found after validation (a listener that cannot bind), placed in `text`, the
+    /// configuration's file, by its key path.
+    pub fn located(text: &str, path: String, message: String) -> Self {
+        let position = locate::Locator::new(text).find(&path);
+        Problem {
+            path,
+            line: position.map(|(line, _)| line),
+            column: position.map(|(_, column)| column),
+            message,
+        }
+    }
+}
+
 /// Why a configuration was refused: every problem found, in file order.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigError {
