@@ -73,6 +73,8 @@ async fn rewrites_headers_for_the_backend() {
             .header("proxy-authorization", "Basic Zm9vOmJhcg==")
             .header("te", "trailers")
             .header("x-forwarded-for", "6.6.6.6")
+            .header("forwarded", "for=6.6.6.6;proto=https")
+            .header("x-real-ip", "6.6.6.6")
             .header("x-custom", "kept")
             .body(Full::new(Bytes::new()))
             .unwrap(),
@@ -83,7 +85,14 @@ async fn rewrites_headers_for_the_backend() {
     assert_eq!(seen.uri, "/h?q=1");
     assert_eq!(seen.version, "HTTP/1.1");
     assert_eq!(seen.header("host").as_deref(), Some("portal.example.gov"));
-    for removed in ["keep-alive", "x-drop-me", "proxy-authorization", "te"] {
+    for removed in [
+        "keep-alive",
+        "x-drop-me",
+        "proxy-authorization",
+        "te",
+        "forwarded",
+        "x-real-ip",
+    ] {
         assert_eq!(
             seen.header(removed),
             None,
@@ -141,14 +150,20 @@ async fn trusted_proxies_extend_x_forwarded_for() {
         Request::get(format!("http://{web}/"))
             .header("host", "x")
             .header("x-forwarded-for", "203.0.113.7")
+            .header("forwarded", "for=203.0.113.7")
+            .header("x-real-ip", "203.0.113.7")
             .body(Full::new(Bytes::new()))
             .unwrap(),
     )
     .await;
+    let seen = &backend.requests()[0];
     assert_eq!(
-        backend.requests()[0].header("x-forwarded-for").as_deref(),
+        seen.header("x-forwarded-for").as_deref(),
         Some("203.0.113.7, 127.0.0.1")
     );
+    // What a trusted proxy says about its client is passed on as it said it.
+    assert_eq!(seen.header("forwarded").as_deref(), Some("for=203.0.113.7"));
+    assert_eq!(seen.header("x-real-ip").as_deref(), Some("203.0.113.7"));
 }
 
 #[tokio::test]

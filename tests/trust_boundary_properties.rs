@@ -1,7 +1,8 @@
 //! Property tests at the other trust boundaries (the cargo-fuzz targets in fuzz/ explore the
 //! same paths with coverage guidance): configuration parsing never panics and always explains
 //! a refusal; request-head sanitation never leaves hop-by-hop headers and never lets a client
-//! choose its X-Forwarded-For when it is not a trusted proxy.
+//! choose its X-Forwarded-For, nor pass a Forwarded or X-Real-IP, when it is not a trusted
+//! proxy.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use gatehouse::proxy::headers;
@@ -78,7 +79,10 @@ proptest! {
 
     #[test]
     fn sanitation_removes_hop_by_hop_and_owns_forwarded_for(
-        pairs in prop::collection::vec(("[a-zA-Z-]{1,20}", "[ -~]{0,40}"), 0..20),
+        pairs in prop::collection::vec((prop_oneof![
+            "[a-zA-Z-]{1,20}",
+            prop::sample::select(vec!["X-Forwarded-For".to_string(), "Forwarded".to_string(), "X-Real-IP".to_string()]),
+        ], "[ -~]{0,40}"), 0..20),
         connection in prop::collection::vec(prop::sample::select(vec![
             "keep-alive", "close", "upgrade", "x-forwarded-for", "host", "authorization",
             "x-request-id", "x-secret", "content-length", "te",
@@ -109,6 +113,7 @@ proptest! {
             forwarded_for: &forwarded_for,
             proto: &proto,
             request_id: &request_id,
+            from_trusted_proxy: false,
         };
         let mut head = Vec::new();
         encode_head(&parts, &forwarded, &UpstreamBody::empty(), &mut head);
@@ -126,6 +131,9 @@ proptest! {
             prop_assert!(values(hop).is_empty(), "{hop} survived");
         }
         prop_assert_eq!(values("x-forwarded-for"), vec![client.to_string()]);
+        for forged in headers::UNTRUSTED_ADDRESS_NAMES {
+            prop_assert!(values(forged).is_empty(), "{forged} from a client survived");
+        }
         prop_assert_eq!(values("host"), vec!["portal.example.gov"]);
         prop_assert_eq!(values("x-request-id").len(), 1);
     }

@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         forwarded_for: &forwarded_for,
         proto: &proto,
         request_id: &request_id,
+        from_trusted_proxy: true,
     };
     for hop in ["keep-alive", "te", "trailer", "transfer-encoding", "proxy-connection"] {
         assert!(!request.headers().contains_key(hop));

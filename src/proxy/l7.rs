@@ -1008,10 +1008,11 @@ fn forward<'a>(
             request.version() == Version::HTTP_11 && headers::wants_upgrade(request.headers());
         let request_headers = request.headers_mut();
         headers::strip_hop_by_hop(request_headers, upgrade);
+        let from_trusted_proxy = listener.is_trusted_proxy(connection.client.ip());
         let forwarded_for = headers::forwarded_for(
             request_headers,
             &connection.forwarded_for,
-            listener.is_trusted_proxy(connection.client.ip()),
+            from_trusted_proxy,
         );
         let request_id = headers::request_id(request_headers);
         let proto = http::HeaderValue::from_static(listener.config.protocol.as_str());
@@ -1097,6 +1098,7 @@ fn forward<'a>(
                 forwarded_for: &forwarded_for,
                 proto: &proto,
                 request_id: &request_id,
+                from_trusted_proxy,
             };
             // A request without a body may be sent again after the backend saw it.
             let may_replay = replayable && !last_attempt;
