@@ -187,8 +187,18 @@ fn check_name(path: &str, name: &str, p: &mut Problems) {
 }
 
 fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
-    text.parse()
-        .map_err(|_| format!("invalid socket address \"{text}\""))
+    text.parse().map_err(|_| {
+        let is_ip = |host: &str| host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok();
+        let hint = match text.rsplit_once(':') {
+            _ if is_ip(text) => " (the port is missing, e.g. \"10.0.0.1:8080\")",
+            Some((host, _)) if !host.is_empty() && !is_ip(host) => {
+                " (an IP address and a port: host names are not resolved)"
+            }
+            Some(("", _)) | None => " (an IP address and a port, e.g. \"0.0.0.0:8080\")",
+            Some(_) => "",
+        };
+        format!("invalid socket address \"{text}\"{hint}")
+    })
 }
 
 fn parse_cidr(text: &str) -> Result<IpNet, String> {
@@ -894,6 +904,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// What an operator wrote instead of `IP:port` is named in the message; a bad port
+    /// keeps SPEC.md's wording.
+    #[test]
+    fn a_socket_address_that_is_not_one_says_what_is_wrong() {
+        let message = |text: &str| super::parse_socket_addr(text).unwrap_err();
+        assert_eq!(
+            message("10.0.0.1:99999"),
+            "invalid socket address \"10.0.0.1:99999\""
+        );
+        assert!(message("localhost:80").ends_with("host names are not resolved)"));
+        assert!(message("vm-1.internal:8080").ends_with("host names are not resolved)"));
+        assert!(message("10.0.0.1").contains("the port is missing"));
+        assert!(message("::1").contains("the port is missing"));
+        assert!(message(":8080").contains("an IP address and a port, e.g."));
+        assert!(message("").contains("an IP address and a port, e.g."));
+        assert!(super::parse_socket_addr("[::1]:80").is_ok());
     }
 
     /// The limits of a listener `web` whose entry ends with `extra` (`, limits: {...}`).
