@@ -1106,9 +1106,13 @@ fn forward<'a>(
             let sent_at = tokio::time::Instant::now();
             let sending = tokio::time::timeout_at(
                 sent_at + pool.config.timeouts.request,
-                backend
-                    .connections
-                    .send(&head, &forwarded, body, proxy_header.as_deref()),
+                backend.connections.send(
+                    &head,
+                    &forwarded,
+                    body,
+                    proxy_header.as_deref(),
+                    replayable,
+                ),
             );
             let in_flight = backend.stats.start();
             let result = sending.await;

@@ -7,7 +7,9 @@
 //! its end; a connection whose response was cut short is closed instead. An idle connection
 //! the backend closed is noticed from its socket's readiness before use, and a request that
 //! a stale connection could not send comes back untouched and goes out on the next
-//! connection.
+//! connection. A connection is not used once it idled almost as long as its backend said it
+//! keeps connections (`Keep-Alive: timeout=N`), and an idempotent request without a body
+//! that the backend closed on as it arrived goes out again on the next connection.
 
 use super::body::{BodyTooLarge, UpstreamBody};
 use super::connector::{ConnectError, Connector};
@@ -144,6 +146,18 @@ impl BackendConnections {
         }
     }
 
+    /// Whether `idle` has idled too long to be used: the pool's idle timeout, or a little
+    /// less than what its backend announced ([`Connection::reuse_within`]) when shorter.
+    fn expired(&self, idle: &Idle) -> bool {
+        let limit = idle
+            .connection
+            .reuse_within()
+            .map_or(self.idle_timeout, |announced| {
+                announced.min(self.idle_timeout)
+            });
+        idle.since.elapsed() >= limit
+    }
+
     /// The idle connections of the worker this runs on.
     fn idle_here(&self) -> &ArrayQueue<Idle> {
         &self.idle[workers::current() % self.idle.len()]
@@ -163,6 +177,11 @@ impl BackendConnections {
     /// is usable. With `proxy_header`, a new connection starting with that header carries
     /// this request alone (the header names one client) and is never reused.
     ///
+    /// A `replayable` request (idempotent, without a body) that an idle connection's backend
+    /// closed instead of answering goes out again on the next connection: the backend's
+    /// keep-alive timer fired as it arrived, and the backend itself is fine. Any other request
+    /// fails then, since its backend may have acted on it (as nginx and Go's client do).
+    ///
     /// The response body gives its connection back when read to its end, if it may be reused.
     pub async fn send(
         self: &Arc<Self>,
@@ -170,13 +189,14 @@ impl BackendConnections {
         set: &dyn SetHeaders,
         mut body: UpstreamBody,
         proxy_header: Option<&[u8]>,
+        replayable: bool,
     ) -> Result<Response<ResponseBody>, Failed> {
         if proxy_header.is_none() {
             // Each idle connection is looked at once; a stale one is closed.
             let idle_here = self.idle_here();
             for _ in 0..idle_here.len() {
                 let Some(idle) = idle_here.pop() else { break };
-                if idle.since.elapsed() >= self.idle_timeout || !idle.connection.is_usable() {
+                if self.expired(&idle) || !idle.connection.is_usable() {
                     continue;
                 }
                 match idle
@@ -186,6 +206,10 @@ impl BackendConnections {
                 {
                     Ok(response) => return Ok(response),
                     Err((_, Some(returned))) => body = returned,
+                    Err((error, None)) if replayable && error.is_closed_before_response() => {
+                        tracing::debug!(backend = %self.address, %error, "an idle connection closed as it was used; sending again");
+                        body = UpstreamBody::empty();
+                    }
                     Err((error, None)) => {
                         return Err(Failed {
                             error: SendError::Request(error),
@@ -216,13 +240,13 @@ impl BackendConnections {
             })
     }
 
-    /// Closes connections idle for longer than the idle timeout, or already closed by the
-    /// backend; the others stay (their order may change).
+    /// Closes connections idle for longer than the idle timeout (or than their backend
+    /// announced), or already closed by the backend; the others stay (their order may change).
     pub fn close_expired(&self) {
         for queue in &self.idle {
             for _ in 0..queue.len() {
                 let Some(idle) = queue.pop() else { break };
-                if idle.since.elapsed() < self.idle_timeout && idle.connection.is_usable() {
+                if !self.expired(&idle) && idle.connection.is_usable() {
                     let _ = queue.push(idle);
                 }
             }

@@ -84,6 +84,21 @@ impl Http1Error {
     pub fn is_timeout(&self) -> bool {
         matches!(self, Http1Error::Write(e) | Http1Error::Read(e) if e.kind() == io::ErrorKind::TimedOut)
     }
+
+    /// The backend closed or reset the connection instead of answering: on a connection
+    /// that idled, what a backend's keep-alive timer firing as the request arrived looks like.
+    pub fn is_closed_before_response(&self) -> bool {
+        match self {
+            Http1Error::ClosedBeforeResponse => true,
+            Http1Error::Read(error) => matches!(
+                error.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// An open HTTP/1.1 connection to a backend.
@@ -91,6 +106,9 @@ pub struct Connection {
     stream: UpstreamStream,
     /// Bytes read and not yet consumed (none while the connection idles).
     read: BytesMut,
+    /// How long the backend said it keeps this connection open while idle (`Keep-Alive:
+    /// timeout=N` on its last response, in seconds).
+    announced_idle: Option<u32>,
 }
 
 thread_local! {
@@ -149,7 +167,16 @@ impl Connection {
         Connection {
             stream,
             read: BytesMut::new(),
+            announced_idle: None,
         }
+    }
+
+    /// How long this connection may idle and still be used: a little less than the backend
+    /// said it keeps it open (a second less, or half for the shortest), so a request is not
+    /// sent just as the backend's own timer closes it — the backend would never answer it.
+    /// `None` when the backend announced nothing.
+    pub fn reuse_within(&self) -> Option<Duration> {
+        self.announced_idle.map(short_of_announced)
     }
 
     /// Whether an idle connection can carry a request: the backend has not closed it (nor,
@@ -222,6 +249,7 @@ impl Connection {
             Ok(head) => head,
             Err(error) => return Err((error, None)),
         };
+        self.announced_idle = head.announced_idle;
         let mut response = Response::new(ResponseBody {
             connection: None,
             home: None,
@@ -470,6 +498,8 @@ struct Head {
     framing: Framing,
     /// The connection may carry another request after this response.
     keep_alive: bool,
+    /// `Keep-Alive: timeout=N`: how many seconds the backend keeps the connection idle.
+    announced_idle: Option<u32>,
 }
 
 /// Parses a response head at the start of `buffer` and removes it; `None` until complete.
@@ -511,6 +541,7 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
     let mut chunked = 0;
     let mut close = false;
     let mut keep_alive_asked = false;
+    let mut announced_idle = None;
     for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
         let name_start = header.name.as_ptr() as usize - base;
         let value_start = header.value.as_ptr() as usize - base;
@@ -541,6 +572,7 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
             // Decoded here and framed anew for the client: not passed on.
             span[1] = CONSUMED;
         } else if header.name.eq_ignore_ascii_case("keep-alive") {
+            announced_idle = keep_alive_timeout(header.value);
             span[1] = CONSUMED;
         } else if header.name.eq_ignore_ascii_case("connection") {
             let mut names_others = false;
@@ -618,7 +650,25 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
         headers,
         framing,
         keep_alive: !close,
+        announced_idle,
     }))
+}
+
+/// A second less than `seconds`, or half of it when that is less than two.
+fn short_of_announced(seconds: u32) -> Duration {
+    let announced = Duration::from_secs(u64::from(seconds));
+    announced - (announced / 2).min(Duration::from_secs(1))
+}
+
+/// The `timeout` parameter of a `Keep-Alive` header (`timeout=5, max=100`), in seconds.
+fn keep_alive_timeout(value: &[u8]) -> Option<u32> {
+    value.split(|&byte| byte == b',').find_map(|parameter| {
+        let (name, seconds) = parameter.trim_ascii().split_at_checked(b"timeout=".len())?;
+        if !name.eq_ignore_ascii_case(b"timeout=") {
+            return None;
+        }
+        std::str::from_utf8(seconds.trim_ascii()).ok()?.parse().ok()
+    })
 }
 
 /// A Content-Length value: digits only (a list of equal values, as some servers send, is
@@ -1004,6 +1054,22 @@ mod tests {
         parse_head(&mut buffer, head_request)
             .expect("valid")
             .expect("complete")
+    }
+
+    #[test]
+    fn the_keep_alive_timeout_a_backend_announces_is_read_and_kept_short_of() {
+        let head = head_of(
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=100\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(head.announced_idle, Some(5));
+        assert!(!head.headers.contains_key("keep-alive"), "consumed");
+        assert_eq!(keep_alive_timeout(b"max=100 , Timeout=15"), Some(15));
+        assert_eq!(keep_alive_timeout(b"max=100"), None);
+        assert_eq!(keep_alive_timeout(b"timeout=soon"), None);
+        assert_eq!(short_of_announced(5), Duration::from_secs(4));
+        assert_eq!(short_of_announced(1), Duration::from_millis(500));
+        assert_eq!(short_of_announced(0), Duration::ZERO);
     }
 
     #[test]
