@@ -19,6 +19,7 @@ use crate::workers;
 use crossbeam_queue::ArrayQueue;
 use http::{request, Response};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,10 @@ pub struct BackendConnections {
     /// One queue per worker, indexed by [`workers::current`].
     idle: Box<[ArrayQueue<Idle>]>,
     idle_timeout: Duration,
+    /// How long a connection may idle and still be used, in milliseconds, when the backend
+    /// announces how long it keeps idle connections (`Keep-Alive: timeout=N`; else
+    /// `u64::MAX`). One value per backend: the timeout is the server's setting.
+    reuse_within_ms: AtomicU64,
     /// The longest a backend may go silent inside a response body (the pool's
     /// `timeouts.request`; a change of timeouts makes a new connector, and so new
     /// connections).
@@ -121,6 +126,7 @@ impl BackendConnections {
             connector,
             idle: (0..workers).map(|_| ArrayQueue::new(per_worker)).collect(),
             idle_timeout: timeouts.idle,
+            reuse_within_ms: AtomicU64::new(u64::MAX),
             stall_limit: timeouts.request,
         }
     }
@@ -147,15 +153,26 @@ impl BackendConnections {
     }
 
     /// Whether `idle` has idled too long to be used: the pool's idle timeout, or a little
-    /// less than what its backend announced ([`Connection::reuse_within`]) when shorter.
+    /// less than the backend announced ([`Self::announce_idle`]) when shorter.
     fn expired(&self, idle: &Idle) -> bool {
-        let limit = idle
-            .connection
-            .reuse_within()
-            .map_or(self.idle_timeout, |announced| {
-                announced.min(self.idle_timeout)
-            });
+        let limit = match self.reuse_within_ms.load(Ordering::Relaxed) {
+            u64::MAX => self.idle_timeout,
+            announced => Duration::from_millis(announced).min(self.idle_timeout),
+        };
         idle.since.elapsed() >= limit
+    }
+
+    /// The backend keeps idle connections open for `seconds` (`Keep-Alive: timeout=N` on a
+    /// response): its connections are used only while a little younger — a second less, or
+    /// half for the shortest — so a request is not sent just as the backend's own timer
+    /// closes the connection, when the backend would never answer it.
+    pub fn announce_idle(&self, seconds: u32) {
+        let within = short_of(Duration::from_secs(u64::from(seconds)));
+        let within_ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX - 1);
+        // Written only when it changes: every response of such a backend says it again.
+        if self.reuse_within_ms.load(Ordering::Relaxed) != within_ms {
+            self.reuse_within_ms.store(within_ms, Ordering::Relaxed);
+        }
     }
 
     /// The idle connections of the worker this runs on.
@@ -251,5 +268,24 @@ impl BackendConnections {
                 }
             }
         }
+    }
+}
+
+/// A second less than `announced`, or half of it when that is less than two seconds.
+fn short_of(announced: Duration) -> Duration {
+    announced - (announced / 2).min(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_used_until_a_little_before_the_backend_closes_them() {
+        let seconds = |n| Duration::from_secs(n);
+        assert_eq!(short_of(seconds(5)), seconds(4));
+        assert_eq!(short_of(seconds(2)), seconds(1));
+        assert_eq!(short_of(seconds(1)), Duration::from_millis(500));
+        assert_eq!(short_of(seconds(0)), Duration::ZERO);
     }
 }

@@ -106,9 +106,6 @@ pub struct Connection {
     stream: UpstreamStream,
     /// Bytes read and not yet consumed (none while the connection idles).
     read: BytesMut,
-    /// How long the backend said it keeps this connection open while idle (`Keep-Alive:
-    /// timeout=N` on its last response, in seconds).
-    announced_idle: Option<u32>,
 }
 
 thread_local! {
@@ -167,16 +164,7 @@ impl Connection {
         Connection {
             stream,
             read: BytesMut::new(),
-            announced_idle: None,
         }
-    }
-
-    /// How long this connection may idle and still be used: a little less than the backend
-    /// said it keeps it open (a second less, or half for the shortest), so a request is not
-    /// sent just as the backend's own timer closes it — the backend would never answer it.
-    /// `None` when the backend announced nothing.
-    pub fn reuse_within(&self) -> Option<Duration> {
-        self.announced_idle.map(short_of_announced)
     }
 
     /// Whether an idle connection can carry a request: the backend has not closed it (nor,
@@ -249,7 +237,9 @@ impl Connection {
             Ok(head) => head,
             Err(error) => return Err((error, None)),
         };
-        self.announced_idle = head.announced_idle;
+        if let (Some(seconds), Some(home)) = (head.announced_idle, &home) {
+            home.announce_idle(seconds);
+        }
         let mut response = Response::new(ResponseBody {
             connection: None,
             home: None,
@@ -654,12 +644,6 @@ fn parse_head(buffer: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
     }))
 }
 
-/// A second less than `seconds`, or half of it when that is less than two.
-fn short_of_announced(seconds: u32) -> Duration {
-    let announced = Duration::from_secs(u64::from(seconds));
-    announced - (announced / 2).min(Duration::from_secs(1))
-}
-
 /// The `timeout` parameter of a `Keep-Alive` header (`timeout=5, max=100`), in seconds.
 fn keep_alive_timeout(value: &[u8]) -> Option<u32> {
     value.split(|&byte| byte == b',').find_map(|parameter| {
@@ -1057,7 +1041,7 @@ mod tests {
     }
 
     #[test]
-    fn the_keep_alive_timeout_a_backend_announces_is_read_and_kept_short_of() {
+    fn the_keep_alive_timeout_a_backend_announces_is_read() {
         let head = head_of(
             b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=100\r\nContent-Length: 0\r\n\r\n",
             false,
@@ -1067,9 +1051,6 @@ mod tests {
         assert_eq!(keep_alive_timeout(b"max=100 , Timeout=15"), Some(15));
         assert_eq!(keep_alive_timeout(b"max=100"), None);
         assert_eq!(keep_alive_timeout(b"timeout=soon"), None);
-        assert_eq!(short_of_announced(5), Duration::from_secs(4));
-        assert_eq!(short_of_announced(1), Duration::from_millis(500));
-        assert_eq!(short_of_announced(0), Duration::ZERO);
     }
 
     #[test]
