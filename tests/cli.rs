@@ -133,6 +133,35 @@ fn check_refuses_unknown_keys_and_bad_yaml() {
     );
 }
 
+/// A log or last-known-good path gatehouse could not write is a problem `check` (and a
+/// reload) reports, not something found once requests go unlogged; checking writes nothing.
+#[test]
+fn check_refuses_files_it_could_not_write() {
+    let dir = TestDir::new();
+    let text = "access_log: { target: logs/access.log }\naudit_log: audit/audit.jsonl\nlast_good: keep/last.yaml\nlisteners:\n  web: { listen: \"127.0.0.1:1\", pool: p }\npools:\n  p: { backends: [] }\n";
+    let path = dir.write("logs.yaml", text);
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok);
+    for needle in [
+        ":1:1: access_log.target: cannot write ",
+        "logs/access.log: no directory ",
+        ":2:1: audit_log: cannot write ",
+        ":3:1: last_good: cannot write ",
+        "3 problem(s) found",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    for directory in ["logs", "audit", "keep"] {
+        std::fs::create_dir(dir.path(directory)).unwrap();
+    }
+    let (ok, _, stderr) = check(&path);
+    assert!(ok, "{stderr}");
+    assert!(
+        !dir.path("logs/access.log").exists(),
+        "check creates no file"
+    );
+}
+
 /// A gatehouse child process; killed on drop.
 struct Running {
     child: Child,

@@ -93,12 +93,23 @@ fn build(raw: RawConfig, text: &str, file: &Path, base: &Path, p: &mut Problems)
         Duration::from_secs(30),
     );
     let access_log = access_log(raw.access_log.as_ref(), &resolve, p);
+    if let AccessLogTarget::File(path) = &access_log.target {
+        p.check("access_log.target", appendable(path));
+    }
     let audit_log = match raw.audit_log.as_deref() {
         None | Some("off") => None,
-        Some(path) => Some(resolve(path)),
+        Some(path) => {
+            let path = resolve(path);
+            p.check("audit_log", appendable(&path));
+            Some(path)
+        }
     };
     let last_good = match raw.last_good.as_deref() {
-        Some(path) => resolve(path),
+        Some(path) => {
+            let path = resolve(path);
+            p.check("last_good", appendable(&path));
+            path
+        }
         None => {
             let mut name = file.file_name().unwrap_or_default().to_os_string();
             name.push(".last-good");
@@ -236,6 +247,38 @@ fn access_log(
         }
     };
     AccessLogConfig { target, format }
+}
+
+/// Whether gatehouse can write the file at `path` (a log, the last-known-good copy): a
+/// regular file that exists is opened for appending (nothing is written); one that does not
+/// exist yet needs its directory. So a mistyped path is refused by `check` and on reload,
+/// not found once requests are lost from the log. A FIFO or device is taken as it is
+/// (opening a FIFO would wait for its reader).
+fn appendable(path: &Path) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(metadata) if !metadata.is_file() => Ok(()),
+        Ok(_) => std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(|error| format!("cannot write {}: {error}", path.display())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let directory = match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            if directory.is_dir() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "cannot write {}: no directory {}",
+                    path.display(),
+                    directory.display()
+                ))
+            }
+        }
+        Err(error) => Err(format!("cannot write {}: {error}", path.display())),
+    }
 }
 
 fn cidrs(path: &str, texts: &[String], p: &mut Problems) -> Vec<IpNet> {
