@@ -5,7 +5,8 @@
 //! address would fix them one `check` at a time. Each key serde refuses is taken out of a copy
 //! of the document, which is parsed again, until the copy parses or something that cannot be
 //! left out stops it (a syntax error, a missing or duplicate name); the validation pass then
-//! reports the rest of the file's problems beside them.
+//! reports the rest of the file's problems beside them. YAML merge keys (`<<: *anchor`),
+//! which serde does not apply, are applied to that copy first.
 
 use super::locate::Locator;
 use super::raw::RawConfig;
@@ -22,10 +23,20 @@ pub(super) fn read(text: &str, locator: &Locator) -> (Option<RawConfig>, Vec<Pro
         Ok(raw) => return (Some(raw), Vec::new()),
         Err(error) => error,
     };
-    let mut problems = vec![yaml_problem(&error)];
     let Ok(mut document) = serde_yaml::from_str::<Value>(text) else {
-        return (None, problems);
+        return (None, vec![yaml_problem(&error)]);
     };
+    let mut problems = vec![yaml_problem(&error)];
+    // YAML merge keys (`timeouts: { <<: *defaults, request: 2m }`) are not applied by
+    // serde: applied here, the file reads as its author meant it.
+    let mut merged = document.clone();
+    if merged.apply_merge().is_ok() && merged != document {
+        document = merged;
+        match reparse(&document) {
+            Ok(raw) => return (Some(raw), Vec::new()),
+            Err(error) => problems = vec![placed(yaml_problem(&error), locator)],
+        }
+    }
     let mut skipped: Vec<String> = Vec::new();
     for _ in 0..MAX_SKIPPED_KEYS {
         let Some(last) = problems.last() else { break };
@@ -34,9 +45,7 @@ pub(super) fn read(text: &str, locator: &Locator) -> (Option<RawConfig>, Vec<Pro
             break;
         }
         skipped.push(path);
-        let reparsed = serde_yaml::to_string(&document)
-            .and_then(|text| serde_yaml::from_str::<RawConfig>(&text));
-        let next = match reparsed {
+        let next = match reparse(&document) {
             Ok(raw) => return (Some(raw), problems),
             Err(next) => yaml_problem(&next),
         };
@@ -44,15 +53,25 @@ pub(super) fn read(text: &str, locator: &Locator) -> (Option<RawConfig>, Vec<Pro
             // The key is missing because it was taken out: reported already.
             break;
         }
-        // Positions serde gives now are in the rewritten copy: place the problem in the file.
-        let position = locator.find(&next.path);
-        problems.push(Problem {
-            line: position.map(|(line, _)| line),
-            column: position.map(|(_, column)| column),
-            ..next
-        });
+        problems.push(placed(next, locator));
     }
     (None, problems)
+}
+
+/// Parses a rewritten copy of the document.
+fn reparse(document: &Value) -> Result<RawConfig, serde_yaml::Error> {
+    serde_yaml::to_string(document).and_then(|text| serde_yaml::from_str::<RawConfig>(&text))
+}
+
+/// A problem found in a rewritten copy, placed in the file by its key path (the positions
+/// serde gives are the copy's).
+fn placed(problem: Problem, locator: &Locator) -> Problem {
+    let position = locator.find(&problem.path);
+    Problem {
+        line: position.map(|(line, _)| line),
+        column: position.map(|(_, column)| column),
+        ..problem
+    }
 }
 
 /// Whether the problem is one key's, which can be left out to read on: not a syntax error
@@ -253,6 +272,29 @@ pools:
             paths("listeners:\n  web: { pool: p }\npools: {}\n"),
             ["listeners.web"]
         );
+    }
+
+    #[test]
+    fn yaml_merge_keys_are_applied() {
+        let text = "\
+listeners: {}
+pools:
+  portal:
+    timeouts: &timeouts { connect: 1s, request: 30s }
+    backends: []
+  tax:
+    timeouts: { <<: *timeouts, request: 2m }
+    backends: []
+";
+        let (raw, problems) = read(text, &Locator::new(text));
+        assert!(problems.is_empty(), "{problems:?}");
+        let raw = raw.expect("merged");
+        let timeouts = raw.pools.0[1].1.timeouts.as_ref().expect("tax's timeouts");
+        assert_eq!(timeouts.connect.as_deref(), Some("1s"), "merged in");
+        assert_eq!(timeouts.request.as_deref(), Some("2m"), "its own wins");
+        // A problem in a merged file is still placed in it.
+        let broken = text.replace("request: 2m", "request: 2m, bogus: 1");
+        assert_eq!(paths(&broken), ["pools.tax.timeouts.bogus"]);
     }
 
     #[test]
