@@ -123,7 +123,12 @@ async fn handle(
             json_response(
                 StatusCode::OK,
                 &json!({
-                    "path": table.config.path.display().to_string(),
+                    // Absolute, so `check --diff` run from another directory resolves the
+                    // file's relative paths (certificates, logs) as this process does.
+                    "path": std::path::absolute(&table.config.path)
+                        .unwrap_or_else(|_| table.config.path.clone())
+                        .display()
+                        .to_string(),
                     "hash": table.config.hash,
                     "text": &*table.config.text,
                 }),

@@ -498,6 +498,43 @@ async fn check_diff_against_a_file_and_the_running_instance() {
     assert!(String::from_utf8_lossy(&unchanged.stdout).contains("no changes"));
 }
 
+/// A gatehouse started from its configuration's directory with a relative `--config`, whose
+/// file names a relative path: `check --diff` from elsewhere still reads the running
+/// configuration (the admin API gives its absolute path).
+#[tokio::test]
+async fn check_diff_from_another_directory_reads_the_running_configuration() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    std::fs::create_dir(dir.path("logs")).unwrap();
+    let config = simple_config(&dir, backend.address, "1s");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "shutdown_timeout",
+        "audit_log: logs/audit.jsonl\nshutdown_timeout",
+        1,
+    );
+    std::fs::write(&config, &text).unwrap();
+    let mut command = Command::new(BINARY);
+    command
+        .current_dir(dir.path(""))
+        .args(["run", "--config", "gatehouse.yaml"]);
+    let running = Running::start_command(command);
+    let unchanged = Command::new(BINARY)
+        .args([
+            "check",
+            "--config",
+            config.to_str().unwrap(),
+            "--diff",
+            "--admin",
+            &running.admin.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&unchanged.stdout);
+    let stderr = String::from_utf8_lossy(&unchanged.stderr);
+    assert!(unchanged.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("no changes"), "{stdout}");
+}
+
 #[tokio::test]
 async fn two_processes_with_the_same_config_choose_the_same_backend_per_key() {
     let backends = [
