@@ -408,7 +408,12 @@ impl Problem {
     /// A problem found after validation (a listener that cannot bind), placed in `text`, the
     /// configuration's file, by its key path.
     pub fn located(text: &str, path: String, message: String) -> Self {
-        let position = locate::Locator::new(text).find(&path);
+        Problem::placed(&locate::Locator::new(text), path, message)
+    }
+
+    /// A problem at `path`, at the line and column `locator` finds for it.
+    fn placed(locator: &locate::Locator, path: String, message: String) -> Self {
+        let position = locator.find(&path);
         Problem {
             path,
             line: position.map(|(line, _)| line),

@@ -66,12 +66,7 @@ fn reparse(document: &Value) -> Result<RawConfig, serde_yaml::Error> {
 /// A problem found in a rewritten copy, placed in the file by its key path (the positions
 /// serde gives are the copy's).
 fn placed(problem: Problem, locator: &Locator) -> Problem {
-    let position = locator.find(&problem.path);
-    Problem {
-        line: position.map(|(line, _)| line),
-        column: position.map(|(_, column)| column),
-        ..problem
-    }
+    Problem::placed(locator, problem.path, problem.message)
 }
 
 /// Whether the problem is one key's, which can be left out to read on: not a syntax error

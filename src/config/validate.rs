@@ -18,14 +18,8 @@ struct Problems {
 
 impl Problems {
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        let path = path.into();
-        let position = self.locator.find(&path);
-        self.found.push(Problem {
-            line: position.map(|(line, _)| line),
-            column: position.map(|(_, column)| column),
-            path,
-            message: message.into(),
-        });
+        let problem = Problem::placed(&self.locator, path.into(), message.into());
+        self.found.push(problem);
     }
 
     /// Runs a parser; on failure records its message at `path` and returns `None`.
