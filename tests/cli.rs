@@ -469,33 +469,29 @@ async fn check_diff_against_a_file_and_the_running_instance() {
     assert!(stdout.contains("pool p: backend extra added"), "{stdout}");
 
     let admin = running.admin.to_string();
-    let against_running = Command::new(BINARY)
-        .args([
-            "check",
-            "--config",
-            changed.to_str().unwrap(),
-            "--diff",
-            "--admin",
-            &admin,
-        ])
-        .output()
-        .unwrap();
+    let against_running = check_against_running(&changed, &admin);
     let stdout = String::from_utf8_lossy(&against_running.stdout);
     assert!(against_running.status.success(), "{stdout}");
     assert!(stdout.contains("pool p: backend extra added"), "{stdout}");
 
-    let unchanged = Command::new(BINARY)
+    let unchanged = check_against_running(&config, &admin);
+    assert!(String::from_utf8_lossy(&unchanged.stdout).contains("no changes"));
+}
+
+/// `gatehouse check --config CONFIG --diff --admin ADMIN`: CONFIG against the instance
+/// running with that admin address.
+fn check_against_running(config: &std::path::Path, admin: &str) -> std::process::Output {
+    Command::new(BINARY)
         .args([
             "check",
             "--config",
             config.to_str().unwrap(),
             "--diff",
             "--admin",
-            &admin,
+            admin,
         ])
         .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&unchanged.stdout).contains("no changes"));
+        .unwrap()
 }
 
 /// A gatehouse started from its configuration's directory with a relative `--config`, whose
@@ -518,17 +514,7 @@ async fn check_diff_from_another_directory_reads_the_running_configuration() {
         .current_dir(dir.path(""))
         .args(["run", "--config", "gatehouse.yaml"]);
     let running = Running::start_command(command);
-    let unchanged = Command::new(BINARY)
-        .args([
-            "check",
-            "--config",
-            config.to_str().unwrap(),
-            "--diff",
-            "--admin",
-            &running.admin.to_string(),
-        ])
-        .output()
-        .unwrap();
+    let unchanged = check_against_running(&config, &running.admin.to_string());
     let stdout = String::from_utf8_lossy(&unchanged.stdout);
     let stderr = String::from_utf8_lossy(&unchanged.stderr);
     assert!(unchanged.status.success(), "{stdout}{stderr}");
