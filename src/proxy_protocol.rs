@@ -4,6 +4,7 @@
 //! Parsing is pure ([`parse`]) so it can be fuzzed and property-tested; [`read_header`] does
 //! the I/O, keeping any bytes read past the header for the protocol that follows.
 
+use crate::config::ProxyProtocolVersion;
 use crate::io::ResetOnClose;
 use bytes::{Bytes, BytesMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -177,6 +178,17 @@ fn parse_v2(input: &[u8]) -> Result<Option<(Header, usize)>, ProxyProtocolError>
         _ => return Err(ProxyProtocolError::V2("unsupported address family")),
     };
     Ok(Some((Header { addresses }, total)))
+}
+
+/// The header a health check's connection opens with: the balancer's own connection,
+/// relayed for no client (v1 `UNKNOWN`, v2 `LOCAL`), as HAProxy's `check-send-proxy`
+/// sends. A backend that requires the header answers its checks as it answers traffic.
+pub fn encode_local(version: ProxyProtocolVersion) -> &'static [u8] {
+    match version {
+        ProxyProtocolVersion::V1 => b"PROXY UNKNOWN\r\n",
+        // The signature, version 2 with command LOCAL, family UNSPEC, no addresses.
+        ProxyProtocolVersion::V2 => b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00",
+    }
 }
 
 /// Encodes a v1 header for a connection from `source` to `destination`.
@@ -418,6 +430,13 @@ mod tests {
         assert_eq!(
             parse(&local).unwrap().unwrap(),
             (Header { addresses: None }, 16)
+        );
+        assert_eq!(encode_local(ProxyProtocolVersion::V2), &local[..]);
+        assert_eq!(
+            parse(encode_local(ProxyProtocolVersion::V1))
+                .unwrap()
+                .unwrap(),
+            (Header { addresses: None }, 15)
         );
         assert_eq!(parse(&header[..20]).unwrap(), None, "incomplete");
         let mut bad_version = header.clone();

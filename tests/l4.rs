@@ -535,6 +535,46 @@ pools:
     );
 }
 
+/// Health checks open their connections as traffic does: a pool that sends the PROXY
+/// header sends one on each check too (v1 `UNKNOWN`, v2 `LOCAL`: no client), so a backend
+/// that requires the header passes its checks (without it, every check failed and the pool
+/// answered 503).
+#[tokio::test]
+async fn health_checks_send_the_proxy_header_their_pool_sends() {
+    for version in ["v1", "v2"] {
+        let (recorder, seen) = recording_server().await;
+        let dir = TestDir::new();
+        let yaml = format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web: {{ listen: \"127.0.0.1:0\", pool: p }}
+pools:
+  p:
+    health_check: {{ type: http, path: /healthz }}
+    send_proxy_protocol: {version}
+    backends: [ {{ name: r, address: \"{recorder}\" }} ]
+"
+        );
+        let gatehouse = start_gatehouse(&dir, &yaml).await;
+        let web = gatehouse.listener_address("web").unwrap();
+        assert_eq!(
+            get(web, "x", "/").await.status,
+            StatusCode::OK,
+            "{version}: the backend passed its checks"
+        );
+        let seen = seen.lock().unwrap().clone();
+        let check = seen
+            .iter()
+            .find(|bytes| String::from_utf8_lossy(bytes).contains("GET /healthz "))
+            .expect("a health check reached the backend");
+        let (header, _) = proxy_protocol::parse(check).unwrap().unwrap();
+        assert_eq!(
+            header.addresses, None,
+            "{version}: a check relays no client"
+        );
+    }
+}
+
 #[tokio::test]
 async fn access_control_applies_at_accept_for_l4_and_l7() {
     let (echo, accepted) = echo_server().await;

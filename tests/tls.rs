@@ -356,6 +356,41 @@ pools:
     );
 }
 
+/// Health checks reach a TLS backend as traffic does: over TLS, verified against the pool's
+/// CA (sent in plain text, they failed, and the pool answered 503 to everything).
+#[tokio::test]
+async fn health_checks_speak_tls_to_tls_backends() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    std::fs::write(dir.path("backend-ca.pem"), &ca.ca_pem).unwrap();
+    let backend = tls_backend(&dir, &ca, "backend.internal").await;
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+listeners:
+  web: {{ listen: \"127.0.0.1:0\", pool: secure }}
+pools:
+  secure:
+    health_check: {{ type: http, path: /healthz }}
+    tls: {{ sni: backend.internal, ca: backend-ca.pem }}
+    backends: [ {{ name: b, address: \"{backend}\" }} ]
+"
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let answer = get(web, "x", "/").await;
+    assert_eq!(answer.status, http::StatusCode::OK);
+    assert_eq!(answer.text(), "tls-backend");
+    let text = metrics_text(&gatehouse).await;
+    assert_eq!(
+        metric(
+            &text,
+            "gatehouse_backend_up",
+            &[("pool", "secure"), ("backend", "b")]
+        ),
+        Some(1.0)
+    );
+}
+
 /// A head begun and not finished in time, and a client silent after its handshake (which
 /// waits for its first byte outside the HTTP/1 loop), both get 408 and count as late heads.
 #[tokio::test]

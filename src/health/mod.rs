@@ -9,7 +9,9 @@
 pub mod probe;
 pub mod state;
 
-use crate::config::{Config, HealthCheckConfig, HealthCheckKind};
+use crate::config::{
+    Config, HealthCheckConfig, HealthCheckKind, PoolConfig, ProxyProtocolVersion, UpstreamTls,
+};
 use crate::metrics::Metrics;
 use crate::upstream::publisher::PublisherHandle;
 use state::{HealthState, Transition};
@@ -24,6 +26,22 @@ use tokio_util::sync::CancellationToken;
 struct CheckSpec {
     address: SocketAddr,
     check: HealthCheckConfig,
+    /// The pool's way to its backends, which a probe takes too ([`probe::Reach`]).
+    tls: Option<UpstreamTls>,
+    send_proxy_protocol: Option<ProxyProtocolVersion>,
+    connect_timeout: Duration,
+}
+
+impl CheckSpec {
+    fn of(pool: &PoolConfig, address: SocketAddr) -> Self {
+        CheckSpec {
+            address,
+            check: pool.health_check.clone(),
+            tls: pool.tls.clone(),
+            send_proxy_protocol: pool.send_proxy_protocol,
+            connect_timeout: pool.timeouts.connect,
+        }
+    }
 }
 
 /// Owns the check loops.
@@ -53,12 +71,17 @@ impl HealthChecker {
             if pool.health_check.kind == HealthCheckKind::None {
                 continue;
             }
+            let reach = probe::Reach::for_pool(pool, &self.metrics);
             for backend in &pool.backends {
                 let (pool_name, backend_name) = (pool.name.clone(), backend.name.clone());
                 let check = pool.health_check.clone();
                 let address = backend.address;
+                let reach = reach.clone();
                 probes.spawn(async move {
-                    let result = probe::probe(&check.kind, address, check.timeout).await;
+                    let result = match &reach {
+                        Ok(reach) => probe::probe(&check.kind, reach, address, check.timeout).await,
+                        Err(error) => Err(error.clone()),
+                    };
                     (pool_name, backend_name, result)
                 });
             }
@@ -104,13 +127,12 @@ impl HealthChecker {
                 continue;
             }
             for backend in &pool.backends {
-                let spec = CheckSpec {
-                    address: backend.address,
-                    check: pool.health_check.clone(),
-                };
+                let spec = CheckSpec::of(pool, backend.address);
                 wanted.insert((pool.name.clone(), backend.name.clone()), spec);
             }
         }
+        // Built once per pool, and only for pools that start a loop.
+        let mut reaches: HashMap<&str, Result<probe::Reach, String>> = HashMap::new();
         loops.retain(|key, (spec, token)| {
             let keep = wanted.get(key) == Some(spec);
             if !keep {
@@ -124,9 +146,17 @@ impl HealthChecker {
             }
             let token = self.stop.child_token();
             let state = initial.remove(&key).unwrap_or_default();
+            let Some(pool) = config.pool(&key.0) else {
+                continue;
+            };
+            let reach = reaches
+                .entry(pool.name.as_str())
+                .or_insert_with(|| probe::Reach::for_pool(pool, &self.metrics))
+                .clone();
             tokio::spawn(check_loop(
                 key.clone(),
                 spec.clone(),
+                reach,
                 state,
                 self.publisher.clone(),
                 self.metrics.clone(),
@@ -153,6 +183,7 @@ fn jittered(interval: Duration) -> Duration {
 async fn check_loop(
     (pool, backend): (String, String),
     spec: CheckSpec,
+    reach: Result<probe::Reach, String>,
     mut state: HealthState,
     publisher: PublisherHandle,
     metrics: Metrics,
@@ -176,8 +207,14 @@ async fn check_loop(
             () = stop.cancelled() => return,
         }
         wait = jittered(check.interval);
+        let probing = async {
+            match &reach {
+                Ok(reach) => probe::probe(&check.kind, reach, spec.address, check.timeout).await,
+                Err(error) => Err(error.clone()),
+            }
+        };
         let result = tokio::select! {
-            result = probe::probe(&check.kind, spec.address, check.timeout) => result,
+            result = probing => result,
             () = stop.cancelled() => return,
         };
         if result.is_ok() {
