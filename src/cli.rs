@@ -303,15 +303,22 @@ async fn serve_until_signal(gatehouse: Arc<Gatehouse>) -> ExitCode {
     let timeout = gatehouse.shutdown_timeout();
     tracing::info!(
         ?timeout,
-        "shutting down: no new connections; finishing in-flight requests"
+        "shutting down: no new connections; finishing in-flight requests (SIGTERM or SIGINT again exits at once)"
     );
-    if gatehouse.shutdown(timeout).await {
-        tracing::info!("all connections finished; exiting");
-    } else {
-        tracing::warn!(
+    // A second signal — an operator's second Ctrl-C — ends the drain: exiting then is the
+    // choice made, as with the shutdown timeout, not a failure.
+    let drained = tokio::select! {
+        drained = gatehouse.shutdown(timeout) => Some(drained),
+        _ = terminate.recv() => None,
+        _ = interrupt.recv() => None,
+    };
+    match drained {
+        Some(true) => tracing::info!("all connections finished; exiting"),
+        Some(false) => tracing::warn!(
             ?timeout,
             "shutdown_timeout reached with connections still open; exiting"
-        );
+        ),
+        None => tracing::warn!("second SIGTERM/SIGINT: exiting now, in-flight requests cut off"),
     }
     ExitCode::SUCCESS
 }

@@ -337,6 +337,29 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     assert!(status.success(), "{status:?}");
 }
 
+/// A second SIGTERM (or Ctrl-C) during the drain exits at once, exit status 0, without
+/// waiting out `shutdown_timeout` for a request still in flight.
+#[tokio::test]
+async fn a_second_signal_during_the_drain_exits_at_once() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let config = simple_config(&dir, backend.address, "60s");
+    let mut running = Running::start(&["run", "--config", config.to_str().unwrap()]);
+    let web = running.listener("web");
+    let _in_flight = tokio::spawn(async move { get(web, "x", "/slow?ms=30000").await });
+    eventually("the slow request reached the backend", async || {
+        !backend.requests().is_empty()
+    })
+    .await;
+    running.signal("TERM");
+    running.wait_for_log("shutting down");
+    running.signal("INT");
+    let status = tokio::task::spawn_blocking(move || running.wait_exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test]
 async fn sighup_reloads_the_configuration() {
     let first = TestBackend::start("first").await;
