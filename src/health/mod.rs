@@ -67,6 +67,7 @@ impl HealthChecker {
     /// and waits until the table reflects them; then starts the loops.
     pub async fn first_round(&self, config: &Config) {
         let mut probes = tokio::task::JoinSet::new();
+        let mut reaches = HashMap::new();
         for pool in &config.pools {
             if pool.health_check.kind == HealthCheckKind::None {
                 continue;
@@ -78,13 +79,11 @@ impl HealthChecker {
                 let address = backend.address;
                 let reach = reach.clone();
                 probes.spawn(async move {
-                    let result = match &reach {
-                        Ok(reach) => probe::probe(&check.kind, reach, address, check.timeout).await,
-                        Err(error) => Err(error.clone()),
-                    };
+                    let result = probe::probe(&check.kind, &reach, address, check.timeout).await;
                     (pool_name, backend_name, result)
                 });
             }
+            reaches.insert(pool.name.as_str(), reach);
         }
         let mut results = Vec::new();
         let mut states = HashMap::new();
@@ -108,15 +107,22 @@ impl HealthChecker {
         if let Err(error) = self.publisher.set_health_batch(results).await {
             tracing::error!(%error, "cannot publish the first health results");
         }
-        self.reconcile_with(config, states);
+        self.reconcile_with(config, states, reaches);
     }
 
     /// Starts loops for new or changed backends and stops loops of removed ones.
     pub fn reconcile(&self, config: &Config) {
-        self.reconcile_with(config, HashMap::new());
+        self.reconcile_with(config, HashMap::new(), HashMap::new());
     }
 
-    fn reconcile_with(&self, config: &Config, mut initial: HashMap<(String, String), HealthState>) {
+    /// `initial` holds the states of the first round, `reaches` the pools' ways to their
+    /// backends already built (a pool's CA bundle is read once).
+    fn reconcile_with<'a>(
+        &self,
+        config: &'a Config,
+        mut initial: HashMap<(String, String), HealthState>,
+        mut reaches: HashMap<&'a str, Result<probe::Reach, String>>,
+    ) {
         let mut loops = self
             .loops
             .lock()
@@ -131,8 +137,6 @@ impl HealthChecker {
                 wanted.insert((pool.name.clone(), backend.name.clone()), spec);
             }
         }
-        // Built once per pool, and only for pools that start a loop.
-        let mut reaches: HashMap<&str, Result<probe::Reach, String>> = HashMap::new();
         loops.retain(|key, (spec, token)| {
             let keep = wanted.get(key) == Some(spec);
             if !keep {
@@ -149,6 +153,7 @@ impl HealthChecker {
             let Some(pool) = config.pool(&key.0) else {
                 continue;
             };
+            // Built once per pool, and only for pools that start a loop.
             let reach = reaches
                 .entry(pool.name.as_str())
                 .or_insert_with(|| probe::Reach::for_pool(pool, &self.metrics))
@@ -207,14 +212,8 @@ async fn check_loop(
             () = stop.cancelled() => return,
         }
         wait = jittered(check.interval);
-        let probing = async {
-            match &reach {
-                Ok(reach) => probe::probe(&check.kind, reach, spec.address, check.timeout).await,
-                Err(error) => Err(error.clone()),
-            }
-        };
         let result = tokio::select! {
-            result = probing => result,
+            result = probe::probe(&check.kind, &reach, spec.address, check.timeout) => result,
             () = stop.cancelled() => return,
         };
         if result.is_ok() {

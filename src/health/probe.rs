@@ -37,13 +37,15 @@ impl Reach {
     }
 }
 
-/// Probes `address` once by `reach`; `Err` says why it failed (for logs).
+/// Probes `address` once by `reach` (a pool whose TLS settings could not be loaded fails
+/// every probe, saying why); `Err` says why it failed (for logs).
 pub async fn probe(
     kind: &HealthCheckKind,
-    reach: &Reach,
+    reach: &Result<Reach, String>,
     address: SocketAddr,
     timeout: Duration,
 ) -> Result<(), String> {
+    let reach = reach.as_ref().map_err(Clone::clone)?;
     match tokio::time::timeout(timeout, run(kind, reach, address)).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {timeout:?}")),
