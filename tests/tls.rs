@@ -278,7 +278,8 @@ pools:
     );
 }
 
-/// An HTTPS backend (rustls) answering `tls-backend` to everything.
+/// An HTTPS backend (rustls) answering `tls-backend` to everything but a `/healthz` for
+/// another host than `name`, which gets 421 (a name-based virtual host).
 async fn tls_backend(dir: &TestDir, ca: &TestCa, name: &str) -> std::net::SocketAddr {
     use hyper_util::rt::TokioIo;
     use rustls::pki_types::pem::PemObject as _;
@@ -294,17 +295,27 @@ async fn tls_backend(dir: &TestDir, ca: &TestCa, name: &str) -> std::net::Socket
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = socket.local_addr().unwrap();
+    let name = name.to_owned();
     tokio::spawn(async move {
         while let Ok((stream, _)) = socket.accept().await {
             let acceptor = acceptor.clone();
+            let name = name.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(|_request| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from_static(b"tls-backend")),
-                    ))
+                let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                    let misdirected = request.uri().path() == "/healthz"
+                        && request.headers()[http::header::HOST] != name.as_str();
+                    async move {
+                        let mut response = http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"tls-backend"),
+                        ));
+                        if misdirected {
+                            *response.status_mut() = http::StatusCode::MISDIRECTED_REQUEST;
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service)
@@ -316,7 +327,8 @@ async fn tls_backend(dir: &TestDir, ca: &TestCa, name: &str) -> std::net::Socket
 }
 
 /// A pool with `tls` speaks TLS to its backends, verified against its CA; so do its health
-/// checks (sent in plain text, they failed, and the pool answered 503 to everything).
+/// checks (sent in plain text, they failed, and the pool answered 503 to everything), whose
+/// Host is the pool's TLS server name (a name-based backend refuses its address).
 #[tokio::test]
 async fn pools_can_speak_tls_to_their_backends() {
     let dir = TestDir::new();

@@ -2,7 +2,7 @@
 //! share one connection, a connection the backend closed while idle is never used, a
 //! response cut short never leaves its connection in the pool, idle connections close
 //! after the pool's idle timeout or a little before the backend's announced one, and a GET
-//! a closing idle connection did not answer goes out again.
+//! a closing (or resetting) idle connection did not answer goes out again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -31,6 +31,9 @@ struct Behaviour {
     /// Answers this many requests per connection, then reads the next one and closes
     /// without answering: its keep-alive timer firing just as a request arrived.
     answers_per_connection: Option<usize>,
+    /// Closes those connections with a reset (RST) rather than a FIN, as a backend whose
+    /// socket had unread bytes or set a zero linger does.
+    resets: bool,
     /// Sent as `Keep-Alive: timeout=N` with every response.
     announced_idle_seconds: Option<u32>,
 }
@@ -117,6 +120,9 @@ async fn serve(mut stream: TcpStream, behaviour: Behaviour, requests: &AtomicUsi
         head.drain(..end + 4);
         requests.fetch_add(1, Ordering::SeqCst);
         if behaviour.answers_per_connection == Some(answered) {
+            if behaviour.resets {
+                stream.set_zero_linger().unwrap();
+            }
             return;
         }
         answered += 1;
@@ -269,31 +275,39 @@ async fn exchange(stream: &mut TcpStream, request: &str) -> String {
 /// is not sent twice, since its backend may have acted on it.
 #[tokio::test]
 async fn an_idempotent_request_a_closing_idle_connection_did_not_answer_goes_out_again() {
-    let backend = CountingBackend::behaving(Behaviour {
-        answers_per_connection: Some(1),
-        ..Behaviour::default()
-    })
-    .await;
-    let (running, web) = gatehouse_for(&backend, "").await;
-    let mut client = TcpStream::connect(web).await.unwrap();
-    let get = "GET / HTTP/1.1\r\nhost: app\r\n\r\n";
-    assert_eq!(exchange(&mut client, get).await, "http/1.1 200 ok");
-    assert_eq!(exchange(&mut client, get).await, "http/1.1 200 ok");
-    // The second GET reached the first connection, which closed; then a new one answered.
-    assert_eq!(backend.requests.load(Ordering::SeqCst), 3);
-    assert_eq!(backend.opened(), 2);
+    for resets in [false, true] {
+        let backend = CountingBackend::behaving(Behaviour {
+            answers_per_connection: Some(1),
+            resets,
+            ..Behaviour::default()
+        })
+        .await;
+        let (running, web) = gatehouse_for(&backend, "").await;
+        let mut client = TcpStream::connect(web).await.unwrap();
+        let get = "GET / HTTP/1.1\r\nhost: app\r\n\r\n";
+        assert_eq!(exchange(&mut client, get).await, "http/1.1 200 ok");
+        assert_eq!(
+            exchange(&mut client, get).await,
+            "http/1.1 200 ok",
+            "resets: {resets}"
+        );
+        // The second GET reached the first connection, which closed; then a new one answered.
+        assert_eq!(backend.requests.load(Ordering::SeqCst), 3);
+        assert_eq!(backend.opened(), 2);
 
-    let post = "POST / HTTP/1.1\r\nhost: app\r\ncontent-length: 3\r\n\r\na=1";
-    assert_eq!(
-        exchange(&mut client, post).await,
-        "http/1.1 502 bad gateway"
-    );
-    assert_eq!(backend.requests.load(Ordering::SeqCst), 4, "sent once");
-    let text = metrics_text(&running.1).await;
-    assert_eq!(
-        metric(&text, "gatehouse_upstream_retries_total", &[("pool", "p")]),
-        Some(0.0)
-    );
+        let post = "POST / HTTP/1.1\r\nhost: app\r\ncontent-length: 3\r\n\r\na=1";
+        assert_eq!(
+            exchange(&mut client, post).await,
+            "http/1.1 502 bad gateway",
+            "resets: {resets}"
+        );
+        assert_eq!(backend.requests.load(Ordering::SeqCst), 4, "sent once");
+        let text = metrics_text(&running.1).await;
+        assert_eq!(
+            metric(&text, "gatehouse_upstream_retries_total", &[("pool", "p")]),
+            Some(0.0)
+        );
+    }
 }
 
 /// A backend that says how long it keeps an idle connection (`Keep-Alive: timeout=1`, as
