@@ -133,6 +133,37 @@ fn check_refuses_unknown_keys_and_bad_yaml() {
     );
 }
 
+/// A missing key is reported with the rest of the file's problems, not alone: a listener
+/// without `listen`, backends without `name` or `address`, a capacity without `cpu` — and
+/// nothing about the values gatehouse stood in for them to read on.
+#[test]
+fn check_reports_missing_keys_beside_every_other_problem() {
+    let dir = TestDir::new();
+    let path = dir.write(
+        "missing.yaml",
+        "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\n  api:\n    pool: p\npools:\n  p:\n    algorithm: fastest\n    backends:\n      - name: a\n      - address: \"127.0.0.1:99999\"\n      - { name: c, address: \"127.0.0.1:2\", capacity: { memory_gib: 2 } }\n",
+    );
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok);
+    let problems: Vec<&str> = stderr
+        .lines()
+        .filter_map(|line| line.split_once("missing.yaml:").map(|(_, rest)| rest))
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "6:5: listeners.api: missing field `listen`",
+            "9:5: pools.p.algorithm: unknown algorithm \"fastest\" (expected one of round_robin, weighted_round_robin, least_connections, power_of_two, least_latency, consistent_hash, random)",
+            "11:7: pools.p.backends[0]: missing field `address`",
+            "12:7: pools.p.backends[1]: missing field `name`",
+            "12:9: pools.p.backends[1].address: invalid socket address \"127.0.0.1:99999\"",
+            "13:7: pools.p.backends[2].capacity: missing field `cpu`",
+            " 6 problem(s) found",
+        ],
+        "{stderr}"
+    );
+}
+
 /// A log or last-known-good path gatehouse could not write is a problem `check` (and a
 /// reload) reports, not something found once requests go unlogged; checking writes nothing.
 #[test]

@@ -1,30 +1,70 @@
 //! The file's text → [`RawConfig`], reporting every key serde refuses rather than only the first.
 //!
-//! serde stops at the first key it cannot take — unknown (`deny_unknown_fields`), or with a
-//! value of the wrong type (`fail_open: maybe`) — so an operator who mistyped two keys and an
-//! address would fix them one `check` at a time. Each key serde refuses is taken out of a copy
-//! of the document, which is parsed again, until the copy parses or something that cannot be
-//! left out stops it (a syntax error, a missing or duplicate name); the validation pass then
-//! reports the rest of the file's problems beside them. YAML merge keys (`<<: *anchor`),
-//! which serde does not apply, are applied to that copy first.
+//! serde stops at the first key it cannot take — unknown (`deny_unknown_fields`), with a
+//! value of the wrong type (`fail_open: maybe`), or missing (a backend without `address`) —
+//! so an operator who mistyped two keys and forgot an address would fix them one `check` at
+//! a time. Each key serde refuses is taken out of a copy of the document, and each missing
+//! one is put in it with a stand-in value; the copy is parsed again, until it parses or
+//! something that cannot be mended stops it (a syntax error, a duplicate name). The
+//! validation pass then reports the rest of the file's problems beside them, but none about
+//! the stand-ins. YAML merge keys (`<<: *anchor`), which serde does not apply, are applied to
+//! that copy first.
 
 use super::locate::Locator;
 use super::raw::RawConfig;
 use super::Problem;
-use serde_yaml::Value;
+use serde_yaml::{Mapping, Value};
 
-/// How many refused keys one reading reports before it stops looking (each costs a parse).
-const MAX_SKIPPED_KEYS: usize = 64;
+/// How many keys one reading takes out or stands in for before it stops looking (each costs
+/// a parse).
+const MAX_MENDED_KEYS: usize = 64;
 
-/// The raw configuration when serde could build it (with refused keys left out), and the
-/// problems found on the way. `None` means a problem stopped serde, and it is in the list.
-pub(super) fn read(text: &str, locator: &Locator) -> (Option<RawConfig>, Vec<Problem>) {
+/// What the file reads as.
+pub(super) struct Reading {
+    /// The raw configuration when serde could build it (with refused keys left out and
+    /// missing ones stood in for); `None` means a problem stopped serde, and it is listed.
+    pub raw: Option<RawConfig>,
+    /// What serde refused, in the order found.
+    pub problems: Vec<Problem>,
+    /// The stand-in values put in for missing keys.
+    pub stand_ins: StandIns,
+}
+
+/// The key paths of the stand-in values put in for missing keys, reported as missing
+/// already: what validation finds at or under them, or at the mapping they were put in
+/// (`capacity: cpu and memory_gib must be positive`), is about the stand-in, not the file.
+#[derive(Default)]
+pub(super) struct StandIns(Vec<String>);
+
+impl StandIns {
+    /// Whether a problem at `path` may be about a stand-in.
+    pub fn cover(&self, path: &str) -> bool {
+        self.0.iter().any(|stand_in| {
+            let parent = stand_in.rsplit_once('.').map_or("", |(parent, _)| parent);
+            path == parent
+                || path
+                    .strip_prefix(stand_in.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
+    }
+}
+
+/// The values tried, in turn, for a missing key until serde takes one: most required keys
+/// are strings; `cpu` is a number, `listeners` and `pools` mappings.
+const STAND_INS: [fn() -> Value; 3] = [
+    || Value::String(String::new()),
+    || Value::Number(0.into()),
+    || Value::Mapping(Mapping::new()),
+];
+
+/// Reads `text`, mending a copy of it as long as serde refuses something that can be mended.
+pub(super) fn read(text: &str, locator: &Locator) -> Reading {
     let error = match serde_yaml::from_str::<RawConfig>(text) {
-        Ok(raw) => return (Some(raw), Vec::new()),
+        Ok(raw) => return Reading::parsed(raw, Vec::new(), StandIns::default()),
         Err(error) => error,
     };
     let Ok(mut document) = serde_yaml::from_str::<Value>(text) else {
-        return (None, vec![yaml_problem(&error)]);
+        return Reading::stopped(vec![yaml_problem(&error)], StandIns::default());
     };
     let mut problems = vec![yaml_problem(&error)];
     // YAML merge keys (`timeouts: { <<: *defaults, request: 2m }`) are not applied by
@@ -33,29 +73,82 @@ pub(super) fn read(text: &str, locator: &Locator) -> (Option<RawConfig>, Vec<Pro
     if merged.apply_merge().is_ok() && merged != document {
         document = merged;
         match reparse(&document) {
-            Ok(raw) => return (Some(raw), Vec::new()),
+            Ok(raw) => return Reading::parsed(raw, Vec::new(), StandIns::default()),
             Err(error) => problems = vec![placed(yaml_problem(&error), locator)],
         }
     }
-    let mut skipped: Vec<String> = Vec::new();
-    for _ in 0..MAX_SKIPPED_KEYS {
-        let Some(last) = problems.last() else { break };
-        let path = last.path.clone();
-        if !can_skip(last) || !remove_key(&mut document, &path) {
-            break;
-        }
-        skipped.push(path);
-        let next = match reparse(&document) {
-            Ok(raw) => return (Some(raw), problems),
-            Err(next) => yaml_problem(&next),
+    let mut taken_out: Vec<String> = Vec::new();
+    // Each stand-in's path and which of `STAND_INS` it holds.
+    let mut stand_ins: Vec<(String, usize)> = Vec::new();
+    let mut current = problems.last().cloned();
+    for _ in 0..MAX_MENDED_KEYS {
+        let Some(problem) = current.take() else { break };
+        let mended = if let Some((parent, field)) = missing_field(&problem) {
+            let path = child_path(parent, field);
+            let put = node_at(&mut document, parent)
+                .and_then(Value::as_mapping_mut)
+                .map(|mapping| mapping.insert(Value::String(field.to_string()), STAND_INS[0]()))
+                .is_some();
+            put && {
+                stand_ins.push((path, 0));
+                true
+            }
+        } else if let Some((path, tried)) =
+            stand_ins.iter_mut().find(|(path, _)| *path == problem.path)
+        {
+            // The stand-in is of the wrong type: the next one.
+            *tried += 1;
+            match (STAND_INS.get(*tried), node_at(&mut document, path)) {
+                (Some(stand_in), Some(node)) => {
+                    *node = stand_in();
+                    true
+                }
+                _ => false,
+            }
+        } else if can_skip(&problem) && remove_key(&mut document, &problem.path) {
+            taken_out.push(problem.path);
+            true
+        } else {
+            false
         };
-        if missing_field(&next).is_some_and(|missing| skipped.contains(&missing)) {
-            // The key is missing because it was taken out: reported already.
+        if !mended {
             break;
         }
-        problems.push(placed(next, locator));
+        let stand_in_paths = || StandIns(stand_ins.iter().map(|(path, _)| path.clone()).collect());
+        let next = match reparse(&document) {
+            Ok(raw) => return Reading::parsed(raw, problems, stand_in_paths()),
+            Err(next) => placed(yaml_problem(&next), locator),
+        };
+        // A key missing because it was taken out is reported already; so is a stand-in
+        // serde refused.
+        let known = missing_field(&next)
+            .is_some_and(|(parent, field)| taken_out.contains(&child_path(parent, field)))
+            || stand_ins.iter().any(|(path, _)| *path == next.path);
+        if !known {
+            problems.push(next.clone());
+        }
+        current = Some(next);
     }
-    (None, problems)
+    let stand_in_paths = StandIns(stand_ins.into_iter().map(|(path, _)| path).collect());
+    Reading::stopped(problems, stand_in_paths)
+}
+
+impl Reading {
+    fn parsed(raw: RawConfig, problems: Vec<Problem>, stand_ins: StandIns) -> Self {
+        Reading {
+            raw: Some(raw),
+            problems,
+            stand_ins,
+        }
+    }
+
+    fn stopped(problems: Vec<Problem>, stand_ins: StandIns) -> Self {
+        Reading {
+            raw: None,
+            problems,
+            stand_ins,
+        }
+    }
 }
 
 /// Parses a rewritten copy of the document.
@@ -70,25 +163,28 @@ fn placed(problem: Problem, locator: &Locator) -> Problem {
 }
 
 /// Whether the problem is one key's, which can be left out to read on: not a syntax error
-/// (no path), not a sequence item (taking it out would renumber the rest), not a missing key.
+/// (no path), not a sequence item (taking it out would renumber the rest).
 fn can_skip(problem: &Problem) -> bool {
-    !problem.path.is_empty()
-        && !problem.path.ends_with(']')
-        && !problem.message.starts_with("missing field")
+    !problem.path.is_empty() && !problem.path.ends_with(']')
 }
 
-/// The full path of the key in "missing field `key`" (`listeners.web.listen`).
-fn missing_field(problem: &Problem) -> Option<String> {
+/// The path of the mapping and the key in "missing field `key`" (`listeners.web`, `listen`).
+fn missing_field(problem: &Problem) -> Option<(&str, &str)> {
     let field = problem
         .message
         .strip_prefix("missing field `")?
         .split_once('`')?
         .0;
-    Some(if problem.path.is_empty() {
+    Some((problem.path.as_str(), field))
+}
+
+/// `parent.field`, as serde_yaml writes paths (`field` alone at the top).
+fn child_path(parent: &str, field: &str) -> String {
+    if parent.is_empty() {
         field.to_string()
     } else {
-        format!("{}.{field}", problem.path)
-    })
+        format!("{parent}.{field}")
+    }
 }
 
 /// Turns a serde_yaml error ("path: message at line L column C") into a [`Problem`].
@@ -136,53 +232,74 @@ fn unknown_field_name(message: &str) -> Option<&str> {
         .map(|(field, _)| field)
 }
 
-/// Removes the key at `path`, written as serde_yaml writes paths
-/// (`pools.portal.backends[0].weight`). Names may contain dots (`listeners.tax.v2`), so at
+/// One step of a key path through the document.
+enum Segment {
+    Index(usize),
+    Key(Value),
+}
+
+/// `path`, written as serde_yaml writes paths (`pools.portal.backends[0].weight`), split into
+/// the steps it takes through `document`. Names may contain dots (`listeners.tax.v2`), so at
 /// each mapping the longest key the path continues with is taken.
-fn remove_key(document: &mut Value, path: &str) -> bool {
+fn segments(document: &Value, path: &str) -> Option<Vec<Segment>> {
     let mut node = document;
     let mut rest = path;
-    loop {
+    let mut segments = Vec::new();
+    while !rest.is_empty() {
         if let Some(after) = rest.strip_prefix('[') {
-            let Some((index, after)) = after.split_once(']') else {
-                return false;
-            };
-            let Some(item) = index
-                .parse::<usize>()
-                .ok()
-                .and_then(|index| node.as_sequence_mut()?.get_mut(index))
-            else {
-                return false;
-            };
-            node = item;
-            rest = after.strip_prefix('.').unwrap_or(after);
-            continue;
+            let (index, after) = after.split_once(']')?;
+            let index = index.parse::<usize>().ok()?;
+            node = node.as_sequence()?.get(index)?;
+            segments.push(Segment::Index(index));
+            rest = after;
+        } else {
+            let mapping = node.as_mapping()?;
+            let (key, name_length) = mapping
+                .keys()
+                .filter_map(|key| {
+                    let name = key_text(key)?;
+                    let after = rest.strip_prefix(name.as_str())?;
+                    (after.is_empty() || after.starts_with(['.', '[']))
+                        .then(|| (key.clone(), name.len()))
+                })
+                .max_by_key(|(_, length)| *length)?;
+            node = mapping.get(&key)?;
+            segments.push(Segment::Key(key));
+            rest = &rest[name_length..];
         }
-        let Some(mapping) = node.as_mapping_mut() else {
-            return false;
-        };
-        let Some((key, name_length)) = mapping
-            .keys()
-            .filter_map(|key| {
-                let name = key_text(key)?;
-                let after = rest.strip_prefix(name.as_str())?;
-                (after.is_empty() || after.starts_with(['.', '[']))
-                    .then(|| (key.clone(), name.len()))
-            })
-            .max_by_key(|(_, length)| *length)
-        else {
-            return false;
-        };
-        rest = &rest[name_length..];
-        if rest.is_empty() {
-            return mapping.shift_remove(&key).is_some();
-        }
-        let Some(child) = mapping.get_mut(&key) else {
-            return false;
-        };
-        node = child;
         rest = rest.strip_prefix('.').unwrap_or(rest);
     }
+    Some(segments)
+}
+
+/// The node `segments` lead to.
+fn walk<'d>(mut node: &'d mut Value, segments: &[Segment]) -> Option<&'d mut Value> {
+    for segment in segments {
+        node = match segment {
+            Segment::Index(index) => node.as_sequence_mut()?.get_mut(*index)?,
+            Segment::Key(key) => node.as_mapping_mut()?.get_mut(key)?,
+        };
+    }
+    Some(node)
+}
+
+/// The node at `path` (the whole document for an empty path).
+fn node_at<'d>(document: &'d mut Value, path: &str) -> Option<&'d mut Value> {
+    let segments = segments(document, path)?;
+    walk(document, &segments)
+}
+
+/// Removes the key at `path`.
+fn remove_key(document: &mut Value, path: &str) -> bool {
+    let Some(mut segments) = segments(document, path) else {
+        return false;
+    };
+    let Some(Segment::Key(key)) = segments.pop() else {
+        return false;
+    };
+    walk(document, &segments)
+        .and_then(Value::as_mapping_mut)
+        .is_some_and(|mapping| mapping.shift_remove(&key).is_some())
 }
 
 /// A mapping key as it appears in a path: names are strings, but `8080:` is a number.
@@ -200,8 +317,12 @@ mod tests {
     use super::*;
 
     fn paths(text: &str) -> Vec<String> {
-        let (_, problems) = read(text, &Locator::new(text));
-        problems.into_iter().map(|problem| problem.path).collect()
+        let reading = read(text, &Locator::new(text));
+        reading
+            .problems
+            .into_iter()
+            .map(|problem| problem.path)
+            .collect()
     }
 
     #[test]
@@ -220,8 +341,7 @@ pools:
         address: \"127.0.0.1:2\"
         wieght: 3
 ";
-        let locator = Locator::new(text);
-        let (raw, problems) = read(text, &locator);
+        let Reading { raw, problems, .. } = read(text, &Locator::new(text));
         let found: Vec<_> = problems
             .iter()
             .map(|problem| (problem.path.as_str(), problem.line))
@@ -249,23 +369,68 @@ pools:
     }
 
     #[test]
-    fn what_cannot_be_left_out_ends_the_reading_after_it() {
+    fn a_syntax_error_ends_the_reading() {
+        assert_eq!(paths("listeners: [\n").len(), 1);
+    }
+
+    #[test]
+    fn missing_keys_are_reported_and_stood_in_for() {
+        let text = "\
+listeners:
+  web: { pool: p }
+pools:
+  p:
+    backends:
+      - name: a
+      - { address: \"127.0.0.1:2\", capacity: { memory_gib: 2 } }
+    bogus: 1
+";
+        let reading = read(text, &Locator::new(text));
+        let found: Vec<_> = reading
+            .problems
+            .iter()
+            .map(|problem| {
+                (
+                    problem.path.as_str(),
+                    problem.line,
+                    problem.message.as_str(),
+                )
+            })
+            .collect();
         assert_eq!(
-            paths("listeners: [\n").len(),
-            1,
-            "a syntax error stops at once"
+            found,
+            [
+                ("listeners.web", Some(2), "missing field `listen`"),
+                ("pools.p.backends[0]", Some(6), "missing field `address`"),
+                (
+                    "pools.p.backends[1].capacity",
+                    Some(7),
+                    "missing field `cpu`"
+                ),
+                ("pools.p.backends[1]", Some(7), "missing field `name`"),
+                ("pools.p.bogus", Some(8), found[4].2),
+            ]
         );
-        // A required key of the wrong type is reported once, not again as missing.
+        assert!(found[4].2.starts_with("unknown field `bogus`"));
+        let raw = reading.raw.expect("the rest of the file is read");
+        assert_eq!(raw.pools.0[0].1.backends[1].address, "127.0.0.1:2");
+        assert!(reading.stand_ins.cover("listeners.web.listen"));
+        assert!(reading.stand_ins.cover("pools.p.backends[1].capacity.cpu"));
+        assert!(reading.stand_ins.cover("pools.p.backends[1].capacity"));
+        assert!(!reading.stand_ins.cover("pools.p.backends[1].weight"));
+        assert!(!reading.stand_ins.cover("listeners.web.listener"));
+        assert!(!reading.stand_ins.cover("listeners"));
+        // The top-level mappings, missing, are stood in for too.
+        assert_eq!(paths("admin: {}\n"), ["", ""]);
+    }
+
+    #[test]
+    fn a_required_key_of_the_wrong_type_is_reported_once_not_again_as_missing() {
         assert_eq!(
             paths(
                 "extra: 1\nlisteners:\n  web: { listen: [1], pool: p }\n  other: {}\npools: {}\n"
             ),
-            ["extra", "listeners.web.listen"]
-        );
-        // A key missing from the file is reported as such.
-        assert_eq!(
-            paths("listeners:\n  web: { pool: p }\npools: {}\n"),
-            ["listeners.web"]
+            ["extra", "listeners.web.listen", "listeners.other"]
         );
     }
 
@@ -281,7 +446,7 @@ pools:
     timeouts: { <<: *timeouts, request: 2m }
     backends: []
 ";
-        let (raw, problems) = read(text, &Locator::new(text));
+        let Reading { raw, problems, .. } = read(text, &Locator::new(text));
         assert!(problems.is_empty(), "{problems:?}");
         let raw = raw.expect("merged");
         let timeouts = raw.pools.0[1].1.timeouts.as_ref().expect("tax's timeouts");
@@ -295,7 +460,7 @@ pools:
     #[test]
     fn a_valid_file_has_no_problems() {
         let text = "listeners: {}\npools: {}\n";
-        let (raw, problems) = read(text, &Locator::new(text));
+        let Reading { raw, problems, .. } = read(text, &Locator::new(text));
         assert!(raw.is_some());
         assert!(problems.is_empty());
     }

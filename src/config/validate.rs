@@ -2,7 +2,7 @@
 
 use super::locate::Locator;
 use super::raw::*;
-use super::read::read;
+use super::read::{read, Reading};
 use super::units::{parse_duration, parse_status_range};
 use super::*;
 use std::collections::HashSet;
@@ -43,11 +43,22 @@ impl Problems {
 
 pub(super) fn parse_and_validate(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
     let locator = Locator::new(text);
-    let (raw, found) = read(text, &locator);
+    let Reading {
+        raw,
+        problems: found,
+        stand_ins,
+    } = read(text, &locator);
+    let read_problems = found.len();
     let mut problems = Problems { locator, found };
     let config = raw.map(|raw| {
         let base = file.parent().unwrap_or(Path::new("")).to_path_buf();
         build(raw, text, file, &base, &mut problems)
+    });
+    // A missing key was reported as such; what validation says of its stand-in is not news.
+    let mut index = 0;
+    problems.found.retain(|problem| {
+        index += 1;
+        index <= read_problems || !stand_ins.cover(&problem.path)
     });
     match config {
         Some(config) if problems.found.is_empty() => Ok(config),
