@@ -63,10 +63,18 @@ pub(super) fn read(text: &str, locator: &Locator) -> Reading {
         Ok(raw) => return Reading::parsed(raw, Vec::new(), StandIns::default()),
         Err(error) => error,
     };
-    let Ok(mut document) = serde_yaml::from_str::<Value>(text) else {
-        return Reading::stopped(vec![yaml_problem(&error)], StandIns::default());
+    let first = yaml_problem(&error);
+    // serde places a duplicate name at the start of its mapping; the name's last
+    // occurrence, the one to rename or remove, is where the locator has it.
+    let first = if first.message.starts_with("duplicate name") {
+        placed(first, locator)
+    } else {
+        first
     };
-    let mut problems = vec![yaml_problem(&error)];
+    let Ok(mut document) = serde_yaml::from_str::<Value>(text) else {
+        return Reading::stopped(vec![first], StandIns::default());
+    };
+    let mut problems = vec![first];
     // YAML merge keys (`timeouts: { <<: *defaults, request: 2m }`) are not applied by
     // serde: applied here, the file reads as its author meant it.
     let mut merged = document.clone();
@@ -195,12 +203,8 @@ fn yaml_problem(error: &serde_yaml::Error) -> Problem {
         message.truncate(cut);
     }
     let (mut path, mut message) = split_path(&message);
-    if let Some(field) = unknown_field_name(&message) {
-        path = if path.is_empty() {
-            field.to_string()
-        } else {
-            format!("{path}.{field}")
-        };
+    if let Some(key) = unknown_field_name(&message).or_else(|| duplicate_name(&message)) {
+        path = child_path(&path, key);
     }
     if let Some(cut) = message.find("expected struct Raw") {
         message.truncate(cut);
@@ -212,6 +216,14 @@ fn yaml_problem(error: &serde_yaml::Error) -> Problem {
         column: location.as_ref().map(|l| l.column()),
         message,
     }
+}
+
+/// The name in "duplicate name \"name\" (names must be unique)" (`NamedMap`'s).
+fn duplicate_name(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("duplicate name \"")
+        .and_then(|rest| rest.split_once('"'))
+        .map(|(name, _)| name)
 }
 
 /// Splits serde_yaml's "path: message" (a message without a path is the whole text).
@@ -422,6 +434,22 @@ pools:
         assert!(!reading.stand_ins.cover("listeners"));
         // The top-level mappings, missing, are stood in for too.
         assert_eq!(paths("admin: {}\n"), ["", ""]);
+    }
+
+    #[test]
+    fn a_duplicate_name_is_placed_where_it_repeats() {
+        let text = "listeners:\n  web: { listen: \"127.0.0.1:1\", pool: p }\n  web: { listen: \"127.0.0.1:2\", pool: p }\npools: {}\n";
+        let reading = read(text, &Locator::new(text));
+        assert!(reading.raw.is_none());
+        let problem = &reading.problems[0];
+        assert_eq!(
+            (problem.path.as_str(), problem.line, problem.column),
+            ("listeners.web", Some(3), Some(3))
+        );
+        assert_eq!(
+            problem.message,
+            "duplicate name \"web\" (names must be unique)"
+        );
     }
 
     #[test]
