@@ -33,7 +33,6 @@ pub(super) struct Reading {
 /// The key paths of the stand-in values put in for missing keys, reported as missing
 /// already: what validation finds at or under them, or at the mapping they were put in
 /// (`capacity: cpu and memory_gib must be positive`), is about the stand-in, not the file.
-#[derive(Default)]
 pub(super) struct StandIns(Vec<String>);
 
 impl StandIns {
@@ -60,7 +59,7 @@ const STAND_INS: [fn() -> Value; 3] = [
 /// Reads `text`, mending a copy of it as long as serde refuses something that can be mended.
 pub(super) fn read(text: &str, locator: &Locator) -> Reading {
     let error = match serde_yaml::from_str::<RawConfig>(text) {
-        Ok(raw) => return Reading::parsed(raw, Vec::new(), StandIns::default()),
+        Ok(raw) => return Reading::new(Some(raw), Vec::new(), &[]),
         Err(error) => error,
     };
     let first = yaml_problem(&error);
@@ -72,7 +71,7 @@ pub(super) fn read(text: &str, locator: &Locator) -> Reading {
         first
     };
     let Ok(mut document) = serde_yaml::from_str::<Value>(text) else {
-        return Reading::stopped(vec![first], StandIns::default());
+        return Reading::new(None, vec![first], &[]);
     };
     let mut problems = vec![first];
     // YAML merge keys (`timeouts: { <<: *defaults, request: 2m }`) are not applied by
@@ -81,7 +80,7 @@ pub(super) fn read(text: &str, locator: &Locator) -> Reading {
     if merged.apply_merge().is_ok() && merged != document {
         document = merged;
         match reparse(&document) {
-            Ok(raw) => return Reading::parsed(raw, Vec::new(), StandIns::default()),
+            Ok(raw) => return Reading::new(Some(raw), Vec::new(), &[]),
             Err(error) => problems = vec![placed(yaml_problem(&error), locator)],
         }
     }
@@ -93,13 +92,13 @@ pub(super) fn read(text: &str, locator: &Locator) -> Reading {
         let Some(problem) = current.take() else { break };
         let mended = if let Some((parent, field)) = missing_field(&problem) {
             let path = child_path(parent, field);
-            let put = node_at(&mut document, parent)
-                .and_then(Value::as_mapping_mut)
-                .map(|mapping| mapping.insert(Value::String(field.to_string()), STAND_INS[0]()))
-                .is_some();
-            put && {
-                stand_ins.push((path, 0));
-                true
+            match node_at(&mut document, parent).and_then(Value::as_mapping_mut) {
+                Some(mapping) => {
+                    mapping.insert(Value::String(field.to_string()), STAND_INS[0]());
+                    stand_ins.push((path, 0));
+                    true
+                }
+                None => false,
             }
         } else if let Some((path, tried)) =
             stand_ins.iter_mut().find(|(path, _)| *path == problem.path)
@@ -122,9 +121,8 @@ pub(super) fn read(text: &str, locator: &Locator) -> Reading {
         if !mended {
             break;
         }
-        let stand_in_paths = || StandIns(stand_ins.iter().map(|(path, _)| path.clone()).collect());
         let next = match reparse(&document) {
-            Ok(raw) => return Reading::parsed(raw, problems, stand_in_paths()),
+            Ok(raw) => return Reading::new(Some(raw), problems, &stand_ins),
             Err(next) => placed(yaml_problem(&next), locator),
         };
         // A key missing because it was taken out is reported already; so is a stand-in
@@ -137,24 +135,17 @@ pub(super) fn read(text: &str, locator: &Locator) -> Reading {
         }
         current = Some(next);
     }
-    let stand_in_paths = StandIns(stand_ins.into_iter().map(|(path, _)| path).collect());
-    Reading::stopped(problems, stand_in_paths)
+    Reading::new(None, problems, &stand_ins)
 }
 
 impl Reading {
-    fn parsed(raw: RawConfig, problems: Vec<Problem>, stand_ins: StandIns) -> Self {
+    /// The reading's outcome; `stand_ins` pairs each stand-in's path with the one it holds.
+    fn new(raw: Option<RawConfig>, problems: Vec<Problem>, stand_ins: &[(String, usize)]) -> Self {
+        let paths = stand_ins.iter().map(|(path, _)| path.clone()).collect();
         Reading {
-            raw: Some(raw),
+            raw,
             problems,
-            stand_ins,
-        }
-    }
-
-    fn stopped(problems: Vec<Problem>, stand_ins: StandIns) -> Self {
-        Reading {
-            raw: None,
-            problems,
-            stand_ins,
+            stand_ins: StandIns(paths),
         }
     }
 }
