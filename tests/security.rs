@@ -413,6 +413,21 @@ async fn http2_rapid_reset_is_cut_off() {
         "{} requests reached the backend",
         backend.requests().len()
     );
+    assert_bad_request_counted(&gatehouse).await;
+}
+
+/// One `bad_request` rejection counted for a connection refused as a whole (once the server
+/// side has ended it, which the client may see first).
+async fn assert_bad_request_counted(gatehouse: &gatehouse::server::Gatehouse) {
+    eventually(
+        "the refused connection counted as a bad request",
+        async || {
+            let text = metrics_text(gatehouse).await;
+            let labels = [("listener", "web"), ("reason", "bad_request")];
+            metric(&text, "gatehouse_rejected_total", &labels) == Some(1.0)
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -667,7 +682,7 @@ async fn http2_continuation_flood_is_cut_off() {
         backend.requests().is_empty(),
         "no request was formed from the flood"
     );
-    drop(gatehouse);
+    assert_bad_request_counted(&gatehouse).await;
 }
 
 /// Resident memory of this (test) process, in KiB.

@@ -683,10 +683,10 @@ async fn answer_late_head<S: AsyncWrite + Unpin>(stream: Option<S>, listener: &L
 /// The answer to a request head that did not arrive within `limits.header_timeout`.
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 39\r\nconnection: close\r\n\r\n408 Request Timeout: request head late\n";
 
-/// Counts what hyper answered on its own (oversized or timed-out heads, garbage), and logs
-/// the 431s and 400s (a citizen whose cookies outgrew the limit is found in the access log
-/// like any other request, without method or path: the head was not read); true when the
-/// request head timed out.
+/// Counts what hyper answered on its own (oversized or timed-out heads, garbage, an HTTP/2
+/// client closed for breaking the protocol), and logs the 431s and 400s (a citizen whose
+/// cookies outgrew the limit is found in the access log like any other request, without
+/// method or path: the head was not read); true when the request head timed out.
 fn record_connection_error(
     listener: &ListenerTable,
     connection: &Connection,
@@ -725,9 +725,25 @@ fn record_connection_error(
     } else if error.is_timeout() {
         // Counted with its 408 (`answer_late_head`).
         return true;
+    } else if refused_http2(error) {
+        // No response to count: the client's connection was refused as a whole.
+        listener.metrics.reject(Rejection::BadRequest);
     }
     tracing::debug!(%error, "client connection ended with an error");
     false
+}
+
+/// Whether an HTTP/2 connection ended with the GOAWAY the h2 crate sends a client that broke
+/// the protocol or abused it: a malformed frame, a flow-control violation, a rapid-reset or
+/// CONTINUATION flood (`ENHANCE_YOUR_CALM`).
+fn refused_http2(error: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    error
+        .source()
+        .and_then(|source| source.downcast_ref::<h2::Error>())
+        .is_some_and(|error| {
+            error.is_go_away() && error.is_library() && error.reason() != Some(h2::Reason::NO_ERROR)
+        })
 }
 
 /// Which server read a request's head, and so what [`handle`] still has to check of it.
