@@ -164,6 +164,33 @@ fn check_reports_missing_keys_beside_every_other_problem() {
     );
 }
 
+/// A listener or pool name given twice is reported where it repeats, beside the file's
+/// other problems (serde stopped at it before); the first of the two is checked as usual.
+#[test]
+fn check_reports_duplicate_names_beside_every_other_problem() {
+    let dir = TestDir::new();
+    let path = dir.write(
+        "twice.yaml",
+        "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\npools:\n  p:\n    backends:\n      - { name: a, address: \"127.0.0.1:99999\" }\n  p:\n    backends: []\n",
+    );
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok);
+    let problems: Vec<&str> = stderr
+        .lines()
+        .filter_map(|line| line.split_once("twice.yaml:").map(|(_, rest)| rest))
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "5:3: listeners.web: duplicate name \"web\" (names must be unique)",
+            "11:7: pools.p.backends[0].address: invalid socket address \"127.0.0.1:99999\"",
+            "12:3: pools.p: duplicate name \"p\" (names must be unique)",
+            " 3 problem(s) found",
+        ],
+        "{stderr}"
+    );
+}
+
 /// A log or last-known-good path gatehouse could not write is a problem `check` (and a
 /// reload) reports, not something found once requests go unlogged; checking writes nothing.
 #[test]

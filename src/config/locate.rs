@@ -10,7 +10,9 @@ use std::collections::HashMap;
 /// Line and column (both 1-based) of every block-style key path in a YAML document.
 #[derive(Debug, Default)]
 pub struct Locator {
-    positions: HashMap<String, (usize, usize)>,
+    /// Every place a path occurs, in file order: a name given twice (`listeners: { web: …,
+    /// web: … }`) has two.
+    positions: HashMap<String, Vec<(usize, usize)>>,
 }
 
 enum Frame {
@@ -29,7 +31,7 @@ impl Frame {
 impl Locator {
     /// Scans `text`; never fails (unparseable lines are skipped).
     pub fn new(text: &str) -> Self {
-        let mut positions = HashMap::new();
+        let mut positions: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
         let mut stack: Vec<Frame> = Vec::new();
         for (line_index, line) in text.lines().enumerate() {
             let trimmed = line.trim_start_matches(' ');
@@ -61,7 +63,10 @@ impl Locator {
                     indent: column,
                     index,
                 });
-                positions.insert(path_of(&stack), (line_index + 1, column + 1));
+                positions
+                    .entry(path_of(&stack))
+                    .or_default()
+                    .push((line_index + 1, column + 1));
                 let content = after_dash.trim_start_matches(' ');
                 column += 1 + (after_dash.len() - content.len());
                 rest = content;
@@ -74,20 +79,32 @@ impl Locator {
                 indent: column,
                 name: key,
             });
-            positions.insert(path_of(&stack), (line_index + 1, column + 1));
+            positions
+                .entry(path_of(&stack))
+                .or_default()
+                .push((line_index + 1, column + 1));
         }
         Locator { positions }
     }
 
-    /// The position of `path`, or of its nearest recorded ancestor.
+    /// The position of `path` (its first occurrence), or of its nearest recorded ancestor.
     pub fn find(&self, path: &str) -> Option<(usize, usize)> {
         let mut candidate = path;
         loop {
-            if let Some(position) = self.positions.get(candidate) {
+            if let Some(position) = self.positions.get(candidate).and_then(|all| all.first()) {
                 return Some(*position);
             }
             let cut = candidate.rfind(['.', '['])?;
             candidate = &candidate[..cut];
+        }
+    }
+
+    /// The position of `path`'s `nth` occurrence (from 0), for a name given more than once;
+    /// else as [`Locator::find`].
+    pub fn find_occurrence(&self, path: &str, nth: usize) -> Option<(usize, usize)> {
+        match self.positions.get(path).and_then(|all| all.get(nth)) {
+            Some(position) => Some(*position),
+            None => self.find(path),
         }
     }
 }
@@ -174,5 +191,13 @@ pools:
         let locator = Locator::new(DOC);
         assert_eq!(locator.find("listeners.web.routes[0].pool"), Some((5, 7)));
         assert_eq!(locator.find("nothing.here"), None);
+    }
+
+    #[test]
+    fn a_name_given_twice_has_both_places() {
+        let locator = Locator::new("pools:\n  p:\n    backends: []\n  p:\n    backends: []\n");
+        assert_eq!(locator.find("pools.p.backends"), Some((3, 5)), "the first");
+        assert_eq!(locator.find_occurrence("pools.p", 1), Some((4, 3)));
+        assert_eq!(locator.find_occurrence("pools.p", 2), Some((2, 3)));
     }
 }

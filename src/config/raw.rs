@@ -2,8 +2,8 @@
 //!
 //! Everything here is deliberately loose (strings for durations, addresses and CIDRs) so that
 //! `validate` can report *every* problem with its key path instead of serde stopping at the
-//! first. Unknown keys are refused here (`deny_unknown_fields`), duplicate names in `listeners`
-//! and `pools` by [`NamedMap`].
+//! first. Unknown keys are refused here (`deny_unknown_fields`); duplicate names in `listeners`
+//! and `pools` are kept by [`NamedMap`] for `validate` to report with the rest.
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -225,10 +225,12 @@ pub struct RawUpstreamTls {
     pub ca: Option<String>,
 }
 
-/// A YAML mapping whose keys are names, kept in file order, with duplicates refused.
+/// A YAML mapping whose keys are names, kept in file order, duplicates included.
 ///
-/// Order matters to operators (status and dashboard list things as written) and a duplicate
-/// name silently shadowing another is exactly the kind of mistake `check` must catch.
+/// Order matters to operators (status and dashboard list things as written), and a duplicate
+/// name silently shadowing another is exactly the kind of mistake `check` must catch: kept
+/// here (a plain map would keep one of them, or serde would stop at it), it is reported by
+/// `validate` with the file's other problems.
 #[derive(Debug)]
 pub struct NamedMap<T>(pub Vec<(String, T)>);
 
@@ -246,11 +248,6 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for NamedMap<T> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut entries: Vec<(String, T)> = Vec::new();
                 while let Some(name) = map.next_key::<String>()? {
-                    if entries.iter().any(|(existing, _)| *existing == name) {
-                        return Err(serde::de::Error::custom(format!(
-                            "duplicate name \"{name}\" (names must be unique)"
-                        )));
-                    }
                     let value = map.next_value::<T>()?;
                     entries.push((name, value));
                 }

@@ -5,7 +5,8 @@
 //! so an operator who mistyped two keys and forgot an address would fix them one `check` at
 //! a time. Each key serde refuses is taken out of a copy of the document, and each missing
 //! one is put in it with a stand-in value; the copy is parsed again, until it parses or
-//! something that cannot be mended stops it (a syntax error, a duplicate name). The
+//! something that cannot be mended stops it (a syntax error, a key given twice in one
+//! mapping). The
 //! validation pass then reports the rest of the file's problems beside them, but none about
 //! the stand-ins. YAML merge keys (`<<: *anchor`), which serde does not apply, are applied to
 //! that copy first.
@@ -63,13 +64,6 @@ pub(super) fn read(text: &str, locator: &Locator) -> Reading {
         Err(error) => error,
     };
     let first = yaml_problem(&error);
-    // serde places a duplicate name at the start of its mapping; the name's last
-    // occurrence, the one to rename or remove, is where the locator has it.
-    let first = if first.message.starts_with("duplicate name") {
-        placed(first, locator)
-    } else {
-        first
-    };
     let Ok(mut document) = serde_yaml::from_str::<Value>(text) else {
         return Reading::new(None, vec![first], &[]);
     };
@@ -194,8 +188,8 @@ fn yaml_problem(error: &serde_yaml::Error) -> Problem {
         message.truncate(cut);
     }
     let (mut path, mut message) = split_path(&message);
-    if let Some(key) = unknown_field_name(&message).or_else(|| duplicate_name(&message)) {
-        path = child_path(&path, key);
+    if let Some(field) = unknown_field_name(&message) {
+        path = child_path(&path, field);
     }
     if let Some(cut) = message.find("expected struct Raw") {
         message.truncate(cut);
@@ -207,14 +201,6 @@ fn yaml_problem(error: &serde_yaml::Error) -> Problem {
         column: location.as_ref().map(|l| l.column()),
         message,
     }
-}
-
-/// The name in "duplicate name \"name\" (names must be unique)" (`NamedMap`'s).
-fn duplicate_name(message: &str) -> Option<&str> {
-    message
-        .strip_prefix("duplicate name \"")
-        .and_then(|rest| rest.split_once('"'))
-        .map(|(name, _)| name)
 }
 
 /// Splits serde_yaml's "path: message" (a message without a path is the whole text).
@@ -425,22 +411,6 @@ pools:
         assert!(!reading.stand_ins.cover("listeners"));
         // The top-level mappings, missing, are stood in for too.
         assert_eq!(paths("admin: {}\n"), ["", ""]);
-    }
-
-    #[test]
-    fn a_duplicate_name_is_placed_where_it_repeats() {
-        let text = "listeners:\n  web: { listen: \"127.0.0.1:1\", pool: p }\n  web: { listen: \"127.0.0.1:2\", pool: p }\npools: {}\n";
-        let reading = read(text, &Locator::new(text));
-        assert!(reading.raw.is_none());
-        let problem = &reading.problems[0];
-        assert_eq!(
-            (problem.path.as_str(), problem.line, problem.column),
-            ("listeners.web", Some(3), Some(3))
-        );
-        assert_eq!(
-            problem.message,
-            "duplicate name \"web\" (names must be unique)"
-        );
     }
 
     #[test]

@@ -55,11 +55,9 @@ pub(super) fn parse_and_validate(text: &str, file: &Path) -> Result<Config, Vec<
         build(raw, text, file, &base, &mut problems)
     });
     // A missing key was reported as such; what validation says of its stand-in is not news.
-    let mut index = 0;
-    problems.found.retain(|problem| {
-        index += 1;
-        index <= read_problems || !stand_ins.cover(&problem.path)
-    });
+    let mut validated = problems.found.split_off(read_problems);
+    validated.retain(|problem| !stand_ins.cover(&problem.path));
+    problems.found.append(&mut validated);
     match config {
         Some(config) if problems.found.is_empty() => Ok(config),
         _ => {
@@ -69,6 +67,24 @@ pub(super) fn parse_and_validate(text: &str, file: &Path) -> Result<Config, Vec<
             Err(problems.found)
         }
     }
+}
+
+/// Reports `name` at `path`, where it repeats, when one of the `earlier` entries has it; the
+/// repetition is left out as a whole (its copy would repeat the first's problems, its
+/// address taken twice).
+fn repeated<T>(earlier: &[(String, T)], name: &str, path: &str, p: &mut Problems) -> bool {
+    let occurrence = earlier.iter().filter(|(other, _)| other == name).count();
+    if occurrence == 0 {
+        return false;
+    }
+    let position = p.locator.find_occurrence(path, occurrence);
+    p.found.push(Problem {
+        path: path.to_string(),
+        line: position.map(|(line, _)| line),
+        column: position.map(|(_, column)| column),
+        message: format!("duplicate name \"{name}\" (names must be unique)"),
+    });
+    true
 }
 
 fn build(raw: RawConfig, text: &str, file: &Path, base: &Path, p: &mut Problems) -> Config {
@@ -125,8 +141,11 @@ fn build(raw: RawConfig, text: &str, file: &Path, base: &Path, p: &mut Problems)
     let pool_names: HashSet<&str> = raw.pools.0.iter().map(|(name, _)| name.as_str()).collect();
     let mut listeners = Vec::new();
     let mut addresses: Vec<(SocketAddr, String)> = vec![(admin_listen, "admin.listen".into())];
-    for (name, listener) in &raw.listeners.0 {
+    for (index, (name, listener)) in raw.listeners.0.iter().enumerate() {
         let path = format!("listeners.{name}");
+        if repeated(&raw.listeners.0[..index], name, &path, p) {
+            continue;
+        }
         check_name(&path, name, p);
         if let Some(config) = listener_config(name, listener, &pool_names, &resolve, p) {
             if let Some((_, other)) = addresses.iter().find(|(a, _)| same_port(*a, config.listen)) {
@@ -144,8 +163,12 @@ fn build(raw: RawConfig, text: &str, file: &Path, base: &Path, p: &mut Problems)
     }
 
     let mut pools = Vec::new();
-    for (name, pool) in &raw.pools.0 {
-        check_name(&format!("pools.{name}"), name, p);
+    for (index, (name, pool)) in raw.pools.0.iter().enumerate() {
+        let path = format!("pools.{name}");
+        if repeated(&raw.pools.0[..index], name, &path, p) {
+            continue;
+        }
+        check_name(&path, name, p);
         pools.push(pool_config(name, pool, &resolve, p));
     }
     for listener in &listeners {
