@@ -264,6 +264,7 @@ pub fn run(config: Config, before_serving: Option<Box<dyn FnOnce() + Send>>) -> 
             }
         };
         tracing::info!("{}", config::summary(&config));
+        crate::tls::warn_of_expiry(&config.listeners);
         let gatehouse = match Gatehouse::start(config, metrics).await {
             Ok(gatehouse) => gatehouse,
             Err(error) => {

@@ -49,6 +49,7 @@ pub async fn reload(
             for change in changes {
                 tracing::info!(source = source.as_str(), "configuration reloaded: {change}");
             }
+            crate::tls::warn_of_expiry(&table.config.listeners);
             write_last_good(&table.config);
         }
         Err(error) => {

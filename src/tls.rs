@@ -5,7 +5,7 @@
 //! from the validated [`ListenerTls`] and swapped as a whole on reload; established
 //! connections keep the configuration they started with.
 
-use crate::config::{ListenerTls, TlsVersion};
+use crate::config::{ListenerConfig, ListenerTls, TlsVersion};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -14,6 +14,11 @@ use rustls::{RootCertStore, ServerConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long before a served certificate expires start-up and reloads begin to warn of it:
+/// time to notice a renewal that failed and to do it by hand.
+const EXPIRY_NOTICE: Duration = Duration::from_secs(14 * 86_400);
 
 /// ALPN identifiers offered to clients, HTTP/2 first.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -71,6 +76,46 @@ impl LoadedCertificate {
             not_after,
             certified_key: Arc::new(certified_key),
         })
+    }
+
+    /// What to tell an operator of this certificate's expiry at `now`; `None` while it is
+    /// further away than [`EXPIRY_NOTICE`].
+    pub fn expiry_warning(&self, now: SystemTime) -> Option<String> {
+        const DAY: u64 = 86_400;
+        let expiry = u64::try_from(self.not_after).map_or(UNIX_EPOCH, |seconds| {
+            UNIX_EPOCH + Duration::from_secs(seconds)
+        });
+        let date = httpdate::fmt_http_date(expiry);
+        match expiry.duration_since(now) {
+            Ok(left) if left > EXPIRY_NOTICE => None,
+            Ok(left) => Some(format!(
+                "certificate expires on {date}, in {} day(s): renew it",
+                left.as_secs().div_ceil(DAY)
+            )),
+            Err(past) => Some(format!(
+                "certificate expired on {date}, {} day(s) ago: clients refuse it; replace it",
+                past.duration().as_secs() / DAY
+            )),
+        }
+    }
+}
+
+/// Logs a warning for every served certificate that expired or expires within
+/// [`EXPIRY_NOTICE`]: at start and on each reload, so the operator starting or changing the
+/// service reads it (for the time between, alert on
+/// `gatehouse_tls_certificate_expiry_timestamp_seconds`).
+pub fn warn_of_expiry(listeners: &[ListenerConfig]) {
+    let now = SystemTime::now();
+    for listener in listeners {
+        for certificate in listener.tls.iter().flat_map(|tls| &tls.certificates) {
+            if let Some(warning) = certificate.expiry_warning(now) {
+                tracing::warn!(
+                    listener = %listener.name,
+                    certificate = %certificate.cert_path.display(),
+                    "{warning}"
+                );
+            }
+        }
     }
 }
 

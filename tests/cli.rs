@@ -449,6 +449,69 @@ async fn sighup_reloads_the_configuration() {
     );
 }
 
+/// A self-signed certificate for `name`, valid from `from` to `until` (seconds from now).
+fn dated_certificate(dir: &TestDir, name: &str, from: i64, until: i64) {
+    let at = |offset: i64| {
+        let now = std::time::SystemTime::now();
+        let shift = Duration::from_secs(offset.unsigned_abs());
+        if offset < 0 {
+            now - shift
+        } else {
+            now + shift
+        }
+    };
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    params.not_before = at(from).into();
+    params.not_after = at(until).into();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let certificate = params.self_signed(&key).unwrap();
+    dir.write(&format!("{name}.crt"), &certificate.pem());
+    dir.write(&format!("{name}.key"), &key.serialize_pem());
+}
+
+/// A served certificate that has expired, or expires within two weeks, is warned of at
+/// start and again on each reload; one further away is not.
+#[tokio::test]
+async fn certificates_near_or_past_expiry_are_warned_of_at_start_and_reload() {
+    const DAY: i64 = 86_400;
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    dated_certificate(&dir, "expired", -10 * DAY, -2 * DAY);
+    dated_certificate(&dir, "soon", -DAY, 3 * DAY - 60);
+    dated_certificate(&dir, "fine", -DAY, 60 * DAY);
+    let config = dir.write(
+        "gatehouse.yaml",
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  secure:\n    listen: \"127.0.0.1:0\"\n    protocol: https\n    tls:\n      certificates:\n        - {{ cert: fine.crt, key: fine.key }}\n        - {{ cert: soon.crt, key: soon.key }}\n        - {{ cert: expired.crt, key: expired.key }}\n    pool: p\npools:\n{}",
+            pool_yaml("p", &[("b", backend.address)], "")
+        ),
+    );
+    let mut running = Running::start(&["run", "--config", config.to_str().unwrap()]);
+    let warnings = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|line| line.contains("WARN") && line.contains("certificate"))
+            .cloned()
+            .collect()
+    };
+    let at_start = warnings(&running.history);
+    assert_eq!(at_start.len(), 2, "{at_start:#?}");
+    assert!(at_start[0].contains("soon.crt"), "{at_start:#?}");
+    assert!(
+        at_start[0].contains("in 3 day(s): renew it"),
+        "{at_start:#?}"
+    );
+    assert!(at_start[1].contains("expired.crt"), "{at_start:#?}");
+    assert!(
+        at_start[1].contains("2 day(s) ago: clients refuse it"),
+        "{at_start:#?}"
+    );
+    running.history.clear();
+    running.signal("HUP");
+    running.wait_for_log("configuration reloaded");
+    running.wait_for_log("expired.crt");
+}
+
 #[tokio::test]
 async fn demo_answers_from_all_three_backends() {
     let dir = TestDir::new();
