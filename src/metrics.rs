@@ -275,19 +275,32 @@ impl Metrics {
         }
         for family in self.requests_total.collect() {
             for metric in family.get_metric() {
-                let label = |name: &str| {
-                    metric
-                        .get_label()
-                        .iter()
-                        .find(|pair| pair.name() == name)
-                        .map(|pair| pair.value().to_string())
-                        .unwrap_or_default()
-                };
+                let label = |name| label_value(metric, name);
                 if label("pool") == pool && label("backend") == backend {
                     let (listener, code) = (label("listener"), label("code"));
                     let _ = self
                         .requests_total
                         .remove_label_values(&[&listener, pool, backend, &code]);
+                }
+            }
+        }
+    }
+
+    /// Removes the expiry series of every certificate not in `served` (listener, file): a
+    /// listener removed, or another file served in a certificate's place, must not leave an
+    /// expiry alert firing for a certificate no client is shown.
+    pub fn forget_certificates_except(&self, served: &[(&str, String)]) {
+        for family in self.tls_certificate_expiry.collect() {
+            for metric in family.get_metric() {
+                let listener = label_value(metric, "listener");
+                let certificate = label_value(metric, "certificate");
+                let is_served = served
+                    .iter()
+                    .any(|(name, file)| *name == listener && *file == certificate);
+                if !is_served {
+                    let _ = self
+                        .tls_certificate_expiry
+                        .remove_label_values(&[&listener, &certificate]);
                 }
             }
         }
@@ -390,4 +403,14 @@ impl std::fmt::Debug for RequestCounters {
             .field("labels", &self.labels)
             .finish()
     }
+}
+
+/// The value of `metric`'s label `name` (empty when it has none).
+fn label_value(metric: &prometheus::proto::Metric, name: &str) -> String {
+    metric
+        .get_label()
+        .iter()
+        .find(|pair| pair.name() == name)
+        .map(|pair| pair.value().to_string())
+        .unwrap_or_default()
 }

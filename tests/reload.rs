@@ -364,6 +364,52 @@ async fn a_replaced_certificate_is_served_on_new_connections() {
     );
 }
 
+/// The expiry series follows what is served: a certificate served from another file, or a
+/// listener removed, leaves no series behind (an expiry alert on it would page someone for
+/// a certificate no client is shown).
+#[tokio::test]
+async fn certificate_expiry_series_follow_the_served_certificates() {
+    let a = TestBackend::start("a").await;
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    ca.leaf(&dir, "site-2025", &["portal.example.gov"]);
+    ca.leaf(&dir, "site-2026", &["portal.example.gov"]);
+    let listener = |file: &str| {
+        format!("  secure:\n    listen: \"127.0.0.1:0\"\n    protocol: https\n    tls:\n      certificates:\n        - {{ cert: {file}.crt, key: {file}.key }}\n    pool: p\n")
+    };
+    let config = yaml(&[("a", a.address, 1)], &listener("site-2025"));
+    let gatehouse = start_gatehouse(&dir, &config).await;
+    let series = async || {
+        let text = metrics_text(&gatehouse).await;
+        text.lines()
+            .filter(|line| line.starts_with("gatehouse_tls_certificate_expiry_timestamp_seconds{"))
+            .map(|line| {
+                line.split_once('}')
+                    .map_or("", |(labels, _)| labels)
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = series().await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert!(before[0].contains("site-2025.crt"), "{before:?}");
+
+    dir.write(
+        "gatehouse.yaml",
+        &yaml(&[("a", a.address, 1)], &listener("site-2026")),
+    );
+    let (status, body) = reload_api(&gatehouse).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let after = series().await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(after[0].contains("site-2026.crt"), "{after:?}");
+
+    dir.write("gatehouse.yaml", &yaml(&[("a", a.address, 1)], ""));
+    let (status, body) = reload_api(&gatehouse).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(series().await, Vec::<String>::new());
+}
+
 #[tokio::test]
 async fn a_renewed_certificate_is_picked_up_without_a_reload() {
     let a = TestBackend::start("a").await;

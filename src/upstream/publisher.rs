@@ -276,6 +276,19 @@ impl Carried {
     /// After a table is built: exports `gatehouse_backend_up`, starts slow-start ramps for
     /// backends that just became available, and warns when a pool lost its last backend.
     fn after_build(&mut self, previous: Option<&Table>, table: &Table) {
+        let served: Vec<(&str, String)> = table
+            .config
+            .listeners
+            .iter()
+            .flat_map(|listener| {
+                let certificates = listener.tls.iter().flat_map(|tls| &tls.certificates);
+                certificates.map(|certificate| {
+                    let file = certificate.cert_path.display().to_string();
+                    (listener.name.as_str(), file)
+                })
+            })
+            .collect();
+        self.metrics.forget_certificates_except(&served);
         let mut candidates = HashSet::new();
         for pool in &table.pools {
             for (index, backend) in pool.backends.iter().enumerate() {
