@@ -152,7 +152,7 @@ fn check_reports_missing_keys_beside_every_other_problem() {
     assert_eq!(
         problems,
         [
-            "6:5: listeners.api: missing field `listen`",
+            "5:3: listeners.api: missing field `listen`",
             "9:5: pools.p.algorithm: unknown algorithm \"fastest\" (expected one of round_robin, weighted_round_robin, least_connections, power_of_two, least_latency, consistent_hash, random)",
             "11:7: pools.p.backends[0]: missing field `address`",
             "12:7: pools.p.backends[1]: missing field `name`",

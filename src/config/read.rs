@@ -64,6 +64,13 @@ pub(super) fn read(text: &str, locator: &Locator) -> Reading {
         Err(error) => error,
     };
     let first = yaml_problem(&error);
+    // serde places a missing key at the first entry of its mapping; placed by its path, it is
+    // at the key naming that mapping, as the problems found in the mended copy are.
+    let first = if missing_field(&first).is_some() && locator.find(&first.path).is_some() {
+        placed(first, locator)
+    } else {
+        first
+    };
     let Ok(mut document) = serde_yaml::from_str::<Value>(text) else {
         return Reading::new(None, vec![first], &[]);
     };
