@@ -286,23 +286,29 @@ impl Metrics {
         }
     }
 
-    /// Removes the expiry series of every certificate not in `served` (listener, file): a
-    /// listener removed, or another file served in a certificate's place, must not leave an
-    /// expiry alert firing for a certificate no client is shown.
-    pub fn forget_certificates_except(&self, served: &[(&str, String)]) {
+    /// Exports the expiry of every served certificate (listener, file, notAfter in Unix
+    /// seconds) and removes the series of any other: a listener removed, or another file
+    /// served in a certificate's place, must not leave an expiry alert firing for a
+    /// certificate no client is shown.
+    pub fn export_certificates(&self, served: &[(&str, String, i64)]) {
         for family in self.tls_certificate_expiry.collect() {
             for metric in family.get_metric() {
                 let listener = label_value(metric, "listener");
                 let certificate = label_value(metric, "certificate");
                 let is_served = served
                     .iter()
-                    .any(|(name, file)| *name == listener && *file == certificate);
+                    .any(|(name, file, _)| *name == listener && *file == certificate);
                 if !is_served {
                     let _ = self
                         .tls_certificate_expiry
                         .remove_label_values(&[&listener, &certificate]);
                 }
             }
+        }
+        for (listener, file, not_after) in served {
+            self.tls_certificate_expiry
+                .with_label_values(&[listener, file.as_str()])
+                .set(*not_after as f64);
         }
     }
 

@@ -273,10 +273,11 @@ impl Carried {
             .retain(|pool, _| config.pool(pool).is_some());
     }
 
-    /// After a table is built: exports `gatehouse_backend_up`, starts slow-start ramps for
-    /// backends that just became available, and warns when a pool lost its last backend.
+    /// After a table is built: exports `gatehouse_backend_up` and the served certificates'
+    /// expiry, starts slow-start ramps for backends that just became available, and warns
+    /// when a pool lost its last backend.
     fn after_build(&mut self, previous: Option<&Table>, table: &Table) {
-        let served: Vec<(&str, String)> = table
+        let served: Vec<(&str, String, i64)> = table
             .config
             .listeners
             .iter()
@@ -284,11 +285,11 @@ impl Carried {
                 let certificates = listener.tls.iter().flat_map(|tls| &tls.certificates);
                 certificates.map(|certificate| {
                     let file = certificate.cert_path.display().to_string();
-                    (listener.name.as_str(), file)
+                    (listener.name.as_str(), file, certificate.not_after)
                 })
             })
             .collect();
-        self.metrics.forget_certificates_except(&served);
+        self.metrics.export_certificates(&served);
         let mut candidates = HashSet::new();
         for pool in &table.pools {
             for (index, backend) in pool.backends.iter().enumerate() {

@@ -461,21 +461,10 @@ fn build_listener(
         None => None,
     };
     let tls = match &listener.tls {
-        Some(tls) => {
-            for certificate in &tls.certificates {
-                metrics
-                    .tls_certificate_expiry
-                    .with_label_values(&[
-                        listener.name.as_str(),
-                        &certificate.cert_path.display().to_string(),
-                    ])
-                    .set(certificate.not_after as f64);
-            }
-            Some(TlsAcceptor::from(crate::tls::server_config(
-                tls,
-                listener.protocol.is_http(),
-            )?))
-        }
+        Some(tls) => Some(TlsAcceptor::from(crate::tls::server_config(
+            tls,
+            listener.protocol.is_http(),
+        )?)),
         None => None,
     };
     Ok(ListenerTable {
