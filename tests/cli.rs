@@ -133,22 +133,28 @@ fn check_refuses_unknown_keys_and_bad_yaml() {
     );
 }
 
+/// `check`'s lines for `text`, written as `file` in `dir`, which it must refuse: each
+/// problem (and the count) without the file's path.
+fn refused_problems(dir: &TestDir, file: &str, text: &str) -> Vec<String> {
+    let (ok, _, stderr) = check(&dir.write(file, text));
+    assert!(!ok, "{stderr}");
+    let prefix = format!("{file}:");
+    stderr
+        .lines()
+        .filter_map(|line| line.split_once(&prefix).map(|(_, rest)| rest.to_string()))
+        .collect()
+}
+
 /// A missing key is reported with the rest of the file's problems, not alone: a listener
 /// without `listen`, backends without `name` or `address`, a capacity without `cpu` — and
 /// nothing about the values gatehouse stood in for them to read on.
 #[test]
 fn check_reports_missing_keys_beside_every_other_problem() {
-    let dir = TestDir::new();
-    let path = dir.write(
+    let problems = refused_problems(
+        &TestDir::new(),
         "missing.yaml",
         "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\n  api:\n    pool: p\npools:\n  p:\n    algorithm: fastest\n    backends:\n      - name: a\n      - address: \"127.0.0.1:99999\"\n      - { name: c, address: \"127.0.0.1:2\", capacity: { memory_gib: 2 } }\n",
     );
-    let (ok, _, stderr) = check(&path);
-    assert!(!ok);
-    let problems: Vec<&str> = stderr
-        .lines()
-        .filter_map(|line| line.split_once("missing.yaml:").map(|(_, rest)| rest))
-        .collect();
     assert_eq!(
         problems,
         [
@@ -159,8 +165,7 @@ fn check_reports_missing_keys_beside_every_other_problem() {
             "12:9: pools.p.backends[1].address: invalid socket address \"127.0.0.1:99999\"",
             "13:7: pools.p.backends[2].capacity: missing field `cpu`",
             " 6 problem(s) found",
-        ],
-        "{stderr}"
+        ]
     );
 }
 
@@ -168,17 +173,11 @@ fn check_reports_missing_keys_beside_every_other_problem() {
 /// other problems (serde stopped at it before); the first of the two is checked as usual.
 #[test]
 fn check_reports_duplicate_names_beside_every_other_problem() {
-    let dir = TestDir::new();
-    let path = dir.write(
+    let problems = refused_problems(
+        &TestDir::new(),
         "twice.yaml",
         "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\npools:\n  p:\n    backends:\n      - { name: a, address: \"127.0.0.1:99999\" }\n  p:\n    backends: []\n",
     );
-    let (ok, _, stderr) = check(&path);
-    assert!(!ok);
-    let problems: Vec<&str> = stderr
-        .lines()
-        .filter_map(|line| line.split_once("twice.yaml:").map(|(_, rest)| rest))
-        .collect();
     assert_eq!(
         problems,
         [
@@ -186,8 +185,7 @@ fn check_reports_duplicate_names_beside_every_other_problem() {
             "11:7: pools.p.backends[0].address: invalid socket address \"127.0.0.1:99999\"",
             "12:3: pools.p: duplicate name \"p\" (names must be unique)",
             " 3 problem(s) found",
-        ],
-        "{stderr}"
+        ]
     );
 }
 
