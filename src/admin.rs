@@ -309,6 +309,13 @@ fn status(gatehouse: &Gatehouse) -> Value {
                 "bound": address,
                 "protocol": listener.protocol.as_str(),
                 "pool": listener.pool,
+                // What is served and until when (notAfter, Unix seconds): the first is the
+                // default for a client naming none of them.
+                "certificates": listener.tls.iter().flat_map(|tls| &tls.certificates).map(|certificate| json!({
+                    "file": certificate.cert_path.display().to_string(),
+                    "names": certificate.names,
+                    "not_after": certificate.not_after,
+                })).collect::<Vec<_>>(),
                 "routes": listener.routes.iter().map(|route| json!({
                     "name": route.name,
                     "host": route.host.as_ref().map(|host| match host {

@@ -1,6 +1,7 @@
 //! The admin dashboard in real headless Chromium (Debian's chromium, driven by playwright-core
-//! from tests/browser): the page shows the three demo backends, "drain" on vm-2 changes its
-//! state, and the page loads nothing from outside.
+//! from tests/browser): the page shows the three demo backends and the HTTPS listener's
+//! certificate expiry, "drain" on vm-2 changes its state, and the page loads nothing from
+//! outside.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -29,12 +30,13 @@ async fn the_dashboard_shows_backends_and_drains_one() {
         TestBackend::start("vm-3").await,
     ];
     let dir = TestDir::new();
+    TestCa::new().leaf(&dir, "portal", &["portal.example.gov"]);
     let list: Vec<(&str, std::net::SocketAddr)> = backends
         .iter()
         .map(|b| (b.name.as_str(), b.address))
         .collect();
     let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: portal }}\npools:\n{}",
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: portal }}\n  secure: {{ listen: \"127.0.0.1:0\", protocol: https, tls: {{ certificates: [ {{ cert: portal.crt, key: portal.key }} ] }}, pool: portal }}\npools:\n{}",
         pool_yaml("portal", &list, "")
     );
     let gatehouse = start_gatehouse(&dir, &yaml).await;

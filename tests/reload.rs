@@ -366,7 +366,7 @@ async fn a_replaced_certificate_is_served_on_new_connections() {
 
 /// The expiry series follows what is served: a certificate served from another file, or a
 /// listener removed, leaves no series behind (an expiry alert on it would page someone for
-/// a certificate no client is shown).
+/// a certificate no client is shown). The status API lists what each listener serves.
 #[tokio::test]
 async fn certificate_expiry_series_follow_the_served_certificates() {
     let a = TestBackend::start("a").await;
@@ -393,6 +393,28 @@ async fn certificate_expiry_series_follow_the_served_certificates() {
     let before = series().await;
     assert_eq!(before.len(), 1, "{before:?}");
     assert!(before[0].contains("site-2025.crt"), "{before:?}");
+    let status = get(gatehouse.admin_address(), "admin", "/api/v1/status").await;
+    let status: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
+    let served = &status["listeners"][1]["certificates"];
+    assert_eq!(served.as_array().map(Vec::len), Some(1), "{status}");
+    assert!(served[0]["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("site-2025.crt"));
+    assert_eq!(
+        served[0]["names"],
+        serde_json::json!(["portal.example.gov"])
+    );
+    let expiry = metric(
+        &metrics_text(&gatehouse).await,
+        "gatehouse_tls_certificate_expiry_timestamp_seconds",
+        &[("listener", "secure")],
+    );
+    assert_eq!(served[0]["not_after"].as_f64(), expiry);
+    assert_eq!(
+        status["listeners"][0]["certificates"],
+        serde_json::json!([])
+    );
 
     dir.write(
         "gatehouse.yaml",

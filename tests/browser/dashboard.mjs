@@ -1,5 +1,5 @@
 // Loads the gatehouse dashboard in headless Chromium, checks it shows the three demo
-// backends, clicks "drain" on vm-2 and waits until the page shows it draining.
+// backends and the HTTPS listener's certificate expiry, clicks "drain" on vm-2 and waits until the page shows it draining.
 // Usage: node dashboard.mjs http://127.0.0.1:PORT/ [screenshot.png]
 import { chromium } from "playwright-core";
 
@@ -18,6 +18,11 @@ try {
   await page.waitForFunction(() => document.querySelectorAll("tr[data-backend]").length === 3, null, { timeout: 20000 });
   const names = await page.$$eval("tr[data-backend]", (rows) => rows.map((row) => row.dataset.backend));
   if (names.join(",") !== "vm-1,vm-2,vm-3") throw new Error(`unexpected backends: ${names}`);
+  // Each listener's soonest certificate expiry: a date and days left for TLS, "—" without.
+  const expiries = await page.$$eval("#listeners tr", (rows) => rows.map((row) => row.lastChild.textContent));
+  if (expiries.length !== 2 || expiries[0] !== "—" || !/\(\d+ d\)$/.test(expiries[1])) {
+    throw new Error(`unexpected certificate expiries: ${expiries}`);
+  }
   await page.click('tr[data-backend="vm-2"] button[data-action="drain"]');
   await page.waitForFunction(
     () => document.querySelector('tr[data-backend="vm-2"] [data-field="state"]')?.textContent === "draining",
