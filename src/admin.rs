@@ -311,7 +311,7 @@ fn status(gatehouse: &Gatehouse) -> Value {
                 "pool": listener.pool,
                 // What is served and until when (notAfter, Unix seconds): the first is the
                 // default for a client naming none of them.
-                "certificates": listener.tls.iter().flat_map(|tls| &tls.certificates).map(|certificate| json!({
+                "certificates": listener.certificates().map(|certificate| json!({
                     "file": certificate.cert_path.display().to_string(),
                     "names": certificate.names,
                     "not_after": certificate.not_after,

@@ -107,7 +107,7 @@ impl LoadedCertificate {
 pub fn warn_of_expiry(listeners: &[ListenerConfig]) {
     let now = SystemTime::now();
     for listener in listeners {
-        for certificate in listener.tls.iter().flat_map(|tls| &tls.certificates) {
+        for certificate in listener.certificates() {
             if let Some(warning) = certificate.expiry_warning(now) {
                 tracing::warn!(
                     listener = %listener.name,

@@ -137,6 +137,16 @@ pub struct ListenerConfig {
     pub pool: Option<String>,
 }
 
+impl ListenerConfig {
+    /// The certificates this listener serves (none without TLS), the default first.
+    pub fn certificates(&self) -> impl Iterator<Item = &crate::tls::LoadedCertificate> {
+        self.tls
+            .iter()
+            .flat_map(|tls| &tls.certificates)
+            .map(|certificate| &**certificate)
+    }
+}
+
 /// The lowest TLS version a listener accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsVersion {
@@ -414,6 +424,11 @@ impl Problem {
     /// A problem at `path`, at the line and column `locator` finds for it.
     fn placed(locator: &locate::Locator, path: String, message: String) -> Self {
         let position = locator.find(&path);
+        Problem::at(path, position, message)
+    }
+
+    /// A problem at `path`, at `position` (line, column) in the file when known.
+    fn at(path: String, position: Option<(usize, usize)>, message: String) -> Self {
         Problem {
             path,
             line: position.map(|(line, _)| line),

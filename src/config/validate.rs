@@ -78,12 +78,9 @@ fn repeated<T>(earlier: &[(String, T)], name: &str, path: &str, p: &mut Problems
         return false;
     }
     let position = p.locator.find_occurrence(path, occurrence);
-    p.found.push(Problem {
-        path: path.to_string(),
-        line: position.map(|(line, _)| line),
-        column: position.map(|(_, column)| column),
-        message: format!("duplicate name \"{name}\" (names must be unique)"),
-    });
+    let message = format!("duplicate name \"{name}\" (names must be unique)");
+    p.found
+        .push(Problem::at(path.to_string(), position, message));
     true
 }
 

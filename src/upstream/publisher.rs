@@ -282,8 +282,7 @@ impl Carried {
             .listeners
             .iter()
             .flat_map(|listener| {
-                let certificates = listener.tls.iter().flat_map(|tls| &tls.certificates);
-                certificates.map(|certificate| {
+                listener.certificates().map(|certificate| {
                     let file = certificate.cert_path.display().to_string();
                     (listener.name.as_str(), file, certificate.not_after)
                 })
