@@ -117,11 +117,19 @@ async fn the_hostile_request_corpus_is_refused_and_nothing_is_smuggled() {
         .collect();
     cases.sort();
     assert!(cases.len() >= 20, "the corpus is there");
+    let mut forwarded_posts = 0;
     for case in &cases {
         let text = std::fs::read_to_string(case).unwrap();
         let (first, request) = text.split_once('\n').unwrap();
         let expected = first.strip_prefix("# expect: ").unwrap().trim();
+        let (head_forwarded, request) = match request.strip_prefix("# head forwarded\n") {
+            Some(request) => (true, request),
+            None => (false, request),
+        };
         let request = unescape(request.trim_end_matches('\n'));
+        if (expected == "200" || head_forwarded) && request.starts_with(b"POST / ") {
+            forwarded_posts += 1;
+        }
         let answer = raw_exchange(web, &request).await;
         let statuses: Vec<&str> = answer
             .match_indices("HTTP/1.1 ")
@@ -141,8 +149,8 @@ async fn the_hostile_request_corpus_is_refused_and_nothing_is_smuggled() {
     );
     assert_eq!(
         seen.matches("POST / HTTP/1.1").count(),
-        2,
-        "only the two valid POSTs arrived:\n{seen}"
+        forwarded_posts,
+        "only the corpus's valid POSTs and the heads of streamed bodies found broken later arrived:\n{seen}"
     );
 }
 
