@@ -189,6 +189,31 @@ fn check_reports_duplicate_names_beside_every_other_problem() {
     );
 }
 
+/// A key given twice in one block (two `limits:`, two `address:` in a backend) is reported
+/// where it repeats, with every other problem of the file — also beside a name given twice
+/// and an unknown key, which serde would have stopped at together. What the repetition holds
+/// is left out (its `6x` is not reported); the first occurrence is read.
+#[test]
+fn check_reports_keys_given_twice_beside_every_other_problem() {
+    let problems = refused_problems(
+        &TestDir::new(),
+        "repeated.yaml",
+        "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\n    limits:\n      header_timeout: 5s\n    limits:\n      header_timeout: 6x\n    bogus: 1\n  web:\n    listen: \"127.0.0.1:2\"\n    pool: p\npools:\n  p:\n    backends:\n      - name: a\n        address: \"127.0.0.1:3\"\n        address: \"127.0.0.1:4\"\n      - { name: b, address: \"127.0.0.1:99999\" }\n    timeouts: { connect: 2q }\n",
+    );
+    assert_eq!(
+        problems,
+        [
+            "7:5: listeners.web.limits: duplicate key \"limits\" (first on line 5)",
+            "9:5: listeners.web.bogus: unknown field `bogus`, expected one of `listen`, `protocol`, `tls`, `proxy_protocol`, `reuse_port`, `trusted_proxies`, `allow`, `deny`, `rate_limit`, `hsts`, `limits`, `routes`, `pool`",
+            "10:3: listeners.web: duplicate name \"web\" (names must be unique)",
+            "18:9: pools.p.backends[0].address: duplicate key \"address\" (first on line 17)",
+            "19:7: pools.p.backends[1].address: invalid socket address \"127.0.0.1:99999\"",
+            "20:5: pools.p.timeouts.connect: invalid duration unit \"q\" in \"2q\" (use ms, s, m, h or d)",
+            " 6 problem(s) found",
+        ]
+    );
+}
+
 /// A log or last-known-good path gatehouse could not write is a problem `check` (and a
 /// reload) reports, not something found once requests go unlogged; checking writes nothing.
 #[test]

@@ -13,6 +13,20 @@ pub struct Locator {
     /// Every place a path occurs, in file order: a name given twice (`listeners: { web: …,
     /// web: … }`) has two.
     positions: HashMap<String, Vec<(usize, usize)>>,
+    /// The key each path of a key (not of a sequence item) ends with.
+    keys: HashMap<String, String>,
+}
+
+/// A key given again in the mapping that already has it, where it is given again.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Repeat {
+    pub path: String,
+    /// The key itself (the last step of `path`; a name may hold dots).
+    pub key: String,
+    pub line: usize,
+    pub column: usize,
+    /// The line of the key's first occurrence.
+    pub first_line: usize,
 }
 
 enum Frame {
@@ -32,6 +46,7 @@ impl Locator {
     /// Scans `text`; never fails (unparseable lines are skipped).
     pub fn new(text: &str) -> Self {
         let mut positions: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
+        let mut keys = HashMap::new();
         let mut stack: Vec<Frame> = Vec::new();
         for (line_index, line) in text.lines().enumerate() {
             let trimmed = line.trim_start_matches(' ');
@@ -77,14 +92,16 @@ impl Locator {
             }
             stack.push(Frame::Key {
                 indent: column,
-                name: key,
+                name: key.clone(),
             });
+            let path = path_of(&stack);
             positions
-                .entry(path_of(&stack))
+                .entry(path.clone())
                 .or_default()
                 .push((line_index + 1, column + 1));
+            keys.insert(path, key);
         }
-        Locator { positions }
+        Locator { positions, keys }
     }
 
     /// The position of `path` (its first occurrence), or of its nearest recorded ancestor.
@@ -97,6 +114,33 @@ impl Locator {
             let cut = candidate.rfind(['.', '['])?;
             candidate = &candidate[..cut];
         }
+    }
+
+    /// Every later occurrence of a key given more than once in one mapping (two `listen:` in
+    /// a listener, two pools named `p`), in file order, with the line of its first: one whose
+    /// enclosing key repeats too is left out, as the enclosing repetition holds it.
+    pub fn repeats(&self) -> Vec<Repeat> {
+        let repeated = |path: &str| self.positions.get(path).is_some_and(|all| all.len() > 1);
+        let enclosed = |path: &str| {
+            path.match_indices(['.', '['])
+                .any(|(cut, _)| repeated(&path[..cut]))
+        };
+        let mut repeats: Vec<Repeat> = self
+            .positions
+            .iter()
+            .filter(|(path, all)| all.len() > 1 && !enclosed(path))
+            .flat_map(|(path, all)| {
+                all[1..].iter().map(|&(line, column)| Repeat {
+                    path: path.clone(),
+                    key: self.keys.get(path).cloned().unwrap_or_default(),
+                    line,
+                    column,
+                    first_line: all[0].0,
+                })
+            })
+            .collect();
+        repeats.sort_by_key(|repeat| repeat.line);
+        repeats
     }
 
     /// The position of `path`'s `nth` occurrence (from 0), for a name given more than once;
@@ -199,5 +243,27 @@ pools:
         assert_eq!(locator.find("pools.p.backends"), Some((3, 5)), "the first");
         assert_eq!(locator.find_occurrence("pools.p", 1), Some((4, 3)));
         assert_eq!(locator.find_occurrence("pools.p", 2), Some((2, 3)));
+    }
+
+    #[test]
+    fn repeated_keys_are_listed_where_they_repeat_but_not_inside_a_repetition() {
+        let locator = Locator::new(
+            "pools:\n  p:\n    backends: []\n    backends: []\n  q:\n    backends: []\n  q:\n    backends: []\n",
+        );
+        let repeat = |path: &str, key: &str, line, column, first_line| Repeat {
+            path: path.to_string(),
+            key: key.to_string(),
+            line,
+            column,
+            first_line,
+        };
+        assert_eq!(
+            locator.repeats(),
+            [
+                repeat("pools.p.backends", "backends", 4, 5, 3),
+                repeat("pools.q", "q", 7, 3, 5)
+            ]
+        );
+        assert_eq!(Locator::new(DOC).repeats(), []);
     }
 }

@@ -5,13 +5,14 @@
 //! so an operator who mistyped two keys and forgot an address would fix them one `check` at
 //! a time. Each key serde refuses is taken out of a copy of the document, and each missing
 //! one is put in it with a stand-in value; the copy is parsed again, until it parses or
-//! something that cannot be mended stops it (a syntax error, a key given twice in one
-//! mapping). The
-//! validation pass then reports the rest of the file's problems beside them, but none about
-//! the stand-ins. YAML merge keys (`<<: *anchor`), which serde does not apply, are applied to
-//! that copy first.
+//! something that cannot be mended stops it (a syntax error, a key given twice inside a
+//! flow mapping `{ … }`). A key given twice in block style (two `listen:` lines in one
+//! listener) is reported where it repeats and its repetition blanked out of the text before
+//! that. The validation pass then reports the rest of the file's problems beside them, but
+//! none about the stand-ins. YAML merge keys (`<<: *anchor`), which serde does not apply, are
+//! applied to that copy first.
 
-use super::locate::Locator;
+use super::locate::{Locator, Repeat};
 use super::raw::RawConfig;
 use super::Problem;
 use serde_yaml::{Mapping, Value};
@@ -63,7 +64,105 @@ pub(super) fn read(text: &str, locator: &Locator) -> Reading {
         Ok(raw) => return Reading::new(Some(raw), Vec::new(), &[]),
         Err(error) => error,
     };
-    let first = yaml_problem(&error);
+    if !stopped_by_repetition(text, &error) {
+        return mend(text, &error, locator);
+    }
+    // Each later occurrence is reported and blanked out, its lines kept (so every position
+    // still holds); the rest is read as if it were not there. A repetition inside one
+    // that was blanked out goes with it; one inside the first occurrence shows in the next
+    // round.
+    let mut repeats = locator.repeats();
+    let mut unrepeated = without(text, &repeats);
+    for _ in 0..MAX_MENDED_KEYS {
+        let more = Locator::new(&unrepeated).repeats();
+        if more.is_empty() {
+            break;
+        }
+        unrepeated = without(&unrepeated, &more);
+        repeats.extend(more);
+    }
+    if repeats.is_empty() {
+        return mend(text, &error, locator);
+    }
+    let mut reading = match serde_yaml::from_str::<RawConfig>(&unrepeated) {
+        Ok(raw) => Reading::new(Some(raw), Vec::new(), &[]),
+        Err(error) => mend(&unrepeated, &error, locator),
+    };
+    reading.problems.extend(repeats.iter().map(repeat_problem));
+    reading
+}
+
+/// Whether a key given twice in one mapping stops the reading: serde refuses it in a struct
+/// ("duplicate field"), and the document copy that mending works on cannot hold it either
+/// ("duplicate entry": a name given twice in `listeners` or `pools`, which validation reports
+/// when nothing else stops serde).
+fn stopped_by_repetition(text: &str, error: &serde_yaml::Error) -> bool {
+    error.to_string().contains("duplicate field")
+        || serde_yaml::from_str::<Value>(text)
+            .is_err_and(|error| error.to_string().contains("duplicate entry"))
+}
+
+/// `text` with the lines of each repeated key — the key's line, then every line indented
+/// deeper, or a sequence item at its indentation — made empty.
+fn without(text: &str, repeats: &[Repeat]) -> String {
+    let mut blanked = String::with_capacity(text.len());
+    // The indentation of the key being blanked out.
+    let mut blanking: Option<usize> = None;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let content = line.trim_start_matches(' ');
+        let indent = line.len() - content.len();
+        let content = content.trim_end();
+        let starts = repeats.iter().find(|repeat| repeat.line == index + 1);
+        let continues = blanking.is_some_and(|key| {
+            content.is_empty()
+                || content.starts_with('#')
+                || indent > key
+                || (indent == key && (content == "-" || content.starts_with("- ")))
+        });
+        blanking = match starts {
+            Some(repeat) => Some(repeat.column - 1),
+            None if continues => blanking,
+            None => None,
+        };
+        if blanking.is_some() {
+            blanked.push('\n');
+        } else {
+            blanked.push_str(line);
+        }
+    }
+    blanked
+}
+
+/// The problem of a key given again: a name in `listeners` or `pools` is reported as
+/// validation reports one (where nothing else stopped serde).
+fn repeat_problem(repeat: &Repeat) -> Problem {
+    let parent = repeat
+        .path
+        .strip_suffix(repeat.key.as_str())
+        .and_then(|parent| parent.strip_suffix('.'));
+    let message = if matches!(parent, Some("listeners" | "pools")) {
+        duplicate_name(&repeat.key)
+    } else {
+        format!(
+            "duplicate key \"{}\" (first on line {})",
+            repeat.key, repeat.first_line
+        )
+    };
+    Problem::at(
+        repeat.path.clone(),
+        Some((repeat.line, repeat.column)),
+        message,
+    )
+}
+
+/// What a listener or pool name given twice is told.
+pub(super) fn duplicate_name(name: &str) -> String {
+    format!("duplicate name \"{name}\" (names must be unique)")
+}
+
+/// Reads a `text` serde refused with `error` by mending a copy of it.
+fn mend(text: &str, error: &serde_yaml::Error, locator: &Locator) -> Reading {
+    let first = yaml_problem(error);
     // serde places a missing key at the first entry of its mapping; placed by its path, it is
     // at the key naming that mapping, as the problems found in the mended copy are.
     let first = if missing_field(&first).is_some() && locator.find(&first.path).is_some() {
@@ -451,6 +550,18 @@ pools:
         // A problem in a merged file is still placed in it.
         let broken = text.replace("request: 2m", "request: 2m, bogus: 1");
         assert_eq!(paths(&broken), ["pools.tax.timeouts.bogus"]);
+    }
+
+    #[test]
+    fn a_repeated_key_is_blanked_out_with_its_block_and_nothing_else() {
+        let text = "pools:\n  p:\n    backends:\n    - name: a\n    backends:\n    # note\n    - name: b\n      address: x\n\n    timeouts: {}\n";
+        let repeats = Locator::new(text).repeats();
+        assert_eq!(repeats.len(), 1);
+        assert_eq!(
+            without(text, &repeats),
+            "pools:\n  p:\n    backends:\n    - name: a\n\n\n\n\n\n    timeouts: {}\n",
+            "the key, its items at its indentation, what is deeper, blank and comment lines"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use super::locate::Locator;
 use super::raw::*;
-use super::read::{read, Reading};
+use super::read::{duplicate_name, read, Reading};
 use super::units::{parse_duration, parse_status_range};
 use super::*;
 use std::collections::HashSet;
@@ -78,7 +78,7 @@ fn repeated<T>(earlier: &[(String, T)], name: &str, path: &str, p: &mut Problems
         return false;
     }
     let position = p.locator.find_occurrence(path, occurrence);
-    let message = format!("duplicate name \"{name}\" (names must be unique)");
+    let message = duplicate_name(name);
     p.found
         .push(Problem::at(path.to_string(), position, message));
     true
