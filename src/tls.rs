@@ -45,29 +45,78 @@ pub struct LoadedCertificate {
     pub certified_key: Arc<CertifiedKey>,
 }
 
+/// Why a certificate pair could not be loaded, and which of its files it is about (so the
+/// problem is placed at the `cert` or `key` line, or at the pair when they do not match).
+#[derive(Debug)]
+pub struct LoadError {
+    /// `Some("cert")` or `Some("key")`: the key of the file at fault; `None`: the pair.
+    pub file: Option<&'static str>,
+    pub message: String,
+}
+
+impl LoadError {
+    fn cert(message: String) -> Self {
+        LoadError {
+            file: Some("cert"),
+            message,
+        }
+    }
+
+    fn key(message: String) -> Self {
+        LoadError {
+            file: Some("key"),
+            message,
+        }
+    }
+}
+
 impl LoadedCertificate {
     /// Reads `cert` (a PEM chain, leaf first) and `key` (PEM), and checks they match.
-    pub fn load(cert: &Path, key: &Path) -> Result<Self, String> {
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, LoadError> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .map_err(|error| format!("cannot read certificate \"{}\": {error}", cert.display()))?
+            .map_err(|error| {
+                LoadError::cert(format!(
+                    "cannot read certificate \"{}\": {error}",
+                    cert.display()
+                ))
+            })?
             .collect::<Result<_, _>>()
-            .map_err(|error| format!("cannot parse certificate \"{}\": {error}", cert.display()))?;
-        let leaf = chain
-            .first()
-            .ok_or_else(|| format!("no certificate found in \"{}\"", cert.display()))?;
-        let private_key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|error| format!("cannot read private key \"{}\": {error}", key.display()))?;
+            .map_err(|error| {
+                LoadError::cert(format!(
+                    "cannot parse certificate \"{}\": {error}",
+                    cert.display()
+                ))
+            })?;
+        let leaf = chain.first().ok_or_else(|| {
+            LoadError::cert(format!("no certificate found in \"{}\"", cert.display()))
+        })?;
+        let (names, not_after) = leaf_names_and_expiry(leaf).map_err(|error| {
+            LoadError::cert(format!(
+                "cannot parse certificate \"{}\": {error}",
+                cert.display()
+            ))
+        })?;
+        let private_key = PrivateKeyDer::from_pem_file(key).map_err(|error| {
+            LoadError::key(format!(
+                "cannot read private key \"{}\": {error}",
+                key.display()
+            ))
+        })?;
         let signing_key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&private_key)
-            .map_err(|error| format!("unsupported private key \"{}\": {error}", key.display()))?;
-        let (names, not_after) = leaf_names_and_expiry(leaf)
-            .map_err(|error| format!("cannot parse certificate \"{}\": {error}", cert.display()))?;
+            .map_err(|error| {
+                LoadError::key(format!(
+                    "unsupported private key \"{}\": {error}",
+                    key.display()
+                ))
+            })?;
         let certified_key = CertifiedKey::new(chain, signing_key);
-        certified_key.keys_match().map_err(|_| {
-            format!(
+        certified_key.keys_match().map_err(|_| LoadError {
+            file: None,
+            message: format!(
                 "private key \"{}\" does not match certificate \"{}\"",
                 key.display(),
                 cert.display()
-            )
+            ),
         })?;
         Ok(LoadedCertificate {
             cert_path: cert.to_path_buf(),

@@ -214,6 +214,49 @@ fn check_reports_keys_given_twice_beside_every_other_problem() {
     );
 }
 
+/// A certificate pair's problem is placed at the file it is about — its `cert:` or `key:`
+/// line — and a pair that lacks its key still says its certificate cannot be read: the
+/// operator fixes both at once. A pair that does not match stays at the pair.
+#[test]
+fn check_places_certificate_problems_at_the_file_they_are_about() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let (cert, key) = ca.leaf(&dir, "a", &["a.example.gov"]);
+    let (_, other_key) = ca.leaf(&dir, "b", &["b.example.gov"]);
+    let problems = refused_problems(
+        &dir,
+        "certificates.yaml",
+        &format!(
+            "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    protocol: https\n    pool: p\n    tls:\n      certificates:\n        - cert: missing.crt\n        - cert: {cert}\n          key: missing.key\n        - cert: {cert}\n          key: {other_key}\n        - cert: {cert}\n          key: {key}\npools:\n  p:\n    backends: []\n",
+            cert = cert.display(),
+            key = key.display(),
+            other_key = other_key.display(),
+        ),
+    );
+    let missing = dir.path("missing.crt");
+    let missing_key = dir.path("missing.key");
+    assert_eq!(
+        problems,
+        [
+            "8:9: listeners.web.tls.certificates[0]: missing field `key`".to_string(),
+            format!(
+                "8:11: listeners.web.tls.certificates[0].cert: cannot read certificate \"{}\": I/O error: No such file or directory (os error 2)",
+                missing.display()
+            ),
+            format!(
+                "10:11: listeners.web.tls.certificates[1].key: cannot read private key \"{}\": I/O error: No such file or directory (os error 2)",
+                missing_key.display()
+            ),
+            format!(
+                "11:9: listeners.web.tls.certificates[2]: private key \"{}\" does not match certificate \"{}\"",
+                other_key.display(),
+                cert.display()
+            ),
+            " 4 problem(s) found".to_string(),
+        ]
+    );
+}
+
 /// A log or last-known-good path gatehouse could not write is a problem `check` (and a
 /// reload) reports, not something found once requests go unlogged; checking writes nothing.
 #[test]

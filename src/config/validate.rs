@@ -559,9 +559,15 @@ fn listener_tls(
     }
     let mut certificates = Vec::new();
     for (index, pair) in raw.certificates.iter().enumerate() {
-        let loaded = crate::tls::LoadedCertificate::load(&resolve(&pair.cert), &resolve(&pair.key));
-        if let Some(loaded) = p.check(&format!("{path}.certificates[{index}]"), loaded) {
-            certificates.push(Arc::new(loaded));
+        match crate::tls::LoadedCertificate::load(&resolve(&pair.cert), &resolve(&pair.key)) {
+            Ok(loaded) => certificates.push(Arc::new(loaded)),
+            Err(error) => {
+                let pair_path = format!("{path}.certificates[{index}]");
+                match error.file {
+                    Some(file) => p.push(format!("{pair_path}.{file}"), error.message),
+                    None => p.push(pair_path, error.message),
+                }
+            }
         }
     }
     let min_version = match raw.min_version.as_deref() {
