@@ -107,6 +107,7 @@ start_gatehouse() {
 start_nginx_proxy() {
   mkdir -p "$OUT/proxy"
   cat >"$OUT/proxy/nginx.conf" <<NGINX
+load_module ${NGINX_MODULES:-/usr/lib/nginx/modules}/ngx_stream_module.so;
 worker_processes 1; daemon off; master_process off; pid $OUT/proxy/nginx.pid;
 error_log $OUT/proxy/error.log warn;
 events { worker_connections 4096; }
@@ -122,6 +123,10 @@ http {
     ssl_session_tickets off; ssl_session_cache off;
     location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
+}
+stream {
+  upstream be_tcp { server $PB_B1; server $PB_B2; }
+  server { listen 127.0.0.1:$PB_TCP_PORT backlog=4096; proxy_pass be_tcp; }
 }
 NGINX
   "$@" nginx -p "$OUT/proxy" -c "$OUT/proxy/nginx.conf" &
@@ -166,7 +171,6 @@ case "$mode" in
     # can remove: it is about the same for every proxy that makes the same syscalls.
     requests="${3:-100000}"
     if [ "${PROXY:-gatehouse}" = nginx ]; then
-      [ "$scenario" = tcp ] && { echo "split with PROXY=nginx: http, https or h2" >&2; exit 2; }
       start_nginx_proxy
     elif [ "${PROXY:-gatehouse}" = haproxy ]; then
       mkdir -p "$OUT/proxy"
