@@ -563,10 +563,11 @@ fn listener_tls(
             Ok(loaded) => certificates.push(Arc::new(loaded)),
             Err(error) => {
                 let pair_path = format!("{path}.certificates[{index}]");
-                match error.file {
-                    Some(file) => p.push(format!("{pair_path}.{file}"), error.message),
-                    None => p.push(pair_path, error.message),
-                }
+                let at = match error.file {
+                    Some(file) => format!("{pair_path}.{file}"),
+                    None => pair_path,
+                };
+                p.push(at, error.message);
             }
         }
     }
