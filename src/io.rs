@@ -58,8 +58,8 @@ impl<T: ResetOnClose, O> ResetOnClose for Observed<T, O> {
 pub trait Observer {
     /// `bytes` were just read (never empty).
     fn read(&mut self, bytes: &[u8]);
-    /// `count` bytes were just written.
-    fn wrote(&mut self, count: usize);
+    /// A write just took `written`'s bytes.
+    fn wrote(&mut self, written: &Written<'_>);
     /// A write waits: the peer takes no more for now.
     fn write_waits(&mut self) {}
 }
@@ -73,9 +73,9 @@ impl<O: Observer> Observer for Option<O> {
         }
     }
 
-    fn wrote(&mut self, count: usize) {
+    fn wrote(&mut self, written: &Written<'_>) {
         if let Some(observer) = self {
-            observer.wrote(count);
+            observer.wrote(written);
         }
     }
 
@@ -83,6 +83,56 @@ impl<O: Observer> Observer for Option<O> {
         if let Some(observer) = self {
             observer.write_waits();
         }
+    }
+}
+
+/// Two observers of one stream, each shown everything (a hyper session's: the HTTP/1 framing
+/// tracker reads, the HTTP/2 reset watch writes).
+impl<A: Observer, B: Observer> Observer for (A, B) {
+    fn read(&mut self, bytes: &[u8]) {
+        self.0.read(bytes);
+        self.1.read(bytes);
+    }
+
+    fn wrote(&mut self, written: &Written<'_>) {
+        self.0.wrote(written);
+        self.1.wrote(written);
+    }
+
+    fn write_waits(&mut self) {
+        self.0.write_waits();
+        self.1.write_waits();
+    }
+}
+
+/// What one write took: the first `count` bytes of `slices`.
+pub struct Written<'a> {
+    slices: &'a [io::IoSlice<'a>],
+    count: usize,
+}
+
+impl<'a> Written<'a> {
+    /// The first `count` bytes of `slices`, taken by a write.
+    pub fn new(slices: &'a [io::IoSlice<'a>], count: usize) -> Self {
+        Written { slices, count }
+    }
+
+    /// How many bytes the write took.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The bytes the write took, in order, as the slices they were written from.
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
+        let mut left = self.count;
+        self.slices.iter().map_while(move |slice| {
+            if left == 0 {
+                return None;
+            }
+            let taken = slice.len().min(left);
+            left -= taken;
+            slice.get(..taken)
+        })
     }
 }
 
@@ -143,7 +193,9 @@ impl<T: AsyncWrite + Unpin, O: Observer + Unpin> AsyncWrite for Observed<T, O> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
         match polled {
-            Poll::Ready(Ok(written)) => this.observer.wrote(written),
+            Poll::Ready(Ok(count)) => this
+                .observer
+                .wrote(&Written::new(&[io::IoSlice::new(buf)], count)),
             Poll::Pending => this.observer.write_waits(),
             Poll::Ready(Err(_)) => {}
         }
@@ -158,7 +210,7 @@ impl<T: AsyncWrite + Unpin, O: Observer + Unpin> AsyncWrite for Observed<T, O> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         match polled {
-            Poll::Ready(Ok(written)) => this.observer.wrote(written),
+            Poll::Ready(Ok(count)) => this.observer.wrote(&Written::new(bufs, count)),
             Poll::Pending => this.observer.write_waits(),
             Poll::Ready(Err(_)) => {}
         }
@@ -190,8 +242,8 @@ impl Observer for ByteCounters {
         self.received.inc_by(bytes.len() as u64);
     }
 
-    fn wrote(&mut self, count: usize) {
-        self.sent.inc_by(count as u64);
+    fn wrote(&mut self, written: &Written<'_>) {
+        self.sent.inc_by(written.count() as u64);
     }
 }
 

@@ -359,13 +359,18 @@ pub struct ListenerMetrics {
 impl ListenerMetrics {
     /// Counts one refusal.
     pub fn reject(&self, reason: Rejection) {
-        if let Some(counter) = Rejection::ALL
+        if let Some(counter) = self.rejections(reason) {
+            counter.inc();
+        }
+    }
+
+    /// The counter of one reason's refusals, for what counts them away from the table (a
+    /// connection's stream, which outlives the table it was accepted under).
+    pub fn rejections(&self, reason: Rejection) -> Option<&IntCounter> {
+        Rejection::ALL
             .iter()
             .position(|r| *r == reason)
             .and_then(|index| self.rejected.get(index))
-        {
-            counter.inc();
-        }
     }
 }
 

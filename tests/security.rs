@@ -629,6 +629,157 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// An HPACK block for `GET /` on `authority` (static-table method, scheme and path; the
+/// authority a literal without indexing), followed by `extra` as it is written.
+fn h2_request_block(authority: &str, path: bool, extra: &[u8]) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86];
+    if path {
+        block.push(0x84);
+    }
+    block.extend_from_slice(&[0x01, authority.len() as u8]);
+    block.extend_from_slice(authority.as_bytes());
+    block.extend_from_slice(extra);
+    block
+}
+
+/// The frames `stream` sends until `done` holds for those read so far (or the deadline):
+/// `(type, flags, stream id, payload)` each.
+async fn h2_frames_until<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    done: impl Fn(&[(u8, u8, u32, Vec<u8>)]) -> bool,
+) -> Vec<(u8, u8, u32, Vec<u8>)> {
+    let mut bytes = Vec::new();
+    let mut frames = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, async {
+        let mut buffer = [0u8; 16384];
+        loop {
+            while bytes.len() >= 9 {
+                let length = usize::from(bytes[0]) << 16
+                    | usize::from(bytes[1]) << 8
+                    | usize::from(bytes[2]);
+                if bytes.len() < 9 + length {
+                    break;
+                }
+                let id = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
+                frames.push((bytes[3], bytes[4], id, bytes[9..9 + length].to_vec()));
+                bytes.drain(..9 + length);
+            }
+            if done(&frames) {
+                return;
+            }
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => bytes.extend_from_slice(&buffer[..read]),
+            }
+        }
+    })
+    .await;
+    frames
+}
+
+/// Sends two malformed HTTP/2 requests and a well-formed one on `stream` (a connection to
+/// gatehouse that speaks HTTP/2) and checks what it answers: each malformed one reset with
+/// PROTOCOL_ERROR, the well-formed one served on the same connection.
+async fn send_malformed_h2_requests<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+) {
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    stream.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap();
+    // END_STREAM | END_HEADERS. Stream 1 carries a connection-specific header, stream 3 has
+    // no :path (both malformed, RFC 9113 §8.2.2 and §8.3.1); stream 5 is well formed.
+    let connection_close = [&[0x00, 0x0a][..], b"connection", &[0x05], b"close"].concat();
+    for (id, block) in [
+        (1, h2_request_block("x", true, &connection_close)),
+        (3, h2_request_block("x", false, &[])),
+        (5, h2_request_block("x", true, &[])),
+    ] {
+        stream
+            .write_all(&h2_frame(0x1, 0x5, id, &block))
+            .await
+            .unwrap();
+    }
+    stream.flush().await.unwrap();
+    let frames = h2_frames_until(stream, |frames| {
+        let resets = frames.iter().filter(|frame| frame.0 == 0x3).count();
+        let answered = frames
+            .iter()
+            .any(|frame| frame.2 == 5 && frame.1 & 0x1 != 0);
+        resets >= 2 && answered
+    })
+    .await;
+    let protocol_error = 1u32.to_be_bytes().to_vec();
+    for id in [1, 3] {
+        assert!(
+            frames
+                .iter()
+                .any(|frame| frame.0 == 0x3 && frame.2 == id && frame.3 == protocol_error),
+            "stream {id} is reset with PROTOCOL_ERROR: {frames:?}"
+        );
+    }
+    assert!(
+        frames.iter().any(|frame| frame.0 == 0x1 && frame.2 == 5),
+        "the well-formed request on the same connection is answered: {frames:?}"
+    );
+}
+
+async fn assert_bad_requests_counted(gatehouse: &gatehouse::server::Gatehouse, listener: &str) {
+    eventually(
+        "both malformed requests counted as bad requests",
+        async || {
+            let text = metrics_text(gatehouse).await;
+            let labels = [("listener", listener), ("reason", "bad_request")];
+            metric(&text, "gatehouse_rejected_total", &labels) == Some(2.0)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn http2_malformed_requests_are_reset_and_counted() {
+    let (gatehouse, backend, _dir) = h2_gatehouse().await;
+    let web = gatehouse.listener_address("web").unwrap();
+    let mut stream = tokio::net::TcpStream::connect(web).await.unwrap();
+    send_malformed_h2_requests(&mut stream).await;
+    assert_eq!(
+        backend.requests().len(),
+        1,
+        "only the well-formed request was forwarded"
+    );
+    assert_bad_requests_counted(&gatehouse, "web").await;
+}
+
+#[tokio::test]
+async fn http2_malformed_requests_over_tls_are_reset_and_counted() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    ca.leaf(&dir, "site", &["localhost"]);
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  secure:\n    listen: \"127.0.0.1:0\"\n    protocol: https\n    tls: {{ certificates: [ {{ cert: site.crt, key: site.key }} ] }}\n    pool: p\npools:\n{}",
+        pool_yaml("p", &[("b", backend.address)], "")
+    );
+    let gatehouse = start_gatehouse(&dir, &yaml).await;
+    let tcp = tokio::net::TcpStream::connect(gatehouse.listener_address("secure").unwrap())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(ca.client_config(&[b"h2"]))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    send_malformed_h2_requests(&mut stream).await;
+    assert_eq!(
+        backend.requests().len(),
+        1,
+        "only the well-formed request was forwarded"
+    );
+    assert_bad_requests_counted(&gatehouse, "secure").await;
+}
+
 #[tokio::test]
 async fn http2_continuation_flood_is_cut_off() {
     let backend = TestBackend::start("b").await;

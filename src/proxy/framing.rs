@@ -3,19 +3,19 @@
 //! hyper resolves a head that carries both Content-Length and Transfer-Encoding (the latter
 //! wins) and collapses a repeated identical Content-Length before the handler sees the head,
 //! so the handler cannot refuse them. Such heads are the classic request-smuggling probes;
-//! gatehouse refuses them. A [`FramingGuard`] sits between the client stream and hyper,
-//! follows request boundaries with its own parser (httparse heads, Content-Length and chunked
-//! body accounting) and records the index of the first ambiguous request in a shared
-//! [`Verdict`]; the handler answers that request 400 and closes the connection. The guard only
-//! observes bytes: it never changes what hyper reads.
+//! gatehouse refuses them. A [`Tracker`] observes the client stream hyper reads (an
+//! [`crate::io::Observer`]), follows request boundaries with its own parser (httparse heads,
+//! Content-Length and chunked body accounting) and records the index of the first ambiguous
+//! request in a shared [`Verdict`]; the handler answers that request 400 and closes the
+//! connection. The tracker only observes bytes: it never changes what hyper reads.
 //!
-//! gatehouse's own HTTP/1 loop ([`super::h1`]) needs no guard: it serves only heads without
+//! gatehouse's own HTTP/1 loop ([`super::h1`]) needs no tracker: it serves only heads without
 //! Content-Length, Transfer-Encoding or Upgrade (nothing follows them), parsed whole, and
 //! hands anything else to hyper at a request boundary, with the bytes it read ahead replayed.
-//! The guard starts there ([`Tracker::new`] with the requests served so far), so it reads
+//! The tracker starts there ([`Tracker::new`] with the requests served so far), so it reads
 //! those replayed bytes as hyper does, and every byte after them.
 
-use crate::io::{Observed, Observer};
+use crate::io::{Observer, Written};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -338,12 +338,8 @@ impl Observer for Tracker {
             .store(settled, Ordering::Relaxed);
     }
 
-    fn wrote(&mut self, _count: usize) {}
+    fn wrote(&mut self, _written: &Written<'_>) {}
 }
-
-/// A client stream whose HTTP/1 framing is checked independently of hyper (when it has a
-/// tracker: HTTP/2 connections have none).
-pub type FramingGuard<T> = Observed<T, Option<Tracker>>;
 
 #[cfg(test)]
 mod tests {

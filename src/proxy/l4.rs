@@ -11,7 +11,7 @@
 use super::l7::Connection;
 use crate::access_log::AccessRecord;
 use crate::config::ProxyProtocolVersion;
-use crate::io::{Observed, Observer, ResetOnClose};
+use crate::io::{Observed, Observer, ResetOnClose, Written};
 use crate::metrics::Rejection;
 use crate::proxy_protocol;
 use crate::upstream::backend::now_nanos;
@@ -266,9 +266,9 @@ impl Observer for Side<'_> {
         self.touch();
     }
 
-    fn wrote(&mut self, count: usize) {
+    fn wrote(&mut self, written: &Written<'_>) {
         self.touch();
-        self.written += count as u64;
+        self.written += written.count() as u64;
         self.waiting = false;
     }
 

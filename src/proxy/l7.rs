@@ -9,12 +9,13 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::framing::{self, Verdict, VerdictHolder};
 use super::h1;
+use super::h2_resets;
 use super::headers;
 use super::park;
 use super::stall;
 use crate::access_log::AccessRecord;
 use crate::config::{Limits, ProxyProtocolVersion};
-use crate::io::{Reclaimable, ResetOnClose};
+use crate::io::{Observed, Reclaimable, ResetOnClose};
 use crate::metrics::Rejection;
 use crate::proxy_protocol;
 use crate::upstream::body::{ClientWait, StreamedBody, UpstreamBody};
@@ -282,7 +283,13 @@ where
         let requests = connection.requests.load(Ordering::Relaxed);
         framing::Tracker::new(connection.clone(), requests)
     });
-    let (io, reclaim) = Reclaimable::new(framing::FramingGuard::new(stream, tracker));
+    // Any hyper session may turn out HTTP/2 (h2c prior knowledge on a plain listener); the
+    // watch leaves one that answers in HTTP/1 after its first write.
+    let resets = (negotiated != Negotiated::Http1)
+        .then(|| listener.metrics.rejections(Rejection::BadRequest).cloned())
+        .flatten()
+        .map(h2_resets::ResetWatch::new);
+    let (io, reclaim) = Reclaimable::new(Observed::new(stream, (tracker, resets)));
     let progress = Arc::new(stall::ClientProgress::starting_now());
     let mut checks = SessionChecks {
         idle: park::IdleWatch::new(activity, &connection),

@@ -3,7 +3,7 @@
 //! `l7` serves a client connection with hyper and forwards each request to a backend chosen
 //! from the published table; `headers` owns header rewriting; `body` the response body type;
 //! `error` the mapping from failures to statuses; `framing` the independent check of HTTP/1
-//! request framing; `h1` gatehouse's own server loop for bodiless HTTP/1.1 requests; `park`
+//! request framing; `h2_resets` counts the HTTP/2 requests the h2 crate refused; `h1` gatehouse's own server loop for bodiless HTTP/1.1 requests; `park`
 //! lets idle keep-alive connections give a session's state back; `stall` finds the clients that
 //! stop taking their responses; `l4` the TCP proxy, whose tunnels (and WebSockets) copy both
 //! ways through `relay`. None of these take a lock.
@@ -12,6 +12,7 @@ pub mod body;
 pub mod error;
 pub mod framing;
 pub mod h1;
+pub mod h2_resets;
 pub mod headers;
 pub mod l4;
 pub mod l7;
