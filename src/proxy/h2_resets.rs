@@ -169,6 +169,29 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn counts_exactly_the_protocol_error_resets_of_any_session(
+            frames in proptest::collection::vec(
+                (0u8..10, proptest::collection::vec(proptest::num::u8::ANY, 0..40), 0u32..4),
+                1..30,
+            ),
+            piece in 1usize..50,
+        ) {
+            let mut session = frame(0x4, 0, &[]);
+            let mut resets = 0;
+            for (kind, payload, code) in &frames {
+                if *kind == RST_STREAM {
+                    session.extend(frame(RST_STREAM, 1, &code.to_be_bytes()));
+                    resets += u64::from(*code == 1);
+                } else {
+                    session.extend(frame(*kind, 1, payload));
+                }
+            }
+            proptest::prop_assert_eq!(counted(&session, piece), resets);
+        }
+    }
+
     #[test]
     fn an_http1_session_is_not_read() {
         let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\n".to_vec();
