@@ -163,7 +163,7 @@ fn check_reports_missing_keys_beside_every_other_problem() {
             "11:7: pools.p.backends[0]: missing field `address`",
             "12:7: pools.p.backends[1]: missing field `name`",
             "12:9: pools.p.backends[1].address: invalid socket address \"127.0.0.1:99999\"",
-            "13:7: pools.p.backends[2].capacity: missing field `cpu`",
+            "13:44: pools.p.backends[2].capacity: missing field `cpu`",
             " 6 problem(s) found",
         ]
     );
@@ -182,7 +182,7 @@ fn check_reports_duplicate_names_beside_every_other_problem() {
         problems,
         [
             "5:3: listeners.web: duplicate name \"web\" (names must be unique)",
-            "11:7: pools.p.backends[0].address: invalid socket address \"127.0.0.1:99999\"",
+            "11:20: pools.p.backends[0].address: invalid socket address \"127.0.0.1:99999\"",
             "12:3: pools.p: duplicate name \"p\" (names must be unique)",
             " 3 problem(s) found",
         ]
@@ -198,7 +198,7 @@ fn check_reports_keys_given_twice_beside_every_other_problem() {
     let problems = refused_problems(
         &TestDir::new(),
         "repeated.yaml",
-        "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\n    limits:\n      header_timeout: 5s\n    limits:\n      header_timeout: 6x\n    bogus: 1\n  web:\n    listen: \"127.0.0.1:2\"\n    pool: p\npools:\n  p:\n    backends:\n      - name: a\n        address: \"127.0.0.1:3\"\n        address: \"127.0.0.1:4\"\n      - { name: b, address: \"127.0.0.1:99999\" }\n    timeouts: { connect: 2q }\n",
+        "listeners:\n  web:\n    listen: \"127.0.0.1:1\"\n    pool: p\n    limits:\n      header_timeout: 5s\n    limits:\n      header_timeout: 6x\n    bogus: 1\n  web:\n    listen: \"127.0.0.1:2\"\n    pool: p\npools:\n  p:\n    backends:\n      - name: a\n        address: \"127.0.0.1:3\"\n        address: \"127.0.0.1:4\"\n      - { name: b, address: \"127.0.0.1:99999\", name: c }\n    timeouts: { connect: 2q, idle: 1s, connect: 1s }\n",
     );
     assert_eq!(
         problems,
@@ -207,9 +207,11 @@ fn check_reports_keys_given_twice_beside_every_other_problem() {
             "9:5: listeners.web.bogus: unknown field `bogus`, expected one of `listen`, `protocol`, `tls`, `proxy_protocol`, `reuse_port`, `trusted_proxies`, `allow`, `deny`, `rate_limit`, `hsts`, `limits`, `routes`, `pool`",
             "10:3: listeners.web: duplicate name \"web\" (names must be unique)",
             "18:9: pools.p.backends[0].address: duplicate key \"address\" (first on line 17)",
-            "19:7: pools.p.backends[1].address: invalid socket address \"127.0.0.1:99999\"",
-            "20:5: pools.p.timeouts.connect: invalid duration unit \"q\" in \"2q\" (use ms, s, m, h or d)",
-            " 6 problem(s) found",
+            "19:20: pools.p.backends[1].address: invalid socket address \"127.0.0.1:99999\"",
+            "19:48: pools.p.backends[1].name: duplicate key \"name\" (first on line 19)",
+            "20:17: pools.p.timeouts.connect: invalid duration unit \"q\" in \"2q\" (use ms, s, m, h or d)",
+            "20:40: pools.p.timeouts.connect: duplicate key \"connect\" (first on line 20)",
+            " 8 problem(s) found",
         ]
     );
 }
@@ -267,7 +269,7 @@ fn check_refuses_files_it_could_not_write() {
     let (ok, _, stderr) = check(&path);
     assert!(!ok);
     for needle in [
-        ":1:1: access_log.target: cannot write ",
+        ":1:15: access_log.target: cannot write ",
         "logs/access.log: no directory ",
         ":2:1: audit_log: cannot write ",
         ":3:1: last_good: cannot write ",

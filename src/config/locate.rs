@@ -2,10 +2,12 @@
 //!
 //! serde reports where *syntax* errors are, but validation problems are found after
 //! deserialisation, when positions are gone. This scanner walks block-style YAML by
-//! indentation and records where each key and sequence item starts; a path written in flow
-//! style (`{ cert: a, key: b }`) resolves to its nearest block-style ancestor.
+//! indentation and records where each key and sequence item starts, and the keys of a flow
+//! collection that opens and closes on one line (`- { cert: a, key: b }`); a path inside a
+//! flow collection spread over several lines resolves to its nearest recorded ancestor.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// Line and column (both 1-based) of every block-style key path in a YAML document.
 #[derive(Debug, Default)]
@@ -15,6 +17,9 @@ pub struct Locator {
     positions: HashMap<String, Vec<(usize, usize)>>,
     /// The key each path of a key (not of a sequence item) ends with.
     keys: HashMap<String, String>,
+    /// For a key in a flow mapping, by its place: the bytes of its line that hold its entry
+    /// with the comma before it (`, listen: "b"`), which can go without breaking the line.
+    flow_entries: HashMap<(usize, usize), Range<usize>>,
 }
 
 /// A key given again in the mapping that already has it, where it is given again.
@@ -27,6 +32,9 @@ pub struct Repeat {
     pub column: usize,
     /// The line of the key's first occurrence.
     pub first_line: usize,
+    /// In a flow mapping: the bytes of its line that hold this entry and the comma before it.
+    /// Else the key's lines (the key's, and every line indented deeper) hold it.
+    pub flow_entry: Option<Range<usize>>,
 }
 
 enum Frame {
@@ -45,10 +53,16 @@ impl Frame {
 impl Locator {
     /// Scans `text`; never fails (unparseable lines are skipped).
     pub fn new(text: &str) -> Self {
-        let mut positions: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
-        let mut keys = HashMap::new();
+        let mut locator = Locator::default();
         let mut stack: Vec<Frame> = Vec::new();
+        // Brackets a flow collection left open on an earlier line: its next lines are inside
+        // it, not keys of their own.
+        let mut open_flow = 0;
         for (line_index, line) in text.lines().enumerate() {
+            if open_flow > 0 {
+                open_flow = (open_flow + bracket_balance(line)).max(0);
+                continue;
+            }
             let trimmed = line.trim_start_matches(' ');
             if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with("---") {
                 continue;
@@ -78,15 +92,24 @@ impl Locator {
                     indent: column,
                     index,
                 });
-                positions
-                    .entry(path_of(&stack))
-                    .or_default()
-                    .push((line_index + 1, column + 1));
+                locator.record(path_of(&stack), None, (line_index + 1, column + 1));
                 let content = after_dash.trim_start_matches(' ');
                 column += 1 + (after_dash.len() - content.len());
                 rest = content;
             }
-            let Some(key) = key_of(rest) else { continue };
+            let Some((key, value_at)) = key_of(rest) else {
+                if rest.starts_with(['{', '[']) {
+                    open_flow = bracket_balance(rest);
+                    if stack.last().is_some() {
+                        FlowScan::new(line, line_index + 1, column).collection(
+                            &path_of(&stack),
+                            &mut locator,
+                            0,
+                        );
+                    }
+                }
+                continue;
+            };
             while stack.last().is_some_and(|top| top.indent() >= column) {
                 stack.pop();
             }
@@ -95,13 +118,25 @@ impl Locator {
                 name: key.clone(),
             });
             let path = path_of(&stack);
-            positions
-                .entry(path.clone())
-                .or_default()
-                .push((line_index + 1, column + 1));
-            keys.insert(path, key);
+            locator.record(path.clone(), Some(key), (line_index + 1, column + 1));
+            if rest[value_at..].starts_with(['{', '[']) {
+                open_flow = bracket_balance(&rest[value_at..]);
+                FlowScan::new(line, line_index + 1, column + value_at).collection(
+                    &path,
+                    &mut locator,
+                    0,
+                );
+            }
         }
-        Locator { positions, keys }
+        locator
+    }
+
+    /// Notes that `path` (a key's, naming `key`, or an item's) occurs at `place`.
+    fn record(&mut self, path: String, key: Option<String>, place: (usize, usize)) {
+        if let Some(key) = key {
+            self.keys.insert(path.clone(), key);
+        }
+        self.positions.entry(path).or_default().push(place);
     }
 
     /// The position of `path` (its first occurrence), or of its nearest recorded ancestor.
@@ -136,6 +171,7 @@ impl Locator {
                     line,
                     column,
                     first_line: all[0].0,
+                    flow_entry: self.flow_entries.get(&(line, column)).cloned(),
                 })
             })
             .collect();
@@ -173,8 +209,190 @@ fn path_of(stack: &[Frame]) -> String {
     path
 }
 
-/// The mapping key at the start of `text`, if the line is `key:` or `key: value`.
-fn key_of(text: &str) -> Option<String> {
+/// How many more flow brackets `text` opens than it closes (outside quotes and comments).
+fn bracket_balance(text: &str) -> isize {
+    let mut balance = 0;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let mut after_space = true;
+    for char in text.chars() {
+        match quote {
+            Some('"') if escaped => escaped = false,
+            Some('"') if char == '\\' => escaped = true,
+            Some(open) if char == open => quote = None,
+            Some(_) => {}
+            None => match char {
+                '"' | '\'' => quote = Some(char),
+                '{' | '[' => balance += 1,
+                '}' | ']' => balance -= 1,
+                '#' if after_space => break,
+                _ => {}
+            },
+        }
+        after_space = char == ' ';
+    }
+    balance
+}
+
+/// Flow collections nested deeper than this are not followed (the scan recurses).
+const MAX_FLOW_DEPTH: usize = 16;
+
+/// Reads the flow collection (`{ … }` or `[ … ]`) that starts at byte `at` of one line and
+/// records the keys of its mappings; it stops, keeping what it recorded, at the line's end
+/// or at anything it does not follow (a flow collection spread over several lines).
+struct FlowScan<'a> {
+    line: &'a str,
+    line_number: usize,
+    at: usize,
+}
+
+impl<'a> FlowScan<'a> {
+    fn new(line: &'a str, line_number: usize, at: usize) -> Self {
+        FlowScan {
+            line,
+            line_number,
+            at,
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.line.as_bytes().get(self.at).copied()
+    }
+
+    fn skip_spaces(&mut self) {
+        while self.peek() == Some(b' ') {
+            self.at += 1;
+        }
+    }
+
+    /// The collection at `at`, whose path is `path`; `None` where the scan stops.
+    fn collection(&mut self, path: &str, locator: &mut Locator, depth: usize) -> Option<()> {
+        if depth > MAX_FLOW_DEPTH {
+            return None;
+        }
+        match self.peek()? {
+            b'{' => self.mapping(path, locator, depth),
+            b'[' => self.sequence(path, locator, depth),
+            _ => None,
+        }
+    }
+
+    fn mapping(&mut self, path: &str, locator: &mut Locator, depth: usize) -> Option<()> {
+        // The comma before the entry (for the first, the brace: never a repetition).
+        let mut entry_start = self.at;
+        self.at += 1;
+        loop {
+            self.skip_spaces();
+            if self.peek()? == b'}' {
+                self.at += 1;
+                return Some(());
+            }
+            let key_at = self.at;
+            let key = self.scalar()?;
+            self.skip_spaces();
+            if self.peek()? != b':' {
+                return None;
+            }
+            self.at += 1;
+            self.skip_spaces();
+            let key_path = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            let place = (self.line_number, key_at + 1);
+            locator.record(key_path.clone(), Some(key), place);
+            if matches!(self.peek()?, b'{' | b'[') {
+                self.collection(&key_path, locator, depth + 1)?;
+            } else {
+                self.scalar()?;
+            }
+            locator.flow_entries.insert(place, entry_start..self.at);
+            self.skip_spaces();
+            match self.peek()? {
+                b',' => {
+                    entry_start = self.at;
+                    self.at += 1;
+                }
+                b'}' => {}
+                _ => return None,
+            }
+        }
+    }
+
+    fn sequence(&mut self, path: &str, locator: &mut Locator, depth: usize) -> Option<()> {
+        self.at += 1;
+        let mut index = 0;
+        loop {
+            self.skip_spaces();
+            match self.peek()? {
+                b']' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                b'{' | b'[' => {
+                    let item_path = format!("{path}[{index}]");
+                    locator.record(item_path.clone(), None, (self.line_number, self.at + 1));
+                    self.collection(&item_path, locator, depth + 1)?;
+                }
+                _ => {
+                    self.scalar()?;
+                }
+            }
+            self.skip_spaces();
+            match self.peek()? {
+                b',' => {
+                    self.at += 1;
+                    index += 1;
+                }
+                b']' => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// A quoted or plain scalar at `at` (a key or a value), as written between its quotes.
+    fn scalar(&mut self) -> Option<String> {
+        let rest = self.line.get(self.at..)?;
+        let (text, length) = match rest.as_bytes().first()? {
+            b'"' => {
+                let mut escaped = false;
+                let end = rest.char_indices().skip(1).find_map(|(index, char)| {
+                    let closes = char == '"' && !escaped;
+                    escaped = char == '\\' && !escaped;
+                    closes.then_some(index)
+                })?;
+                (rest.get(1..end)?, end + 1)
+            }
+            b'\'' => {
+                let end = rest.get(1..)?.find('\'')? + 1;
+                (rest.get(1..end)?, end + 1)
+            }
+            _ => {
+                // A plain scalar ends at a flow indicator, or at a colon before a space or an
+                // indicator (`a:b` is one scalar, `a: b` a key and its value).
+                let bytes = rest.as_bytes();
+                let end = (0..bytes.len())
+                    .find(|&index| match bytes[index] {
+                        b',' | b'{' | b'}' | b'[' | b']' => true,
+                        b':' => bytes
+                            .get(index + 1)
+                            .is_none_or(|next| b" ,{}[]".contains(next)),
+                        b'#' => index > 0 && bytes[index - 1] == b' ',
+                        _ => false,
+                    })
+                    .unwrap_or(bytes.len());
+                (rest.get(..end)?.trim_end(), end)
+            }
+        };
+        self.at += length;
+        Some(text.to_string())
+    }
+}
+
+/// The mapping key at the start of `text`, if the line is `key:` or `key: value`, and where
+/// in `text` its value starts.
+fn key_of(text: &str) -> Option<(String, usize)> {
     let (key, after) = if let Some(quoted) = text.strip_prefix('"') {
         let end = quoted.find('"')?;
         (&quoted[..end], &quoted[end + 1..])
@@ -191,7 +409,8 @@ fn key_of(text: &str) -> Option<String> {
     let after = after.trim_start();
     let value = after.strip_prefix(':')?;
     if value.is_empty() || value.starts_with([' ', '\t']) {
-        Some(key.to_string())
+        let value_at = text.len() - value.trim_start_matches([' ', '\t']).len();
+        Some((key.to_string(), value_at))
     } else {
         None
     }
@@ -231,10 +450,56 @@ pools:
     }
 
     #[test]
-    fn flow_style_falls_back_to_ancestor() {
+    fn finds_the_keys_of_flow_collections_on_one_line() {
         let locator = Locator::new(DOC);
-        assert_eq!(locator.find("listeners.web.routes[0].pool"), Some((5, 7)));
+        assert_eq!(locator.find("listeners.web.routes[0].pool"), Some((5, 20)));
+        assert_eq!(locator.find("listeners.web.routes[0].host"), Some((5, 11)));
         assert_eq!(locator.find("nothing.here"), None);
+        let locator = Locator::new(
+            "a:\n  b: { c: [ { d: \"x, y: }\" }, 'e' ], f: { 'g': 1 } } # c: 2\n  h: [ { i: j:k } ]\n",
+        );
+        assert_eq!(locator.find("a.b.c"), Some((2, 8)));
+        assert_eq!(locator.find("a.b.c[0].d"), Some((2, 15)));
+        assert_eq!(locator.find("a.b.f.g"), Some((2, 43)));
+        assert_eq!(locator.find("a.h[0].i"), Some((3, 10)));
+        assert_eq!(locator.keys.get("a.b.f.g").map(String::as_str), Some("g"));
+    }
+
+    #[test]
+    fn a_flow_collection_over_several_lines_falls_back_to_the_recorded_ancestor() {
+        let locator = Locator::new(
+            "a:\n  b: { c: 1,\n    d: 2, c: \"}#\" }\n  e: [ { f: 1 }, # ]\n    { g: 2 } ]\n  h: 1\n",
+        );
+        assert_eq!(locator.find("a.b.c"), Some((2, 8)));
+        assert_eq!(locator.find("a.b.d"), Some((2, 3)), "at a.b");
+        assert_eq!(locator.find("a.e[0].f"), Some((4, 10)));
+        assert_eq!(locator.find("a.e[1].g"), Some((4, 3)), "at a.e");
+        assert_eq!(locator.find("a.h"), Some((6, 3)));
+        assert_eq!(
+            locator.repeats(),
+            [],
+            "a continuation line holds no key of its own"
+        );
+    }
+
+    #[test]
+    fn a_key_repeated_in_a_flow_mapping_is_listed_with_its_entry() {
+        let line = "  web: { listen: a, pool: p, listen: \"b\" }";
+        let locator = Locator::new(&format!("listeners:\n{line}\n"));
+        let repeats = locator.repeats();
+        assert_eq!(repeats.len(), 1);
+        let repeat = &repeats[0];
+        assert_eq!(
+            (
+                repeat.path.as_str(),
+                repeat.line,
+                repeat.column,
+                repeat.first_line
+            ),
+            ("listeners.web.listen", 2, 30, 2)
+        );
+        let entry = repeat.flow_entry.clone().unwrap();
+        assert_eq!(&line[entry], ", listen: \"b\"");
     }
 
     #[test]
@@ -256,6 +521,7 @@ pools:
             line,
             column,
             first_line,
+            flow_entry: None,
         };
         assert_eq!(
             locator.repeats(),

@@ -16,6 +16,7 @@ use super::locate::{Locator, Repeat};
 use super::raw::RawConfig;
 use super::Problem;
 use serde_yaml::{Mapping, Value};
+use std::borrow::Cow;
 
 /// How many keys one reading takes out or stands in for before it stops looking (each costs
 /// a parse).
@@ -102,17 +103,24 @@ fn stopped_by_repetition(text: &str, error: &serde_yaml::Error) -> bool {
             .is_err_and(|error| error.to_string().contains("duplicate entry"))
 }
 
-/// `text` with the lines of each repeated key — the key's line, then every line indented
-/// deeper, or a sequence item at its indentation — made empty.
+/// `text` with each repeated key taken out, every line and column kept: in block style its
+/// lines — the key's line, then every line indented deeper, or a sequence item at its
+/// indentation — made empty; in a flow mapping its entry, with the comma before it, made
+/// spaces.
 fn without(text: &str, repeats: &[Repeat]) -> String {
     let mut blanked = String::with_capacity(text.len());
     // The indentation of the key being blanked out.
     let mut blanking: Option<usize> = None;
     for (index, line) in text.split_inclusive('\n').enumerate() {
+        let on_line = || {
+            repeats
+                .iter()
+                .filter(move |repeat| repeat.line == index + 1)
+        };
         let content = line.trim_start_matches(' ');
         let indent = line.len() - content.len();
         let content = content.trim_end();
-        let starts = repeats.iter().find(|repeat| repeat.line == index + 1);
+        let starts = on_line().find(|repeat| repeat.flow_entry.is_none());
         let continues = blanking.is_some_and(|key| {
             content.is_empty()
                 || content.starts_with('#')
@@ -126,9 +134,16 @@ fn without(text: &str, repeats: &[Repeat]) -> String {
         };
         if blanking.is_some() {
             blanked.push('\n');
-        } else {
-            blanked.push_str(line);
+            continue;
         }
+        let mut line = Cow::Borrowed(line);
+        for entry in on_line().filter_map(|repeat| repeat.flow_entry.clone()) {
+            if line.is_char_boundary(entry.start) && line.is_char_boundary(entry.end) {
+                let spaces = " ".repeat(entry.len());
+                line.to_mut().replace_range(entry, &spaces);
+            }
+        }
+        blanked.push_str(&line);
     }
     blanked
 }
