@@ -678,11 +678,17 @@ async fn h2_frames_until<S: tokio::io::AsyncRead + Unpin>(
 }
 
 /// Sends two malformed HTTP/2 requests and a well-formed one on `stream` (a connection to
-/// gatehouse that speaks HTTP/2) and checks what it answers: each malformed one reset with
-/// PROTOCOL_ERROR, the well-formed one served on the same connection.
-async fn send_malformed_h2_requests<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+/// `listener` that speaks HTTP/2) and checks what gatehouse does: each malformed one reset
+/// with PROTOCOL_ERROR, never forwarded, and counted as a bad request; the well-formed one
+/// served on the same connection.
+async fn assert_malformed_h2_requests_refused<S>(
     stream: &mut S,
-) {
+    gatehouse: &gatehouse::server::Gatehouse,
+    backend: &TestBackend,
+    listener: &str,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     stream
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
@@ -723,9 +729,11 @@ async fn send_malformed_h2_requests<S: tokio::io::AsyncRead + tokio::io::AsyncWr
         frames.iter().any(|frame| frame.0 == 0x1 && frame.2 == 5),
         "the well-formed request on the same connection is answered: {frames:?}"
     );
-}
-
-async fn assert_bad_requests_counted(gatehouse: &gatehouse::server::Gatehouse, listener: &str) {
+    assert_eq!(
+        backend.requests().len(),
+        1,
+        "only the well-formed request was forwarded"
+    );
     eventually(
         "both malformed requests counted as bad requests",
         async || {
@@ -742,13 +750,7 @@ async fn http2_malformed_requests_are_reset_and_counted() {
     let (gatehouse, backend, _dir) = h2_gatehouse().await;
     let web = gatehouse.listener_address("web").unwrap();
     let mut stream = tokio::net::TcpStream::connect(web).await.unwrap();
-    send_malformed_h2_requests(&mut stream).await;
-    assert_eq!(
-        backend.requests().len(),
-        1,
-        "only the well-formed request was forwarded"
-    );
-    assert_bad_requests_counted(&gatehouse, "web").await;
+    assert_malformed_h2_requests_refused(&mut stream, &gatehouse, &backend, "web").await;
 }
 
 #[tokio::test]
@@ -771,13 +773,7 @@ async fn http2_malformed_requests_over_tls_are_reset_and_counted() {
         .await
         .unwrap();
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    send_malformed_h2_requests(&mut stream).await;
-    assert_eq!(
-        backend.requests().len(),
-        1,
-        "only the well-formed request was forwarded"
-    );
-    assert_bad_requests_counted(&gatehouse, "secure").await;
+    assert_malformed_h2_requests_refused(&mut stream, &gatehouse, &backend, "secure").await;
 }
 
 #[tokio::test]
