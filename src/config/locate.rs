@@ -98,10 +98,11 @@ impl Locator {
                 rest = content;
             }
             let Some((key, value_at)) = key_of(rest) else {
-                if rest.starts_with(['{', '[']) {
-                    open_flow = bracket_balance(rest);
+                let flow_at = after_anchor(rest);
+                if rest[flow_at..].starts_with(['{', '[']) {
+                    open_flow = bracket_balance(&rest[flow_at..]);
                     if stack.last().is_some() {
-                        FlowScan::new(line, line_index + 1, column).collection(
+                        FlowScan::new(line, line_index + 1, column + flow_at).collection(
                             &path_of(&stack),
                             &mut locator,
                             0,
@@ -119,9 +120,10 @@ impl Locator {
             });
             let path = path_of(&stack);
             locator.record(path.clone(), Some(key), (line_index + 1, column + 1));
-            if rest[value_at..].starts_with(['{', '[']) {
-                open_flow = bracket_balance(&rest[value_at..]);
-                FlowScan::new(line, line_index + 1, column + value_at).collection(
+            let flow_at = value_at + after_anchor(&rest[value_at..]);
+            if rest[flow_at..].starts_with(['{', '[']) {
+                open_flow = bracket_balance(&rest[flow_at..]);
+                FlowScan::new(line, line_index + 1, column + flow_at).collection(
                     &path,
                     &mut locator,
                     0,
@@ -207,6 +209,15 @@ fn path_of(stack: &[Frame]) -> String {
         }
     }
     path
+}
+
+/// Where a value starts past its anchor or tag (`&checks { … }`, `!!map { … }`), if any.
+fn after_anchor(value: &str) -> usize {
+    if !value.starts_with(['&', '!']) {
+        return 0;
+    }
+    let token = value.find(' ').unwrap_or(value.len());
+    value.len() - value[token..].trim_start_matches(' ').len()
 }
 
 /// How many more flow brackets `text` opens than it closes (outside quotes and comments).
@@ -462,6 +473,12 @@ pools:
         assert_eq!(locator.find("a.b.c[0].d"), Some((2, 15)));
         assert_eq!(locator.find("a.b.f.g"), Some((2, 43)));
         assert_eq!(locator.find("a.h[0].i"), Some((3, 10)));
+        let anchored = Locator::new(
+            "a:\n  b: &checks { c: 1 }\n  d: !!map { e: 2 }\n  f:\n    - &g { h: 3 }\n",
+        );
+        assert_eq!(anchored.find("a.b.c"), Some((2, 16)));
+        assert_eq!(anchored.find("a.d.e"), Some((3, 14)));
+        assert_eq!(anchored.find("a.f[0].h"), Some((5, 12)));
         assert_eq!(locator.keys.get("a.b.f.g").map(String::as_str), Some("g"));
     }
 

@@ -580,6 +580,18 @@ pools:
     }
 
     #[test]
+    fn a_key_repeated_in_flow_mappings_is_blanked_out_with_its_comma_and_nothing_else() {
+        let text = "pools:\n  p:\n    health_check: &hc { type: http, path: /h, type: tcp }\n    backends:\n    - { name: a, name: b, address: x }\n";
+        let repeats = Locator::new(text).repeats();
+        assert_eq!(repeats.len(), 2);
+        assert_eq!(
+            without(text, &repeats),
+            "pools:\n  p:\n    health_check: &hc { type: http, path: /h            }\n    backends:\n    - { name: a         , address: x }\n",
+            "each entry and the comma before it, every column kept"
+        );
+    }
+
+    #[test]
     fn a_valid_file_has_no_problems() {
         let text = "listeners: {}\npools: {}\n";
         let Reading { raw, problems, .. } = read(text, &Locator::new(text));
