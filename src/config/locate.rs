@@ -98,17 +98,7 @@ impl Locator {
                 rest = content;
             }
             let Some((key, value_at)) = key_of(rest) else {
-                let flow_at = after_anchor(rest);
-                if rest[flow_at..].starts_with(['{', '[']) {
-                    open_flow = bracket_balance(&rest[flow_at..]);
-                    if stack.last().is_some() {
-                        FlowScan::new(line, line_index + 1, column + flow_at).collection(
-                            &path_of(&stack),
-                            &mut locator,
-                            0,
-                        );
-                    }
-                }
+                open_flow = locator.follow_flow(line, line_index + 1, column, &path_of(&stack));
                 continue;
             };
             while stack.last().is_some_and(|top| top.indent() >= column) {
@@ -120,17 +110,23 @@ impl Locator {
             });
             let path = path_of(&stack);
             locator.record(path.clone(), Some(key), (line_index + 1, column + 1));
-            let flow_at = value_at + after_anchor(&rest[value_at..]);
-            if rest[flow_at..].starts_with(['{', '[']) {
-                open_flow = bracket_balance(&rest[flow_at..]);
-                FlowScan::new(line, line_index + 1, column + flow_at).collection(
-                    &path,
-                    &mut locator,
-                    0,
-                );
-            }
+            open_flow = locator.follow_flow(line, line_index + 1, column + value_at, &path);
         }
         locator
+    }
+
+    /// Records the keys of the flow collection that starts at byte `at` of `line` (past an
+    /// anchor or tag), if one does, as `path`'s value; how many of its brackets the line
+    /// leaves open.
+    fn follow_flow(&mut self, line: &str, line_number: usize, at: usize, path: &str) -> isize {
+        let value = line.get(at..).unwrap_or_default();
+        let at = at + after_anchor(value);
+        let value = line.get(at..).unwrap_or_default();
+        if !value.starts_with(['{', '[']) {
+            return 0;
+        }
+        FlowScan::new(line, line_number, at).collection(path, self, 0);
+        bracket_balance(value)
     }
 
     /// Notes that `path` (a key's, naming `key`, or an item's) occurs at `place`.
@@ -220,12 +216,15 @@ fn after_anchor(value: &str) -> usize {
     value.len() - value[token..].trim_start_matches(' ').len()
 }
 
-/// How many more flow brackets `text` opens than it closes (outside quotes and comments).
+/// How many more flow brackets `text` opens than it closes (outside quoted scalars and
+/// comments; a quote inside a plain scalar, `it's`, opens nothing).
 fn bracket_balance(text: &str) -> isize {
     let mut balance = 0;
     let mut quote: Option<char> = None;
     let mut escaped = false;
-    let mut after_space = true;
+    // Whether the character before may precede the start of a scalar or a comment (or this
+    // is the first).
+    let mut at_boundary = true;
     for char in text.chars() {
         match quote {
             Some('"') if escaped => escaped = false,
@@ -233,14 +232,14 @@ fn bracket_balance(text: &str) -> isize {
             Some(open) if char == open => quote = None,
             Some(_) => {}
             None => match char {
-                '"' | '\'' => quote = Some(char),
+                '"' | '\'' if at_boundary => quote = Some(char),
                 '{' | '[' => balance += 1,
                 '}' | ']' => balance -= 1,
-                '#' if after_space => break,
+                '#' if at_boundary => break,
                 _ => {}
             },
         }
-        after_space = char == ' ';
+        at_boundary = " {[,:".contains(char);
     }
     balance
 }
@@ -496,6 +495,12 @@ pools:
             locator.repeats(),
             [],
             "a continuation line holds no key of its own"
+        );
+        let locator = Locator::new("a: { b: it's, c: 1 }\nd: 2\n");
+        assert_eq!(
+            locator.find("d"),
+            Some((2, 1)),
+            "a quote inside a plain scalar"
         );
     }
 
