@@ -133,7 +133,9 @@ fn without(text: &str, repeats: &[Repeat]) -> String {
             None => None,
         };
         if blanking.is_some() {
-            blanked.push('\n');
+            if line.ends_with('\n') {
+                blanked.push('\n');
+            }
             continue;
         }
         let mut line = Cow::Borrowed(line);
@@ -589,6 +591,33 @@ pools:
             "pools:\n  p:\n    health_check: &hc { type: http, path: /h            }\n    backends:\n    - { name: a         , address: x }\n",
             "each entry and the comma before it, every column kept"
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever the text, finding its repetitions and blanking them out never panics and
+        /// keeps every line and every column where it was.
+        #[test]
+        fn blanking_out_repetitions_keeps_every_line_and_column(
+            text in "([a-cé\t]|[ :,'\"#&!{}\\[\\]-]|\n){0,120}",
+        ) {
+            let repeats = Locator::new(&text).repeats();
+            let blanked = without(&text, &repeats);
+            let lines = |text: &str| text.split('\n').map(str::len).collect::<Vec<_>>();
+            let (before, after) = (lines(&text), lines(&blanked));
+            proptest::prop_assert_eq!(before.len(), after.len());
+            for (was, is) in before.iter().zip(&after) {
+                proptest::prop_assert!(*is == *was || *is == 0, "{} -> {}", was, is);
+            }
+        }
+
+        /// Whatever the text, reading it ends with a configuration or with problems.
+        #[test]
+        fn any_text_is_read_or_refused_with_problems(
+            text in "(listeners|pools|p|listen|backends|name|address|[ :,'\"&*!{}\\[\\]-]|\n){0,60}",
+        ) {
+            let Reading { raw, problems, .. } = read(&text, &Locator::new(&text));
+            proptest::prop_assert!(raw.is_some() || !problems.is_empty());
+        }
     }
 
     #[test]
