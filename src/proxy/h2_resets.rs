@@ -64,19 +64,11 @@ impl ResetWatch {
             // A whole frame header (and reset code) in this write, as nearly always: read in
             // place.
             if let (0, Some(head)) = (self.filled, bytes.first_chunk::<RESET_FRAME>()) {
-                let length = frame_length(head);
-                if head[3] == RST_STREAM && length == 4 {
-                    if head[FRAME_HEAD..] == PROTOCOL_ERROR {
-                        self.malformed.inc();
-                    }
-                    bytes = bytes.get(RESET_FRAME..).unwrap_or_default();
-                } else {
-                    self.skip = length;
-                    bytes = bytes.get(FRAME_HEAD..).unwrap_or_default();
-                }
+                let used = self.frame_begins(head);
+                bytes = bytes.get(used..).unwrap_or_default();
                 continue;
             }
-            let wanted = if self.filled >= FRAME_HEAD && self.is_reset() {
+            let wanted = if self.filled >= FRAME_HEAD && is_reset(&self.head) {
                 RESET_FRAME
             } else {
                 FRAME_HEAD
@@ -90,27 +82,33 @@ impl ResetWatch {
             }
             self.filled += taken;
             bytes = bytes.get(taken..).unwrap_or_default();
-            if self.filled == FRAME_HEAD && !self.is_reset() {
-                self.skip = self.length();
-                self.filled = 0;
-            } else if self.filled == RESET_FRAME {
-                if self.head[FRAME_HEAD..] == PROTOCOL_ERROR {
-                    self.malformed.inc();
-                }
+            let head = self.head;
+            if (self.filled == FRAME_HEAD && !is_reset(&head)) || self.filled == RESET_FRAME {
+                self.frame_begins(&head);
                 self.filled = 0;
             }
         }
     }
 
-    /// The current frame's payload length.
-    fn length(&self) -> usize {
-        frame_length(&self.head)
+    /// Acts on a frame's header (and, for a reset, its code): counts a `PROTOCOL_ERROR`
+    /// reset, or passes over the frame's payload. How many of `head`'s bytes the frame's
+    /// start took.
+    fn frame_begins(&mut self, head: &[u8; RESET_FRAME]) -> usize {
+        if is_reset(head) {
+            if head[FRAME_HEAD..] == PROTOCOL_ERROR {
+                self.malformed.inc();
+            }
+            RESET_FRAME
+        } else {
+            self.skip = frame_length(head);
+            FRAME_HEAD
+        }
     }
+}
 
-    /// Whether the current frame is an `RST_STREAM` (its payload is its 4-byte code).
-    fn is_reset(&self) -> bool {
-        self.head[3] == RST_STREAM && self.length() == 4
-    }
+/// Whether a frame header is an `RST_STREAM`'s (its payload is its 4-byte code).
+fn is_reset(head: &[u8; RESET_FRAME]) -> bool {
+    head[3] == RST_STREAM && frame_length(head) == 4
 }
 
 /// The payload length a frame header gives.
@@ -194,16 +192,22 @@ mod tests {
 
     #[test]
     fn an_http1_session_is_not_read() {
-        let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\n".to_vec();
-        answer.extend(frame(RST_STREAM, 1, &PROTOCOL_ERROR));
-        assert_eq!(counted(&answer, 7), 0);
-        let mut watch = ResetWatch::new(IntCounter::new("t", "t").unwrap());
-        watch.feed(&[]);
-        watch.feed(&answer);
-        assert!(
-            watch.stopped,
-            "an empty write tells nothing; the first byte does"
-        );
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\n";
+        let settings = frame(0x4, 0, &[]);
+        for (writes, stops) in [
+            (vec![&answer[..]], true),
+            (vec![&[][..], &answer[..]], true),
+            (vec![&[][..], &settings[..]], false),
+        ] {
+            let mut watch = ResetWatch::new(IntCounter::new("t", "t").unwrap());
+            for write in &writes {
+                watch.feed(write);
+            }
+            assert_eq!(
+                watch.stopped, stops,
+                "an empty write tells nothing; the first byte does: {writes:?}"
+            );
+        }
     }
 
     #[test]
