@@ -101,8 +101,34 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Libraries whose warnings each describe one client's connection: rustls warns of an IP
+/// address sent as SNI (any OpenSSL-based client that connects by address does it, on every
+/// handshake), of a warning alert received, of an unexpected handshake message. Logged, they
+/// would put a line per connection in the log at any client's whim, against the promise that
+/// only transitions are logged at info and above; the failures among them are counted in
+/// `gatehouse_tls_handshake_errors_total`. They stay at `error` unless `RUST_LOG` names them.
+const PER_CONNECTION_LOGGERS: &[&str] = &["rustls"];
+
+/// The log directives for `RUST_LOG`'s value `env` (`info` when unset or invalid), with the
+/// per-connection loggers it does not name capped at `error`.
+fn log_directives(env: Option<&str>) -> String {
+    let spec = env
+        .filter(|spec| tracing_subscriber::EnvFilter::try_new(spec).is_ok())
+        .unwrap_or("info");
+    let mut directives = spec.to_string();
+    for logger in PER_CONNECTION_LOGGERS {
+        if !spec.contains(logger) {
+            directives.push(',');
+            directives.push_str(logger);
+            directives.push_str("=error");
+        }
+    }
+    directives
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let env = std::env::var(tracing_subscriber::EnvFilter::DEFAULT_ENV).ok();
+    let filter = tracing_subscriber::EnvFilter::try_new(log_directives(env.as_deref()))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -322,4 +348,24 @@ async fn serve_until_signal(gatehouse: Arc<Gatehouse>) -> ExitCode {
         None => tracing::warn!("second SIGTERM/SIGINT: exiting now, in-flight requests cut off"),
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_directives;
+
+    #[test]
+    fn per_connection_loggers_are_capped_unless_named() {
+        assert_eq!(log_directives(None), "info,rustls=error");
+        assert_eq!(log_directives(Some("warn")), "warn,rustls=error");
+        assert_eq!(
+            log_directives(Some("info,gatehouse=debug")),
+            "info,gatehouse=debug,rustls=error"
+        );
+        assert_eq!(
+            log_directives(Some("debug,rustls=warn")),
+            "debug,rustls=warn"
+        );
+        assert_eq!(log_directives(Some("gatehouse=[")), "info,rustls=error");
+    }
 }

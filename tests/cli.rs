@@ -314,8 +314,10 @@ impl Running {
 
     /// Starts gatehouse as `command` says (a shell that sets limits first, say).
     fn start_command(mut command: Command) -> Running {
+        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         let mut child = command
-            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -578,6 +580,64 @@ async fn certificates_near_or_past_expiry_are_warned_of_at_start_and_reload() {
     running.signal("HUP");
     running.wait_for_log("configuration reloaded");
     running.wait_for_log("expired.crt");
+}
+
+/// A client that sends an IP address as SNI, as OpenSSL-based clients connecting by address
+/// do on every handshake, costs no log line (rustls warns of it) unless `RUST_LOG` asks for
+/// rustls's warnings.
+#[tokio::test]
+async fn per_connection_tls_warnings_stay_out_of_the_log_unless_asked_for() {
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    TestCa::new().leaf(&dir, "portal", &["portal.example.gov"]);
+    let config = dir.write(
+        "gatehouse.yaml",
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  secure: {{ listen: \"127.0.0.1:0\", protocol: https, tls: {{ certificates: [ {{ cert: portal.crt, key: portal.key }} ] }}, pool: p }}\npools:\n{}",
+            pool_yaml("p", &[("b", backend.address)], "")
+        ),
+    );
+    let logged_for_ip_sni = |rust_log: &str| -> Vec<String> {
+        let mut command = Command::new(BINARY);
+        command
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", rust_log);
+        let running = Running::start_command(command);
+        let secure = running.listener("secure");
+        let handshake = Command::new("openssl")
+            .args(["s_client", "-brief", "-connect"])
+            .arg(secure.to_string())
+            .args(["-servername", "127.0.0.1"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&handshake.stderr).contains("CONNECTION ESTABLISHED"),
+            "{handshake:?}"
+        );
+        // A reload's line comes after any line the handshake caused.
+        running.signal("HUP");
+        let start = Instant::now();
+        let mut lines = Vec::new();
+        loop {
+            let remaining = DEADLINE.saturating_sub(start.elapsed());
+            let line = running.log.recv_timeout(remaining).expect("no reload line");
+            if line.contains("configuration reloaded") {
+                return lines;
+            }
+            if line.contains("SNI") {
+                lines.push(line);
+            }
+        }
+    };
+    let quiet = logged_for_ip_sni("info");
+    assert!(quiet.is_empty(), "{quiet:#?}");
+    let asked = logged_for_ip_sni("info,rustls=warn");
+    assert_eq!(asked.len(), 1, "{asked:#?}");
+    assert!(
+        asked[0].contains("IP address presented as hostname"),
+        "{asked:#?}"
+    );
 }
 
 #[tokio::test]
