@@ -174,7 +174,7 @@ impl AcceptLoop {
             // HTTP clients (and PROXY protocol senders) speak first: until they do, the
             // connection waits in the room, costing its seat and not a task.
             match &gate.room {
-                Some(room) if speaks_http || proxy_protocol => {
+                Some(room) if (speaks_http || proxy_protocol) && !has_spoken(&stream) => {
                     let deadline = client.head_deadline;
                     room.seat(stream, deadline, client);
                 }
@@ -403,6 +403,19 @@ impl Guest for Client {
     }
 }
 
+/// Whether the client of a just-accepted connection has sent bytes (or closed) already: a
+/// TLS client's hello or an HTTP request usually arrives with, or just after, the handshake's
+/// last ACK, and such a connection is served at once instead of being seated in the waiting
+/// room only to leave it on the room's next turn (five epoll registrations and two waits
+/// fewer per connection). One `recv(MSG_PEEK)` for a connection that has not spoken yet.
+fn has_spoken(stream: &TcpStream) -> bool {
+    let mut first = [std::mem::MaybeUninit::<u8>::uninit()];
+    !matches!(
+        SockRef::from(stream).peek(&mut first),
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock
+    )
+}
+
 /// The stream of a client connection as the listener reads it.
 type ClientStream = Prefixed<Observed<TcpStream, ByteCounters>>;
 
@@ -627,5 +640,41 @@ mod tests {
         }
         assert_eq!(errors.failed(start + ACCEPT_ERROR_LOG_PERIOD), Some(200));
         assert_eq!(errors.failed(start + ACCEPT_ERROR_LOG_PERIOD), None);
+    }
+
+    /// Waits, within a deadline, for `has_spoken` to say yes.
+    async fn spoken_soon(stream: &TcpStream) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if has_spoken(stream) {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        false
+    }
+
+    /// A connection is served at once when its client has sent bytes or closed, and waits in
+    /// the room while it is silent; peeking takes nothing from what the server then reads.
+    #[tokio::test]
+    async fn a_connection_has_spoken_once_bytes_or_its_close_arrived() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+
+        let mut talker = TcpStream::connect(address).await.unwrap();
+        let (mut served, _) = listener.accept().await.unwrap();
+        assert!(!has_spoken(&served), "silent so far");
+        talker.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert!(spoken_soon(&served).await);
+        let mut head = [0u8; 16];
+        served.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"GET / HTTP/1.1\r\n");
+
+        let closer = TcpStream::connect(address).await.unwrap();
+        let (served, _) = listener.accept().await.unwrap();
+        assert!(!has_spoken(&served), "silent so far");
+        drop(closer);
+        assert!(spoken_soon(&served).await);
     }
 }
