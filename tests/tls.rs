@@ -421,3 +421,37 @@ pools:
     );
     assert_eq!(late, Some(2.0));
 }
+
+/// A client that connects and closes without a byte — a fronting balancer's TCP health check,
+/// a port scan — is no failed handshake: however soon it closes (before or after gatehouse
+/// accepted it), it is closed without a word and counted only as a connection.
+#[tokio::test]
+async fn connections_closed_without_a_byte_are_not_failed_handshakes() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let (gatehouse, _backend) = tls_gatehouse(&dir, &ca, "").await;
+    let secure = gatehouse.listener_address("secure").unwrap();
+    for _ in 0..20 {
+        drop(tokio::net::TcpStream::connect(secure).await.unwrap());
+    }
+    let (_, _, answer) = tls_get(&ca, secure, "portal.example.gov", &[b"http/1.1"], "/").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let listener = [("listener", "secure")];
+    eventually("the 21 connections counted and closed", async || {
+        let text = metrics_text(&gatehouse).await;
+        metric(&text, "gatehouse_connections_total", &listener) == Some(21.0)
+            && metric(&text, "gatehouse_connections_active", &listener) == Some(0.0)
+    })
+    .await;
+    let text = metrics_text(&gatehouse).await;
+    for errors in [
+        metric(&text, "gatehouse_tls_handshake_errors_total", &listener),
+        metric(
+            &text,
+            "gatehouse_rejected_total",
+            &[("listener", "secure"), ("reason", "tls")],
+        ),
+    ] {
+        assert!(errors.unwrap_or(0.0) == 0.0, "{text}");
+    }
+}
