@@ -115,9 +115,17 @@ fn log_directives(env: Option<&str>) -> String {
     let spec = env
         .filter(|spec| tracing_subscriber::EnvFilter::try_new(spec).is_ok())
         .unwrap_or("info");
+    let names = |logger: &str| {
+        spec.split(',').any(|directive| {
+            let target = directive.split(['=', '[']).next().unwrap_or("").trim();
+            target
+                .strip_prefix(logger)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+    };
     let mut directives = spec.to_string();
     for logger in PER_CONNECTION_LOGGERS {
-        if !spec.contains(logger) {
+        if !names(logger) {
             directives.push(',');
             directives.push_str(logger);
             directives.push_str("=error");
@@ -365,6 +373,14 @@ mod tests {
         assert_eq!(
             log_directives(Some("debug,rustls=warn")),
             "debug,rustls=warn"
+        );
+        assert_eq!(
+            log_directives(Some("info,rustls::msgs=warn")),
+            "info,rustls::msgs=warn"
+        );
+        assert_eq!(
+            log_directives(Some("info,tokio_rustls=debug")),
+            "info,tokio_rustls=debug,rustls=error"
         );
         assert_eq!(log_directives(Some("gatehouse=[")), "info,rustls=error");
     }
