@@ -954,7 +954,7 @@ mod tests {
     /// A session's state is what every busy connection holds, and keeps for `park::LINGER`
     /// after a response (≈ 4 KB since its head parser is not inlined and the request's
     /// future and the response's writing do not sit side by side): a change that makes it
-    /// grow by a sixth fails here.
+    /// grow by a fifth fails here.
     #[tokio::test]
     async fn a_session_state_stays_small() {
         let (connection, limits) = l7::test_connection();
