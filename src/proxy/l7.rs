@@ -301,8 +301,11 @@ where
         let connection = service_connection.clone();
         let progress = service_progress.clone();
         // Boxed: hyper moves a stream's future several times (HTTP/2 spawns one per stream),
-        // and a pointer moves for less than the handler's state (≈ 2.5 KB).
-        Box::pin(async move {
+        // and a pointer moves for less than the handler's state (≈ 2.9 KB). The box is made
+        // first and the future written into it, which builds the future in place:
+        // `Box::pin(async ..)` built it on the stack and copied all of it in, ≈ 1 % of an
+        // HTTP/2 request's CPU (perf) for 300 instructions.
+        Box::into_pin(Box::write(Box::new_uninit(), async move {
             let unanswered = Unanswered(&connection);
             let streamed = StreamedBody::wrap_for(&request);
             let mut response = handle(request.map(streamed), ReadBy::Hyper, &connection)
@@ -311,7 +314,7 @@ where
             std::mem::forget(unanswered);
             response.body_mut().answers(connection);
             Ok::<_, Infallible>(response.map(|body| body.watch_client(progress)))
-        })
+        }))
     });
     // Pinned where it is made, and dropped at the end of this block: its stream comes back
     // to `reclaim` only then. (Passed by value and pinned inside, the session would take two
