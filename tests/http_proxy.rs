@@ -362,6 +362,91 @@ async fn h2c_with_prior_knowledge_is_proxied_to_http1() {
     );
 }
 
+/// The kind of each field of an HPACK block (RFC 7541 §6) with the table index of its name
+/// (0 for a literal name). Strings are skipped, not decoded; size updates are left out.
+fn hpack_fields(block: &[u8]) -> Vec<(&'static str, usize)> {
+    fn integer(block: &[u8], at: &mut usize, prefix: u32) -> usize {
+        let most = (1usize << prefix) - 1;
+        let mut value = usize::from(block[*at]) & most;
+        *at += 1;
+        if value == most {
+            let mut shift = 0;
+            loop {
+                let byte = block[*at];
+                *at += 1;
+                value += usize::from(byte & 0x7f) << shift;
+                shift += 7;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        value
+    }
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while at < block.len() {
+        let (kind, prefix) = match block[at] {
+            byte if byte & 0x80 != 0 => ("indexed", 7),
+            byte if byte & 0xc0 == 0x40 => ("indexed from now", 6),
+            byte if byte & 0xe0 == 0x20 => {
+                integer(block, &mut at, 5);
+                continue;
+            }
+            byte if byte & 0xf0 == 0x10 => ("never indexed", 4),
+            _ => ("not indexed", 4),
+        };
+        let name = integer(block, &mut at, prefix);
+        if kind != "indexed" {
+            let strings = if name == 0 { 2 } else { 1 };
+            for _ in 0..strings {
+                let length = integer(block, &mut at, 7);
+                at += length;
+            }
+        }
+        fields.push((kind, name));
+    }
+    fields
+}
+
+/// Over HTTP/2 a response's Date, new each second, goes as a never-indexed literal. Indexed,
+/// each second's value would join the HPACK table, and the encoder finds a value by walking
+/// all those of its name: a cost that grows with the connection's age.
+#[tokio::test]
+async fn http2_sends_date_as_a_never_indexed_literal() {
+    /// Date's index in HPACK's static table.
+    const DATE: usize = 33;
+    let backend = TestBackend::start("b").await;
+    let dir = TestDir::new();
+    let (_gatehouse, web) = single_pool_gatehouse(&dir, &[("b", backend.address)], "", "").await;
+    let mut stream = TcpStream::connect(web).await.unwrap();
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(h2_frame(0x4, 0, 0, &[]));
+    for id in [1, 3] {
+        let block = h2_request_block("portal.example.gov", true, &[]);
+        opening.extend(h2_frame(0x1, 0x5, id, &block));
+    }
+    stream.write_all(&opening).await.unwrap();
+    let heads = |frames: &[(u8, u8, u32, Vec<u8>)]| {
+        frames
+            .iter()
+            .filter(|frame| frame.0 == 0x1)
+            .map(|frame| (frame.2, frame.3.clone()))
+            .collect::<Vec<_>>()
+    };
+    let frames = h2_frames_until(&mut stream, |frames| heads(frames).len() == 2).await;
+    let heads = heads(&frames);
+    assert_eq!(heads.len(), 2, "two responses' heads: {frames:?}");
+    for (id, block) in heads {
+        let fields = hpack_fields(&block);
+        assert!(
+            fields.contains(&("never indexed", DATE)),
+            "stream {id}: Date not a never-indexed literal in {fields:?}"
+        );
+    }
+    assert_eq!(backend.requests().len(), 2);
+}
+
 /// On an HTTP/2 connection to a listener whose `header_timeout` is 1 s and a backend taking
 /// 2.5 s per request: requests in flight longer than two idle periods keep the connection, a
 /// request the client gives up on does not, and once idle the connection is closed with a

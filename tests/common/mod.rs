@@ -766,3 +766,66 @@ pub async fn single_pool_gatehouse(
 pub fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
+
+/// One HTTP/2 frame: 9-byte header then payload.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = payload.len() as u32;
+    let mut frame = vec![
+        (length >> 16) as u8,
+        (length >> 8) as u8,
+        length as u8,
+        kind,
+        flags,
+    ];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An HPACK block for `GET /` on `authority` (static-table method, scheme and path; the
+/// authority a literal without indexing), followed by `extra` as it is written.
+pub fn h2_request_block(authority: &str, path: bool, extra: &[u8]) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86];
+    if path {
+        block.push(0x84);
+    }
+    block.extend_from_slice(&[0x01, authority.len() as u8]);
+    block.extend_from_slice(authority.as_bytes());
+    block.extend_from_slice(extra);
+    block
+}
+
+/// The frames `stream` sends until `done` holds for those read so far (or the deadline):
+/// `(type, flags, stream id, payload)` each.
+pub async fn h2_frames_until<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    done: impl Fn(&[(u8, u8, u32, Vec<u8>)]) -> bool,
+) -> Vec<(u8, u8, u32, Vec<u8>)> {
+    let mut bytes = Vec::new();
+    let mut frames = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, async {
+        let mut buffer = [0u8; 16384];
+        loop {
+            while bytes.len() >= 9 {
+                let length = usize::from(bytes[0]) << 16
+                    | usize::from(bytes[1]) << 8
+                    | usize::from(bytes[2]);
+                if bytes.len() < 9 + length {
+                    break;
+                }
+                let id = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
+                frames.push((bytes[3], bytes[4], id, bytes[9..9 + length].to_vec()));
+                bytes.drain(..9 + length);
+            }
+            if done(&frames) {
+                return;
+            }
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => bytes.extend_from_slice(&buffer[..read]),
+            }
+        }
+    })
+    .await;
+    frames
+}
