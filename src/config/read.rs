@@ -12,7 +12,7 @@
 //! none about the stand-ins. YAML merge keys (`<<: *anchor`), which serde does not apply, are
 //! applied to that copy first.
 
-use super::locate::{Locator, Repeat};
+use super::locate::{LazyLocator, Locator, Repeat};
 use super::raw::RawConfig;
 use super::Problem;
 use serde_yaml::{Mapping, Value};
@@ -60,7 +60,7 @@ const STAND_INS: [fn() -> Value; 3] = [
 ];
 
 /// Reads `text`, mending a copy of it as long as serde refuses something that can be mended.
-pub(super) fn read(text: &str, locator: &Locator) -> Reading {
+pub(super) fn read(text: &str, locator: &LazyLocator) -> Reading {
     let error = match serde_yaml::from_str::<RawConfig>(text) {
         Ok(raw) => return Reading::new(Some(raw), Vec::new(), &[]),
         Err(error) => error,
@@ -72,7 +72,7 @@ pub(super) fn read(text: &str, locator: &Locator) -> Reading {
     // still holds); the rest is read as if it were not there. A repetition inside one
     // that was blanked out goes with it; one inside the first occurrence shows in the next
     // round.
-    let mut repeats = locator.repeats();
+    let mut repeats = locator.get().repeats();
     let mut unrepeated = without(text, &repeats);
     for _ in 0..MAX_MENDED_KEYS {
         let more = Locator::new(&unrepeated).repeats();
@@ -178,7 +178,8 @@ pub(super) fn duplicate_name(name: &str) -> String {
 }
 
 /// Reads a `text` serde refused with `error` by mending a copy of it.
-fn mend(text: &str, error: &serde_yaml::Error, locator: &Locator) -> Reading {
+fn mend(text: &str, error: &serde_yaml::Error, locator: &LazyLocator) -> Reading {
+    let locator = locator.get();
     let first = yaml_problem(error);
     // serde places a missing key at the first entry of its mapping; placed by its path, it is
     // at the key naming that mapping, as the problems found in the mended copy are.
@@ -429,7 +430,7 @@ mod tests {
     use super::*;
 
     fn paths(text: &str) -> Vec<String> {
-        let reading = read(text, &Locator::new(text));
+        let reading = read(text, &LazyLocator::new(text));
         reading
             .problems
             .into_iter()
@@ -453,7 +454,7 @@ pools:
         address: \"127.0.0.1:2\"
         wieght: 3
 ";
-        let Reading { raw, problems, .. } = read(text, &Locator::new(text));
+        let Reading { raw, problems, .. } = read(text, &LazyLocator::new(text));
         let found: Vec<_> = problems
             .iter()
             .map(|problem| (problem.path.as_str(), problem.line))
@@ -497,7 +498,7 @@ pools:
       - { address: \"127.0.0.1:2\", capacity: { memory_gib: 2 } }
     bogus: 1
 ";
-        let reading = read(text, &Locator::new(text));
+        let reading = read(text, &LazyLocator::new(text));
         let found: Vec<_> = reading
             .problems
             .iter()
@@ -558,7 +559,7 @@ pools:
     timeouts: { <<: *timeouts, request: 2m }
     backends: []
 ";
-        let Reading { raw, problems, .. } = read(text, &Locator::new(text));
+        let Reading { raw, problems, .. } = read(text, &LazyLocator::new(text));
         assert!(problems.is_empty(), "{problems:?}");
         let raw = raw.expect("merged");
         let timeouts = raw.pools.0[1].1.timeouts.as_ref().expect("tax's timeouts");
@@ -615,7 +616,7 @@ pools:
         fn any_text_is_read_or_refused_with_problems(
             text in "(listeners|pools|p|listen|backends|name|address|[ :,'\"&*!{}\\[\\]-]|\n){0,60}",
         ) {
-            let Reading { raw, problems, .. } = read(&text, &Locator::new(&text));
+            let Reading { raw, problems, .. } = read(&text, &LazyLocator::new(&text));
             proptest::prop_assert!(raw.is_some() || !problems.is_empty());
         }
     }
@@ -623,7 +624,7 @@ pools:
     #[test]
     fn a_valid_file_has_no_problems() {
         let text = "listeners: {}\npools: {}\n";
-        let Reading { raw, problems, .. } = read(text, &Locator::new(text));
+        let Reading { raw, problems, .. } = read(text, &LazyLocator::new(text));
         assert!(raw.is_some());
         assert!(problems.is_empty());
     }

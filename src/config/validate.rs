@@ -1,6 +1,6 @@
 //! Raw structs → typed [`Config`], collecting every problem with its key path.
 
-use super::locate::Locator;
+use super::locate::LazyLocator;
 use super::raw::*;
 use super::read::{duplicate_name, read, Reading};
 use super::units::{parse_duration, parse_status_range};
@@ -11,14 +11,14 @@ const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 const MAX_WEIGHT: u32 = 1000;
 
 /// Every problem found so far, with a locator to place them in the file.
-struct Problems {
-    locator: Locator,
+struct Problems<'t> {
+    locator: LazyLocator<'t>,
     found: Vec<Problem>,
 }
 
-impl Problems {
+impl Problems<'_> {
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        let problem = Problem::placed(&self.locator, path.into(), message.into());
+        let problem = Problem::placed(self.locator.get(), path.into(), message.into());
         self.found.push(problem);
     }
 
@@ -42,7 +42,7 @@ impl Problems {
 }
 
 pub(super) fn parse_and_validate(text: &str, file: &Path) -> Result<Config, Vec<Problem>> {
-    let locator = Locator::new(text);
+    let locator = LazyLocator::new(text);
     let Reading {
         raw,
         problems: found,
@@ -77,7 +77,7 @@ fn repeated<T>(earlier: &[(String, T)], name: &str, path: &str, p: &mut Problems
     if occurrence == 0 {
         return false;
     }
-    let position = p.locator.find_occurrence(path, occurrence);
+    let position = p.locator.get().find_occurrence(path, occurrence);
     let message = duplicate_name(name);
     p.found
         .push(Problem::at(path.to_string(), position, message));
