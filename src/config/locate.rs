@@ -25,8 +25,8 @@ pub struct Locator {
 
 /// A [`Locator`] made the first time something asks where a key is: only a problem needs
 /// placing, so a file that reads and validates cleanly — every reload of a good
-/// configuration — never pays for the scan (about half the time of reading a 1,000-backend
-/// file).
+/// configuration — never pays for the scan (≈ 40 % of the instructions of checking a
+/// 1,000-backend file).
 pub struct LazyLocator<'t> {
     text: &'t str,
     made: OnceCell<Locator>,
