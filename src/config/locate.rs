@@ -45,6 +45,12 @@ impl<'t> LazyLocator<'t> {
     pub fn get(&self) -> &Locator {
         self.made.get_or_init(|| Locator::new(self.text))
     }
+
+    /// Whether something asked for the locator.
+    #[cfg(test)]
+    pub fn is_made(&self) -> bool {
+        self.made.get().is_some()
+    }
 }
 
 /// A key given again in the mapping that already has it, where it is given again.

@@ -628,4 +628,22 @@ pools:
         assert!(raw.is_some());
         assert!(problems.is_empty());
     }
+
+    #[test]
+    fn only_a_problem_makes_the_locator() {
+        let valid = "listeners: {}\npools: {}\n";
+        let locator = LazyLocator::new(valid);
+        assert!(read(valid, &locator).problems.is_empty());
+        assert!(
+            !locator.is_made(),
+            "a valid file was scanned for key positions"
+        );
+
+        let mistyped = "listeners: {}\npools: {}\nlisteners_typo: 1\n";
+        let locator = LazyLocator::new(mistyped);
+        let reading = read(mistyped, &locator);
+        assert_eq!(reading.problems.len(), 1, "{:?}", reading.problems);
+        assert_eq!(reading.problems[0].line, Some(3));
+        assert!(locator.is_made());
+    }
 }
