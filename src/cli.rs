@@ -290,6 +290,10 @@ pub fn run(config: Config, before_serving: Option<Box<dyn FnOnce() + Send>>) -> 
         if let Some(before_serving) = before_serving {
             before_serving();
         }
+        let Ok(signals) = Signals::install() else {
+            eprintln!("gatehouse: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        };
         let metrics = match Metrics::new() {
             Ok(metrics) => metrics,
             Err(error) => {
@@ -306,21 +310,40 @@ pub fn run(config: Config, before_serving: Option<Box<dyn FnOnce() + Send>>) -> 
                 return ExitCode::FAILURE;
             }
         };
-        serve_until_signal(gatehouse).await
+        serve_until_signal(gatehouse, signals).await
     })
 }
 
+/// The signals gatehouse answers, taken over before it starts: one that arrives while it
+/// starts (its first health checks can take a `timeout`; a reload may be sent as soon as
+/// the ready line is out) is acted on once it has started. Taken over only after, a SIGHUP
+/// then met the signal's default action, which ends the process.
 #[cfg(unix)]
-async fn serve_until_signal(gatehouse: Arc<Gatehouse>) -> ExitCode {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hangup), Ok(mut terminate), Ok(mut interrupt)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        eprintln!("gatehouse: cannot install signal handlers");
-        return ExitCode::FAILURE;
-    };
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+#[cfg(unix)]
+async fn serve_until_signal(gatehouse: Arc<Gatehouse>, signals: Signals) -> ExitCode {
+    let Signals {
+        mut hangup,
+        mut terminate,
+        mut interrupt,
+    } = signals;
     crate::watch::spawn(gatehouse.clone());
     loop {
         tokio::select! {

@@ -307,13 +307,23 @@ impl Drop for Running {
 
 impl Running {
     fn start(args: &[&str]) -> Running {
+        Running::start_watching(args, |_, _| {})
+    }
+
+    /// Starts gatehouse with `args`, handing each line it logs before it is ready to
+    /// `on_line` with its process id (to act while it starts).
+    fn start_watching(args: &[&str], on_line: impl FnMut(&str, u32)) -> Running {
         let mut command = Command::new(BINARY);
         command.args(args);
-        Running::start_command(command)
+        Running::start_command_watching(command, on_line)
     }
 
     /// Starts gatehouse as `command` says (a shell that sets limits first, say).
-    fn start_command(mut command: Command) -> Running {
+    fn start_command(command: Command) -> Running {
+        Running::start_command_watching(command, |_, _| {})
+    }
+
+    fn start_command_watching(mut command: Command, mut on_line: impl FnMut(&str, u32)) -> Running {
         if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
             command.env("RUST_LOG", "info");
         }
@@ -343,6 +353,7 @@ impl Running {
             let line = log
                 .recv_timeout(remaining)
                 .expect("gatehouse did not report ready");
+            on_line(&line, child.id());
             history.push(line.clone());
             if line.contains("gatehouse ready") {
                 let field = |name: &str| {
@@ -580,6 +591,55 @@ async fn certificates_near_or_past_expiry_are_warned_of_at_start_and_reload() {
     running.signal("HUP");
     running.wait_for_log("configuration reloaded");
     running.wait_for_log("expired.crt");
+}
+
+/// A SIGHUP that arrives while gatehouse starts — here while its first health check waits
+/// out its timeout on a backend that never answers — reloads once it has started; it does
+/// not end the process, as the signal's default action would.
+#[test]
+fn a_sighup_while_starting_reloads_once_started() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = TestDir::new();
+    let config = dir.write(
+        "gatehouse.yaml",
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p }}\npools:\n  p:\n    health_check: {{ type: http, path: /, timeout: 2s, interval: 5s }}\n    backends:\n      - {{ name: silent, address: \"{}\" }}\n",
+            silent.local_addr().unwrap()
+        ),
+    );
+    let mut signalled = false;
+    let mut running = Running::start_watching(
+        &["run", "--config", config.to_str().unwrap()],
+        |line, pid| {
+            if line.contains("config hash") && !signalled {
+                let status = Command::new("kill")
+                    .args(["-HUP", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+                signalled = true;
+            }
+        },
+    );
+    assert!(
+        signalled,
+        "no summary line before ready: {:#?}",
+        running.history
+    );
+    assert!(
+        running
+            .history
+            .iter()
+            .any(|line| line.contains("backend down at start-up")),
+        "the first health check did not wait out its timeout: {:#?}",
+        running.history
+    );
+    running.wait_for_log("SIGHUP: reloading the configuration");
+    running.wait_for_log("configuration reloaded");
+    assert!(
+        running.child.try_wait().unwrap().is_none(),
+        "gatehouse exited"
+    );
 }
 
 /// A client that sends an IP address as SNI, as OpenSSL-based clients connecting by address
