@@ -290,7 +290,7 @@ pub fn run(config: Config, before_serving: Option<Box<dyn FnOnce() + Send>>) -> 
         if let Some(before_serving) = before_serving {
             before_serving();
         }
-        let Ok(signals) = Signals::install() else {
+        let Ok(mut signals) = Signals::install() else {
             eprintln!("gatehouse: cannot install signal handlers");
             return ExitCode::FAILURE;
         };
@@ -303,7 +303,13 @@ pub fn run(config: Config, before_serving: Option<Box<dyn FnOnce() + Send>>) -> 
         };
         tracing::info!("{}", config::summary(&config));
         crate::tls::warn_of_expiry(&config.listeners);
-        let gatehouse = match Gatehouse::start(config, metrics).await {
+        // Nothing is served yet, so a stop while starting has nothing to drain.
+        let started = tokio::select! {
+            started = Gatehouse::start(config, metrics) => started,
+            _ = signals.terminate.recv() => return stopped_while_starting(),
+            _ = signals.interrupt.recv() => return stopped_while_starting(),
+        };
+        let gatehouse = match started {
             Ok(gatehouse) => gatehouse,
             Err(error) => {
                 eprintln!("gatehouse: {error}");
@@ -314,10 +320,17 @@ pub fn run(config: Config, before_serving: Option<Box<dyn FnOnce() + Send>>) -> 
     })
 }
 
+/// A stop that came before gatehouse was ready: logged, and a clean exit.
+fn stopped_while_starting() -> ExitCode {
+    tracing::info!("SIGTERM or SIGINT while starting: exiting");
+    ExitCode::SUCCESS
+}
+
 /// The signals gatehouse answers, taken over before it starts: one that arrives while it
 /// starts (its first health checks can take a `timeout`; a reload may be sent as soon as
-/// the ready line is out) is acted on once it has started. Taken over only after, a SIGHUP
-/// then met the signal's default action, which ends the process.
+/// the ready line is out) is acted on once it has started — a SIGTERM or SIGINT at once.
+/// Taken over only after, a SIGHUP then met the signal's default action, which ends the
+/// process.
 #[cfg(unix)]
 struct Signals {
     hangup: tokio::signal::unix::Signal,

@@ -642,6 +642,62 @@ fn a_sighup_while_starting_reloads_once_started() {
     );
 }
 
+/// A SIGTERM while gatehouse starts ends it at once with exit 0 (nothing is served yet to
+/// drain), not once its first health check has waited out its 30-s timeout.
+#[test]
+fn a_sigterm_while_starting_exits_at_once() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = TestDir::new();
+    let config = dir.write(
+        "gatehouse.yaml",
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p }}\npools:\n  p:\n    health_check: {{ type: http, path: /, timeout: 30s, interval: 60s }}\n    backends:\n      - {{ name: silent, address: \"{}\" }}\n",
+            silent.local_addr().unwrap()
+        ),
+    );
+    let mut child = Command::new(BINARY)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let start = Instant::now();
+    loop {
+        let line = log
+            .recv_timeout(DEADLINE.saturating_sub(start.elapsed()))
+            .expect("no summary line");
+        if line.contains("config hash") {
+            break;
+        }
+    }
+    let signalled = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "still starting long after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    assert!(exit.success(), "{exit:?}");
+}
+
 /// A client that sends an IP address as SNI, as OpenSSL-based clients connecting by address
 /// do on every handshake, costs no log line (rustls warns of it) unless `RUST_LOG` asks for
 /// rustls's warnings.
