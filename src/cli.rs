@@ -329,8 +329,8 @@ fn stopped_while_starting() -> ExitCode {
 /// The signals gatehouse answers, taken over before it starts: one that arrives while it
 /// starts (its first health checks can take a `timeout`; a reload may be sent as soon as
 /// the ready line is out) is acted on once it has started — a SIGTERM or SIGINT at once.
-/// Taken over only after, a SIGHUP then met the signal's default action, which ends the
-/// process.
+/// (Taken over only after start-up, a SIGHUP sent during it met the signal's default
+/// action, which ends the process.)
 #[cfg(unix)]
 struct Signals {
     hangup: tokio::signal::unix::Signal,

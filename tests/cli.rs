@@ -593,6 +593,22 @@ async fn certificates_near_or_past_expiry_are_warned_of_at_start_and_reload() {
     running.wait_for_log("expired.crt");
 }
 
+/// A configuration whose first health check waits out `timeout` on `silent`, a backend that
+/// accepts and never answers: gatehouse takes that long to start.
+fn slow_to_start(
+    dir: &TestDir,
+    silent: &std::net::TcpListener,
+    timeout: &str,
+) -> std::path::PathBuf {
+    dir.write(
+        "gatehouse.yaml",
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p }}\npools:\n  p:\n    health_check: {{ type: http, path: /, timeout: {timeout}, interval: 60s }}\n    backends:\n      - {{ name: silent, address: \"{}\" }}\n",
+            silent.local_addr().unwrap()
+        ),
+    )
+}
+
 /// A SIGHUP that arrives while gatehouse starts — here while its first health check waits
 /// out its timeout on a backend that never answers — reloads once it has started; it does
 /// not end the process, as the signal's default action would.
@@ -600,13 +616,7 @@ async fn certificates_near_or_past_expiry_are_warned_of_at_start_and_reload() {
 fn a_sighup_while_starting_reloads_once_started() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = TestDir::new();
-    let config = dir.write(
-        "gatehouse.yaml",
-        &format!(
-            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p }}\npools:\n  p:\n    health_check: {{ type: http, path: /, timeout: 2s, interval: 5s }}\n    backends:\n      - {{ name: silent, address: \"{}\" }}\n",
-            silent.local_addr().unwrap()
-        ),
-    );
+    let config = slow_to_start(&dir, &silent, "2s");
     let mut signalled = false;
     let mut running = Running::start_watching(
         &["run", "--config", config.to_str().unwrap()],
@@ -648,13 +658,7 @@ fn a_sighup_while_starting_reloads_once_started() {
 fn a_sigterm_while_starting_exits_at_once() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = TestDir::new();
-    let config = dir.write(
-        "gatehouse.yaml",
-        &format!(
-            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  web: {{ listen: \"127.0.0.1:0\", pool: p }}\npools:\n  p:\n    health_check: {{ type: http, path: /, timeout: 30s, interval: 60s }}\n    backends:\n      - {{ name: silent, address: \"{}\" }}\n",
-            silent.local_addr().unwrap()
-        ),
-    );
+    let config = slow_to_start(&dir, &silent, "30s");
     let mut child = Command::new(BINARY)
         .args(["run", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
