@@ -323,29 +323,8 @@ impl Running {
         Running::start_command_watching(command, |_, _| {})
     }
 
-    fn start_command_watching(mut command: Command, mut on_line: impl FnMut(&str, u32)) -> Running {
-        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
-            command.env("RUST_LOG", "info");
-        }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (lines, log) = std::sync::mpsc::channel();
-        let stdout_lines = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = lines.send(line);
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = stdout_lines.send(line);
-            }
-        });
+    fn start_command_watching(command: Command, mut on_line: impl FnMut(&str, u32)) -> Running {
+        let (child, log) = launch(command);
         let start = Instant::now();
         let mut history = Vec::new();
         loop {
@@ -390,11 +369,7 @@ impl Running {
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.child.id(), signal);
     }
 
     fn wait_for_log(&self, needle: &str) {
@@ -413,15 +388,57 @@ impl Running {
     }
 
     fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        while start.elapsed() < DEADLINE {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("gatehouse did not exit");
+        wait_exit(&mut self.child)
     }
+}
+
+/// Spawns gatehouse as `command` says (logging at `info` unless it sets `RUST_LOG`), with
+/// every line of its stderr and stdout sent to the receiver as it comes.
+fn launch(mut command: Command) -> (Child, std::sync::mpsc::Receiver<String>) {
+    if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+        command.env("RUST_LOG", "info");
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines, log) = std::sync::mpsc::channel();
+    let stdout_lines = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = stdout_lines.send(line);
+        }
+    });
+    (child, log)
+}
+
+/// Sends `signal` (`HUP`, `TERM`, ...) to process `pid`.
+fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// How `child` exited, within the deadline.
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    while start.elapsed() < DEADLINE {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("gatehouse did not exit");
 }
 
 fn simple_config(dir: &TestDir, backend: SocketAddr, shutdown_timeout: &str) -> std::path::PathBuf {
@@ -622,11 +639,7 @@ fn a_sighup_while_starting_reloads_once_started() {
         &["run", "--config", config.to_str().unwrap()],
         |line, pid| {
             if line.contains("config hash") && !signalled {
-                let status = Command::new("kill")
-                    .args(["-HUP", &pid.to_string()])
-                    .status()
-                    .unwrap();
-                assert!(status.success());
+                send_signal(pid, "HUP");
                 signalled = true;
             }
         },
@@ -653,26 +666,16 @@ fn a_sighup_while_starting_reloads_once_started() {
 }
 
 /// A SIGTERM while gatehouse starts ends it at once with exit 0 (nothing is served yet to
-/// drain), not once its first health check has waited out its 30-s timeout.
+/// drain), not once its first health check has waited out its 50-s timeout (longer than
+/// the deadline `wait_exit` gives).
 #[test]
 fn a_sigterm_while_starting_exits_at_once() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = TestDir::new();
-    let config = slow_to_start(&dir, &silent, "30s");
-    let mut child = Command::new(BINARY)
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (lines, log) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
+    let config = slow_to_start(&dir, &silent, "50s");
+    let mut command = Command::new(BINARY);
+    command.args(["run", "--config", config.to_str().unwrap()]);
+    let (mut child, log) = launch(command);
     let start = Instant::now();
     loop {
         let line = log
@@ -682,23 +685,8 @@ fn a_sigterm_while_starting_exits_at_once() {
             break;
         }
     }
-    let signalled = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(15),
-            "still starting long after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = child.kill();
+    send_signal(child.id(), "TERM");
+    let exit = wait_exit(&mut child);
     assert!(exit.success(), "{exit:?}");
 }
 
