@@ -112,40 +112,75 @@ fn demo_files(config_path: &Path) -> Result<(PathBuf, PathBuf), String> {
     Ok((config_dir.join("gatehouse.yaml"), certs_dir))
 }
 
+/// Width of the banner's label column, so that every command starts at the same place.
+const LABEL_WIDTH: usize = 20;
+
+/// What to try, one command per line behind an aligned label, taken from the configuration
+/// served (an edited `config/gatehouse.yaml` shows its own listeners and backends).
 fn banner(config: &config::Config, certs_dir: &Path) -> String {
-    let mut text = String::from("\ngatehouse demo is running. Try:\n");
+    let mut lines: Vec<(String, String)> = Vec::new();
     let ca = certs_dir.join("dev-ca.crt");
     for listener in &config.listeners {
-        let scheme = if listener.protocol == config::Protocol::Https {
-            "https"
-        } else {
-            "http"
-        };
         let port = listener.listen.port();
+        let name = &listener.name;
         match listener.protocol {
-            config::Protocol::Http => text.push_str(&format!(
-                "  proxy ({}):      curl http://localhost:{port}/\n                    curl http://localhost:{port}/slow?ms=500   curl -o /dev/null http://localhost:{port}/bytes?n=10000000\n",
-                listener.name
-            )),
-            config::Protocol::Https => text.push_str(&format!(
-                "  TLS proxy ({}): curl --cacert {} {scheme}://localhost:{port}/\n                    curl --http2 --cacert {} {scheme}://localhost:{port}/\n",
-                listener.name,
-                ca.display(),
-                ca.display()
-            )),
-            _ => text.push_str(&format!(
-                "  {} ({}):  {}\n",
-                listener.protocol.as_str(),
-                listener.name,
-                listener.listen
+            config::Protocol::Http => {
+                lines.push((
+                    format!("proxy ({name}):"),
+                    format!("curl http://localhost:{port}/"),
+                ));
+                lines.push((
+                    String::new(),
+                    format!(
+                        "curl http://localhost:{port}/slow?ms=500   curl -o /dev/null http://localhost:{port}/bytes?n=10000000"
+                    ),
+                ));
+            }
+            config::Protocol::Https => {
+                let url = format!("https://localhost:{port}/");
+                lines.push((
+                    format!("TLS proxy ({name}):"),
+                    format!("curl --cacert {} {url}", ca.display()),
+                ));
+                lines.push((
+                    String::new(),
+                    format!("curl --http2 --cacert {} {url}", ca.display()),
+                ));
+            }
+            protocol => lines.push((
+                format!("{} ({name}):", protocol.as_str()),
+                listener.listen.to_string(),
             )),
         }
     }
     let admin = config.admin.listen;
-    text.push_str(&format!(
-        "  dashboard:       http://{admin}/\n  metrics:         curl http://{admin}/metrics\n  status:          curl http://{admin}/api/v1/status\n  drain vm-2:      curl -X PUT -d '{{\"state\":\"draining\"}}' http://{admin}/api/v1/pools/portal/backends/vm-2/state\n  hot reload:      edit {} and watch the log\n  stop:            Ctrl-C\n",
-        config.path.display()
+    lines.push(("dashboard:".into(), format!("http://{admin}/")));
+    lines.push(("metrics:".into(), format!("curl http://{admin}/metrics")));
+    lines.push((
+        "status:".into(),
+        format!("curl http://{admin}/api/v1/status"),
     ));
+    let drainable = config.pools.iter().find_map(|pool| {
+        let backend = pool.backends.get(1).or(pool.backends.first())?;
+        Some((&pool.name, &backend.name))
+    });
+    if let Some((pool, backend)) = drainable {
+        lines.push((
+            format!("drain {backend}:"),
+            format!(
+                "curl -X PUT -d '{{\"state\":\"draining\"}}' http://{admin}/api/v1/pools/{pool}/backends/{backend}/state"
+            ),
+        ));
+    }
+    lines.push((
+        "hot reload:".into(),
+        format!("edit {} and watch the log", config.path.display()),
+    ));
+    lines.push(("stop:".into(), "Ctrl-C".into()));
+    let mut text = String::from("\ngatehouse demo is running. Try:\n");
+    for (label, command) in lines {
+        text.push_str(&format!("  {label:<LABEL_WIDTH$} {command}\n"));
+    }
     text
 }
 
@@ -255,5 +290,41 @@ impl Body for DemoBody {
             }
             DemoBody::Repeat { remaining } => SizeHint::with_exact(*remaining),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{banner, demo_files, LABEL_WIDTH};
+    use std::path::Path;
+
+    #[test]
+    fn the_banner_aligns_its_commands_and_drains_a_configured_backend() {
+        let (path, certs) = demo_files(Path::new("/nonexistent/gatehouse.yaml")).unwrap();
+        let mut config = crate::config::load(&path).unwrap();
+        config.pools[0].backends[1].name = "tax-vm".into();
+        let text = banner(&config, &certs);
+        let _ = std::fs::remove_dir_all(certs.parent().unwrap());
+        let commands: Vec<&str> = text.lines().filter(|line| line.starts_with("  ")).collect();
+        assert!(commands.len() >= 8, "{text}");
+        for line in &commands {
+            let (label, command) = line.split_at(2 + LABEL_WIDTH + 1);
+            assert!(
+                label.trim_end().len() <= 2 + LABEL_WIDTH,
+                "label too long: {line}"
+            );
+            assert!(
+                !command.starts_with(' ') && !command.is_empty(),
+                "command not at column {}: {line}",
+                2 + LABEL_WIDTH + 1
+            );
+        }
+        let pool = &config.pools[0].name;
+        assert!(
+            text.contains("drain tax-vm:")
+                && text.contains(&format!("/api/v1/pools/{pool}/backends/tax-vm/state")),
+            "{text}"
+        );
+        assert!(text.contains("TLS proxy ("), "{text}");
     }
 }
