@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! client ─► listener (accept, limits) ─► tls (acceptor from the table) ─┬─ l4: copy both ways
-//!                                                                        └─ l7: hyper server
+//!                                                                        └─ l7: own HTTP/1 loop or hyper session → request
 //!        ─► table.load(): route → pool → balancer.pick() → backend ─► pooled HTTP/1.1 client (own)
 //! health checker ──┐
 //! config reloader ─┼─► publisher (the one writer) ── build new Table ──► ArcSwap<Table>.store()

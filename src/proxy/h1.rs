@@ -21,6 +21,7 @@ use super::body::ProxyBody;
 use super::headers;
 use super::l7::{self, ClientBody, Connection};
 use super::park::{self, Watched};
+use super::request;
 use crate::config::Limits;
 use crate::io::ResetOnClose;
 use bytes::{Buf, Bytes, BytesMut};
@@ -164,8 +165,8 @@ where
         // and the response's writing side by side.
         let mut sending_done = false;
         let handled = {
-            let read_by = l7::ReadBy::OwnLoop { size: head.size };
-            let mut handling = std::pin::pin!(l7::handle(head.request, read_by, connection));
+            let read_by = request::ReadBy::OwnLoop { size: head.size };
+            let mut handling = std::pin::pin!(request::handle(head.request, read_by, connection));
             // A client whose connection resets while its request is in flight is gone: the
             // request is dropped (its backend exchange with it). One that closes only its
             // sending side (half-close) may still read: it is answered, then the connection
@@ -185,7 +186,7 @@ where
             })
             .await
         };
-        let Some(l7::Handled {
+        let Some(request::Handled {
             mut response,
             request_id,
         }) = handled
